@@ -130,6 +130,9 @@ pub(crate) struct Shared {
     listeners: Vec<Listener>,
     #[cfg(feature = "metrics")]
     pub(crate) metrics: crate::metrics::Handles,
+    /// Where local openings go to be published (the `redis` feature); touched only on transitions.
+    #[cfg(feature = "redis")]
+    opening_sink: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<u64>>>,
 }
 
 impl fmt::Debug for Shared {
@@ -335,6 +338,8 @@ impl BreakerBuilder {
             config,
             clock,
             listeners: self.listeners,
+            #[cfg(feature = "redis")]
+            opening_sink: std::sync::Mutex::new(None),
         };
         #[cfg(feature = "metrics")]
         shared.metrics.set_state(State::Closed);
@@ -509,6 +514,13 @@ impl CircuitBreaker {
     /// Back to normal operation: closed, with an empty window and no failure streak. Counters are kept.
     pub fn reset(&self) {
         self.shared.set_manual(State::Closed);
+    }
+
+    /// Opens the breaker for `open_for`, as another process asked (the `redis` feature). Only a closed, half-open
+    /// or open breaker is affected (manual states win); a later deadline wins over an earlier one.
+    #[cfg(feature = "redis")]
+    pub(crate) fn open_remotely(&self, open_for: Duration) {
+        self.shared.open_remotely(open_for);
     }
 
     /// A snapshot of the state and counters. Exact at rest; while calls run, counters are read one by one.
@@ -769,6 +781,40 @@ impl Shared {
         }
     }
 
+    #[cfg(feature = "redis")]
+    fn open_remotely(&self, open_for: Duration) {
+        let now = self.clock.now_ms();
+        let until = now.saturating_add(millis(open_for));
+        loop {
+            let word = self.load();
+            let extend = match word.state() {
+                State::Closed | State::HalfOpen => true,
+                State::Open => word.time_ms() < until,
+                _ => false,
+            };
+            if !extend {
+                return;
+            }
+            let next = word.next(State::Open, until);
+            if self
+                .word
+                .0
+                .compare_exchange(word.0, next.0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                if word.state() != State::Open {
+                    self.announce(
+                        word.state(),
+                        State::Open,
+                        TransitionReason::Remote,
+                        Some(millis(open_for)),
+                    );
+                }
+                return;
+            }
+        }
+    }
+
     /// Closes from a half-open cycle: a fresh window, no streak.
     fn close(&self, from: Word, reason: TransitionReason) {
         // Nothing records into the window while half-open, so emptying it before the switch loses nothing.
@@ -833,6 +879,10 @@ impl Shared {
                 tracing::info!(breaker = %self.config.name, %from, %to, ?reason, "circuit breaker state changed");
             }
         }
+        #[cfg(feature = "redis")]
+        if to == State::Open && reason != TransitionReason::Remote {
+            self.publish_opening(open_for_millis.unwrap_or(0));
+        }
         if self.listeners.is_empty() {
             return;
         }
@@ -845,6 +895,26 @@ impl Shared {
         };
         for listener in &self.listeners {
             listener(&transition);
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn set_opening_sink(&self, sink: Option<tokio::sync::mpsc::Sender<u64>>) {
+        *self
+            .opening_sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
+    }
+
+    /// Hands a local opening to the publisher task without waiting: a full queue drops it.
+    #[cfg(feature = "redis")]
+    fn publish_opening(&self, open_for_ms: u64) {
+        let sink = self
+            .opening_sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(sink) = sink.as_ref() {
+            let _ = sink.try_send(open_for_ms);
         }
     }
 

@@ -46,6 +46,9 @@ mod layer;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod padded;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod reject;
 mod service;
 mod state;

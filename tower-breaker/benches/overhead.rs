@@ -1,0 +1,285 @@
+//! What the breaker adds to a call, side by side with a bare service and with tower-resilience-circuitbreaker 0.14
+//! configured the same way (count window of 100 calls, failure rate 0.5, at least 20 calls).
+//!
+//! `overhead` (one criterion group, so the figures come out side by side in one run): one call per iteration, on
+//! the bench thread, with no runtime. Every service future here is ready on its first poll, so each call is: build
+//! the request, `poll_ready` with a no-op waker, `call`, poll the future once and assert it is ready. The same
+//! harness runs every variant.
+//!
+//! - `closed/bare`: the bare `service_fn`.
+//! - `closed/tower-breaker-core`: `try_acquire` + `success` around the bare call.
+//! - `closed/tower-breaker-layer`: the bare service behind `BreakerLayer::new(breaker).for_http()`.
+//! - `closed/tower-resilience`: the bare service behind tower-resilience's layer.
+//! - `open/...`: the rejection path: tower-breaker forced open (no `Retry-After`), tower-breaker tripped open by
+//!   failures (its 503 carries `Retry-After`), and tower-resilience tripped open by failures.
+//!
+//! `throughput`: 8 tasks on a multi-thread tokio runtime with 2 workers share one service (clones of it, so one
+//! breaker), each making `CALLS_PER_TASK` calls through `ready().await` + `call().await`. The service does a small
+//! fixed amount of work per call, so the figure reflects a service rather than a no-op. Criterion reports calls/s.
+
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_breaker::{BreakerLayer, CircuitBreaker};
+use tower_resilience_circuitbreaker::CircuitBreakerLayer;
+use tower_resilience_circuitbreaker::classifier::FailureClassifier;
+
+type Body = Empty<Bytes>;
+
+/// How long tripped breakers stay open: longer than the whole run.
+const OPEN_FOR: Duration = Duration::from_secs(3_600);
+/// Calls each of the 8 tasks makes per throughput iteration.
+const CALLS_PER_TASK: u64 = 1_000;
+const TASKS: u64 = 8;
+/// Iterations of the throughput service's busy loop (about 100–300 ns on this machine; the report says).
+const WORK: u32 = 200;
+
+async fn bare(_request: Request<()>) -> Result<Response<Body>, Infallible> {
+    Ok(Response::new(Empty::new()))
+}
+
+async fn failing(_request: Request<()>) -> Result<Response<Body>, Infallible> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    Ok(response)
+}
+
+async fn working(_request: Request<()>) -> Result<Response<Body>, Infallible> {
+    let mut acc = 0u32;
+    for i in 0..WORK {
+        acc = black_box(acc.wrapping_add(i));
+    }
+    black_box(acc);
+    Ok(Response::new(Empty::new()))
+}
+
+/// One call, polled by hand: the futures here are all ready on the first poll.
+fn call_now<S>(service: &mut S, cx: &mut Context<'_>) -> Result<S::Response, S::Error>
+where
+    S: Service<Request<()>>,
+    S::Error: Debug,
+{
+    match service.poll_ready(cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(error)) => panic!("poll_ready failed: {error:?}"),
+        Poll::Pending => panic!("poll_ready is pending"),
+    }
+    let future = pin!(service.call(Request::new(())));
+    match future.poll(cx) {
+        Poll::Ready(result) => result,
+        Poll::Pending => panic!("the call future is pending"),
+    }
+}
+
+fn tower_breaker(name: &'static str) -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .name(name)
+        .count_window(100)
+        .minimum_calls(20)
+        .failure_rate(0.5)
+        .open_for(OPEN_FOR)
+        .build()
+        .expect("a valid breaker configuration")
+}
+
+/// tower-resilience configured like [`tower_breaker`]: count-based window of 100, failure rate 0.5, minimum 20
+/// calls; a 5xx response is a failure (as tower-breaker's HTTP classifier has it). Every service made by the
+/// layer shares one circuit.
+fn resilience_layer()
+-> CircuitBreakerLayer<impl FailureClassifier<Response<Body>, Infallible> + 'static> {
+    let (layer, _handle) = CircuitBreakerLayer::builder()
+        .name("bench")
+        .sliding_window_size(100)
+        .failure_rate_threshold(0.5)
+        .minimum_number_of_calls(20)
+        .wait_duration_in_open(OPEN_FOR)
+        .classify_response(|response: &Response<Body>| response.status().is_server_error())
+        .build_with_handle()
+        .expect("a valid tower-resilience configuration");
+    layer
+}
+
+fn overhead(c: &mut Criterion) {
+    let mut group = c.benchmark_group("overhead");
+    let mut cx = Context::from_waker(Waker::noop());
+
+    // Closed path.
+    let mut svc = service_fn(bare);
+    group.bench_function("closed/bare", |b| {
+        b.iter(|| black_box(call_now(&mut svc, &mut cx)));
+    });
+
+    let breaker = tower_breaker("core");
+    let mut svc = service_fn(bare);
+    group.bench_function("closed/tower-breaker-core", |b| {
+        b.iter(|| {
+            let permit = breaker.try_acquire().expect("closed");
+            let response = call_now(&mut svc, &mut cx);
+            permit.success();
+            black_box(response)
+        });
+    });
+
+    let mut svc = BreakerLayer::new(tower_breaker("layer"))
+        .for_http()
+        .layer(service_fn(bare));
+    group.bench_function("closed/tower-breaker-layer", |b| {
+        b.iter(|| black_box(call_now(&mut svc, &mut cx)));
+    });
+
+    let mut svc = resilience_layer().layer(service_fn(bare));
+    group.bench_function("closed/tower-resilience", |b| {
+        b.iter(|| black_box(call_now(&mut svc, &mut cx).expect("closed")));
+    });
+
+    // Open path: every call is rejected.
+    let breaker = tower_breaker("core-forced");
+    breaker.force_open();
+    group.bench_function("open/tower-breaker-core", |b| {
+        b.iter(|| {
+            let request = black_box(Request::new(()));
+            match breaker.try_acquire() {
+                Ok(_) => panic!("admitted while forced open"),
+                Err(rejected) => black_box((request, rejected)),
+            }
+        });
+    });
+
+    let breaker = tower_breaker("core-tripped");
+    trip(&breaker);
+    group.bench_function("open/tower-breaker-core-tripped", |b| {
+        b.iter(|| {
+            let request = black_box(Request::new(()));
+            match breaker.try_acquire() {
+                Ok(_) => panic!("admitted while open"),
+                Err(rejected) => black_box((request, rejected)),
+            }
+        });
+    });
+
+    let breaker = tower_breaker("layer-forced");
+    breaker.force_open();
+    let mut svc = BreakerLayer::new(breaker)
+        .for_http()
+        .layer(service_fn(bare));
+    group.bench_function("open/tower-breaker-layer", |b| {
+        b.iter(|| {
+            let response = call_now(&mut svc, &mut cx).expect("a 503");
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            black_box(response)
+        });
+    });
+
+    let breaker = tower_breaker("layer-tripped");
+    trip(&breaker);
+    let mut svc = BreakerLayer::new(breaker)
+        .for_http()
+        .layer(service_fn(bare));
+    group.bench_function("open/tower-breaker-layer-tripped", |b| {
+        b.iter(|| {
+            let response = call_now(&mut svc, &mut cx).expect("a 503");
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            black_box(response)
+        });
+    });
+
+    let layer = resilience_layer();
+    let mut tripper = layer.layer(service_fn(failing));
+    for _ in 0..20 {
+        let response = call_now(&mut tripper, &mut cx).expect("a 500");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let mut svc = layer.layer(service_fn(bare));
+    assert!(
+        call_now(&mut svc, &mut cx).is_err(),
+        "tower-resilience did not trip"
+    );
+    group.bench_function("open/tower-resilience", |b| {
+        b.iter(|| black_box(call_now(&mut svc, &mut cx).expect_err("rejected")));
+    });
+
+    group.finish();
+}
+
+/// Opens `breaker` with 20 failures (the minimum number of calls, all failed).
+fn trip(breaker: &CircuitBreaker) {
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert!(breaker.try_acquire().is_err(), "the breaker did not trip");
+}
+
+/// 8 tasks, each making `CALLS_PER_TASK` calls through its clone of `service`.
+async fn run_tasks<S>(service: &S)
+where
+    S: Service<Request<()>> + Clone + Send + 'static,
+    S::Response: Send,
+    S::Error: Debug + Send,
+    S::Future: Send,
+{
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let mut service = service.clone();
+            tokio::spawn(async move {
+                for _ in 0..CALLS_PER_TASK {
+                    let ready = service.ready().await.expect("ready");
+                    black_box(ready.call(Request::new(())).await.expect("a response"));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("the task panicked");
+    }
+}
+
+fn throughput(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut group = c.benchmark_group("throughput");
+    group.throughput(Throughput::Elements(TASKS * CALLS_PER_TASK));
+
+    let svc = service_fn(working);
+    group.bench_function("bare", |b| b.to_async(&runtime).iter(|| run_tasks(&svc)));
+
+    let svc = BreakerLayer::new(tower_breaker("throughput"))
+        .for_http()
+        .layer(service_fn(working));
+    group.bench_function("tower-breaker-layer", |b| {
+        b.to_async(&runtime).iter(|| run_tasks(&svc));
+    });
+
+    let svc = resilience_layer().layer(service_fn(working));
+    group.bench_function("tower-resilience", |b| {
+        b.to_async(&runtime).iter(|| run_tasks(&svc));
+    });
+
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(40)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = overhead, throughput
+}
+criterion_main!(benches);

@@ -1,0 +1,260 @@
+//! Openings shared across processes through a real Redis (feature `redis`).
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis_fixtures::RedisServer;
+use tower_breaker::redis::{RedisSharing, SharingHandle};
+use tower_breaker::{CircuitBreaker, State, TransitionReason};
+
+const ROUNDS: usize = 20;
+
+fn unix_micros() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+fn breaker(name: &str) -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .name(name.to_owned())
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn share(breaker: &CircuitBreaker, url: &str, prefix: &str) -> SharingHandle {
+    let client = redis::Client::open(url).unwrap();
+    let publisher = client.get_connection_manager().await.unwrap();
+    RedisSharing::new()
+        .prefix(prefix)
+        .start(breaker, publisher, client)
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The second process of `an_opening_reaches_a_second_process_within_50_ms`, run by that test as a child.
+#[tokio::test]
+#[ignore = "run as a child process by an_opening_reaches_a_second_process_within_50_ms"]
+async fn peer_process() {
+    let Ok(url) = std::env::var("PEER_REDIS_URL") else {
+        return;
+    };
+    let (sender, mut openings) = tokio::sync::mpsc::unbounded_channel();
+    let breaker = CircuitBreaker::builder()
+        .name("payments")
+        .consecutive_failures(1)
+        .on_transition(move |transition| {
+            if transition.reason == TransitionReason::Remote {
+                let _ = sender.send(unix_micros());
+            }
+        })
+        .build()
+        .unwrap();
+    let sharing = share(&breaker, &url, "peer-test:").await;
+    wait_until("subscribed", || sharing.stats().connected).await;
+    println!("READY");
+    for _ in 0..ROUNDS {
+        let at = openings.recv().await.unwrap();
+        println!("OPENED {at}");
+        breaker.reset();
+        println!("RESET");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opening_reaches_a_second_process_within_50_ms() {
+    let server = RedisServer::start();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "peer_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("PEER_REDIS_URL", server.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut next_line = async |prefix: &str| loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.recv())
+            .await
+            .expect("the peer process went quiet")
+            .expect("the peer process exited early");
+        // The test harness may print "test peer_process ... " before the first line on the same line.
+        if let Some(index) = line.find(prefix) {
+            return line[index + prefix.len()..].trim().to_owned();
+        }
+    };
+    next_line("READY").await;
+
+    let breaker = breaker("payments");
+    let sharing = share(&breaker, &server.url(), "peer-test:").await;
+    wait_until("subscribed", || sharing.stats().connected).await;
+    let mut latencies_ms = Vec::new();
+    for _ in 0..ROUNDS {
+        let opened_at = unix_micros();
+        breaker.try_acquire().unwrap().failure();
+        assert_eq!(breaker.state(), State::Open);
+        let seen_at: u128 = next_line("OPENED").await.parse().unwrap();
+        latencies_ms.push((seen_at.saturating_sub(opened_at)) as f64 / 1000.0);
+        next_line("RESET").await;
+        breaker.reset();
+    }
+    let _ = child.wait();
+    latencies_ms.sort_by(f64::total_cmp);
+    let worst = latencies_ms[latencies_ms.len() - 1];
+    println!(
+        "opening propagation over {ROUNDS} rounds: median {:.2} ms, worst {worst:.2} ms",
+        latencies_ms[ROUNDS / 2]
+    );
+    assert!(
+        worst < 50.0,
+        "an opening took {worst:.2} ms to reach the peer process: {latencies_ms:?}"
+    );
+    assert_eq!(sharing.stats().published, ROUNDS as u64);
+}
+
+#[tokio::test]
+async fn an_opening_published_while_a_peer_was_away_reaches_it_when_it_connects() {
+    let server = RedisServer::start();
+    let first = breaker("inventory");
+    let first_sharing = share(&first, &server.url(), "late:").await;
+    wait_until("subscribed", || first_sharing.stats().connected).await;
+    first.try_acquire().unwrap().failure();
+    wait_until("published", || first_sharing.stats().published == 1).await;
+
+    let late = breaker("inventory");
+    let late_sharing = share(&late, &server.url(), "late:").await;
+    wait_until("the late peer opened", || late.state() == State::Open).await;
+    let retry_after = late.stats().retry_after_millis.unwrap();
+    assert!(
+        (25_000..=30_000).contains(&retry_after),
+        "opened until the same deadline: {retry_after} ms left"
+    );
+    assert_eq!(late_sharing.stats().received, 1);
+    // Another name in the same Redis is not affected.
+    let other = breaker("shipping");
+    let _other_sharing = share(&other, &server.url(), "late:").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(other.state(), State::Closed);
+}
+
+#[tokio::test]
+async fn no_redis_command_runs_on_the_request_path() {
+    let server = RedisServer::start();
+    let breaker = breaker("catalog");
+    let sharing = share(&breaker, &server.url(), "quiet:").await;
+    wait_until("subscribed", || sharing.stats().connected).await;
+    let mut admin = server.multiplexed().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for _ in 0..10_000 {
+        breaker.try_acquire().unwrap().success();
+    }
+    breaker.try_acquire().unwrap().failure(); // one opening
+    for _ in 0..10_000 {
+        assert!(breaker.try_acquire().is_err());
+    }
+    wait_until("published", || sharing.stats().published == 1).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!((calls("publish"), calls("set")), (1, 1), "{info}");
+    let total: u64 = info
+        .lines()
+        .filter_map(|line| {
+            line.split_once(":calls=")
+                .and_then(|(_, rest)| rest.split(',').next()?.parse::<u64>().ok())
+        })
+        .sum();
+    // PUBLISH + SET, plus this test's own CONFIG RESETSTAT is not counted after the reset; INFO counts itself after.
+    assert!(
+        total <= 3,
+        "20,001 calls made {total} Redis commands:\n{info}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_fails_no_call_and_sharing_resumes_when_it_returns() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let local = breaker("search");
+    let peer = breaker("search");
+    let local_sharing = share(&local, &url, "outage:").await;
+    let peer_sharing = share(&peer, &url, "outage:").await;
+    wait_until("both subscribed", || {
+        local_sharing.stats().connected && peer_sharing.stats().connected
+    })
+    .await;
+
+    server.kill();
+    wait_until("the subscription noticed", || {
+        !local_sharing.stats().connected
+    })
+    .await;
+    // Every decision is local: calls keep flowing, an opening is still local.
+    for _ in 0..1_000 {
+        local.try_acquire().unwrap().success();
+    }
+    local.try_acquire().unwrap().failure();
+    assert_eq!(local.state(), State::Open);
+    assert!(local.try_acquire().is_err());
+    wait_until("the failed publish was counted", || {
+        local_sharing.stats().errors > 0
+    })
+    .await;
+    assert_eq!(
+        peer.state(),
+        State::Closed,
+        "the peer cannot hear it with Redis gone"
+    );
+
+    server.restart();
+    wait_until("both re-subscribed", || {
+        local_sharing.stats().connected && peer_sharing.stats().connected
+    })
+    .await;
+    local.reset();
+    local.try_acquire().unwrap().failure();
+    wait_until("the peer opened after recovery", || {
+        peer.state() == State::Open
+    })
+    .await;
+}
