@@ -1,6 +1,7 @@
 //! A lock-free circuit breaker for Tower services, with fallback, for HTTP and gRPC.
 //!
-//! See the [README](https://docs.rs/crate/tower-breaker) for the full picture; the short version:
+//! The README (below, on docs.rs) holds the full picture: axum and tonic examples, classification, fallback, stats,
+//! metrics, sharing through Redis and defaults. In short:
 //!
 //! - [`CircuitBreaker`] is the state machine. It works without Tower: [`CircuitBreaker::call`] wraps any future, and
 //!   [`CircuitBreaker::try_acquire`] hands out a [`Permit`] to report an outcome on.
@@ -80,3 +81,8 @@ pub use state::State;
 pub use stats::{BreakerStats, FallbackStats, LatencySummary, TransitionStats, WindowStats};
 /// tower-http's classification traits and classifiers, re-exported so you name the same version.
 pub use tower_http::classify;
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

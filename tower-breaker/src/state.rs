@@ -23,8 +23,8 @@ pub enum State {
     ForcedClosed,
     /// Switched off: calls go through and only the counters are kept.
     Disabled,
-    /// Calls go through and are recorded; crossing a threshold is reported (event, log, counter) but rejects
-    /// nothing. Useful to tune thresholds in production.
+    /// Calls go through and are recorded; crossing a threshold is counted (`thresholds_crossed` in the stats) and
+    /// logged at debug level, but rejects nothing. Useful to tune thresholds in production.
     MetricsOnly,
 }
 
