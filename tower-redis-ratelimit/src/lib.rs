@@ -1,13 +1,37 @@
-//! `tower-redis-ratelimit`: distributed sliding-window rate limiting on Redis, one round trip per decision, with a local `governor` fallback, the IETF `RateLimit` headers and gRPC support.
+//! Distributed rate limiting on Redis for Tower services: sliding-window counter, GCRA and fixed window, several
+//! policies per key checked in one round trip, a deny cache and a `governor` pre-limiter in front of Redis, and a
+//! failure policy (fail open, fail closed, or a local `governor` limiter) behind a breaker when Redis is slow or
+//! gone.
 //!
-//! **Status: not implemented yet.** This crate holds its place in the workspace (features, README, changelog) and
-//! exports nothing; the implementation is tracked in issue 4. Do not depend on it yet.
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_redis_ratelimit::{Policy, RateLimiter};
 //!
-//! # Features
-//!
-//! | feature | enables |
-//! |---|---|
-//! | `cluster` | Redis Cluster connections (redis `cluster-async`) |
-//! | `tls-rustls` | `rediss://` through rustls (redis `tokio-rustls-comp`) |
-//! | `sentinel` | Sentinel-managed primaries (redis `sentinel`) |
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let limiter = RateLimiter::builder(client.get_connection_manager().await?)
+//!     .prefix("api:rl:")
+//!     .policy(Policy::per_second("burst", 10)?)
+//!     .policy(Policy::per_hour("hourly", 1000)?)
+//!     .build()?;
+//! let decision = limiter.check("user:42").await;
+//! println!("allowed: {} (decided by {:?})", decision.allowed, decision.source);
+//! # Ok(()) }
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod decision;
+mod error;
+// pub mod key; (key extractors: being written)
+mod limiter;
+mod local;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod policy;
+mod script;
+mod stats;
+
+pub use decision::{Decision, DecisionSource, PolicyState};
+pub use error::ConfigError;
+pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimiterBuilder};
+pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};
+pub use stats::{LimiterStats, SourceStats};

@@ -1,0 +1,619 @@
+//! [`RateLimiter`]: decisions on Redis, with local fast paths and a failure policy. Usable without Tower.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tower_breaker::CircuitBreaker;
+
+use crate::decision::{Decision, DecisionSource, PolicyState};
+use crate::error::ConfigError;
+use crate::local::{DenyCache, LocalLimiter};
+use crate::policy::{Policy, PolicySet};
+use crate::script::{DECIDE, Reply};
+use crate::stats::{LimiterStats, Stats};
+
+/// What to do when Redis fails, times out, or its breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum FailurePolicy {
+    /// Allow the request (availability first).
+    FailOpen,
+    /// Deny the request (protection first).
+    FailClosed,
+    /// Decide with a local `governor` limiter per policy, allowing `limit / share` per window in this process
+    /// (set `share` to the number of instances, so together they stay near the limit).
+    Local {
+        /// How many instances share the limit.
+        share: u32,
+    },
+}
+
+/// One named set of policies (a tier), with its local fallback.
+#[derive(Debug)]
+struct Tier {
+    name: String,
+    set: PolicySet,
+    fallback: Option<LocalLimiter>,
+    pre_limiter: Option<LocalLimiter>,
+}
+
+struct Inner<C> {
+    connection: C,
+    prefix: String,
+    tiers: Vec<Tier>,
+    timeout: Duration,
+    failure: FailurePolicy,
+    breaker: CircuitBreaker,
+    deny_cache: Option<DenyCache>,
+    stats: Stats,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::Handles,
+}
+
+/// A distributed rate limiter: a cheap, cloneable handle. See the [crate docs](crate).
+pub struct RateLimiter<C> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RateLimiter<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("prefix", &self.inner.prefix)
+            .field(
+                "tiers",
+                &self
+                    .inner
+                    .tiers
+                    .iter()
+                    .map(|tier| &tier.name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("failure", &self.inner.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RateLimiter`]. Every setting but the policies has a default.
+#[must_use]
+pub struct RateLimiterBuilder<C> {
+    connection: C,
+    prefix: String,
+    tiers: Vec<(String, Vec<Policy>)>,
+    timeout: Duration,
+    failure: FailurePolicy,
+    deny_cache: Option<usize>,
+    pre_limiter: Option<(u64, Duration)>,
+    breaker: Option<CircuitBreaker>,
+    name: Cow<'static, str>,
+}
+
+impl<C> fmt::Debug for RateLimiterBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiterBuilder")
+            .field("prefix", &self.prefix)
+            .field("tiers", &self.tiers)
+            .field("timeout", &self.timeout)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default tier's name.
+pub const DEFAULT_TIER: &str = "default";
+
+impl<C> RateLimiterBuilder<C> {
+    /// A name for logs, stats and metric labels (default `ratelimit`).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The key prefix (namespace) of every Redis key, for example `auth:rl:` (default `rl:`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Adds a policy to the default tier (several policies are checked together: say 10/s and 1000/h).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        match self.tiers.iter_mut().find(|(name, _)| name == DEFAULT_TIER) {
+            Some((_, policies)) => policies.push(policy),
+            None => self
+                .tiers
+                .insert(0, (DEFAULT_TIER.to_owned(), vec![policy])),
+        }
+        self
+    }
+
+    /// Adds a named tier with its own policies (for example `"free"` and `"pro"`), chosen per request.
+    pub fn tier(
+        mut self,
+        name: impl Into<String>,
+        policies: impl IntoIterator<Item = Policy>,
+    ) -> Self {
+        self.tiers
+            .push((name.into(), policies.into_iter().collect()));
+        self
+    }
+
+    /// The deadline of each Redis call (default 50 ms). Past it, the failure policy decides.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis fails (default [`FailurePolicy::FailOpen`]).
+    pub fn on_redis_failure(mut self, policy: FailurePolicy) -> Self {
+        self.failure = policy;
+        self
+    }
+
+    /// Keeps up to `capacity` denied keys in memory, denying them locally until their retry time (default on,
+    /// 100 000 keys).
+    pub fn deny_cache(mut self, capacity: usize) -> Self {
+        self.deny_cache = Some(capacity);
+        self
+    }
+
+    /// Turns the deny cache off: every request asks Redis.
+    pub fn no_deny_cache(mut self) -> Self {
+        self.deny_cache = None;
+        self
+    }
+
+    /// A local `governor` shield in front of Redis: at most `limit` per `window` per key in this process; above
+    /// it, requests are denied without a Redis call.
+    pub fn pre_limiter(mut self, limit: u64, window: Duration) -> Self {
+        self.pre_limiter = Some((limit, window));
+        self
+    }
+
+    /// Guards Redis with this breaker instead of the default one (opens after 3 failures in a row, probes after
+    /// 500 ms, so the limiter is back on Redis within a second of recovery).
+    pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when there is no policy, a tier repeats a name or is empty, the timeout is zero, or a
+    /// local limiter's quota cannot be built.
+    pub fn build(self) -> Result<RateLimiter<C>, ConfigError> {
+        if self.tiers.is_empty() {
+            return Err(ConfigError::new(
+                "policies",
+                "add at least one policy, e.g. `.policy(Policy::per_minute(\"api\", 600)?)`",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new(
+                "timeout",
+                "the Redis timeout must be above zero",
+            ));
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "prefix",
+                "must not contain `{` or `}`: the limiter puts the request key in a Cluster hash tag",
+            ));
+        }
+        if let FailurePolicy::Local { share: 0 } = self.failure {
+            return Err(ConfigError::new(
+                "on_redis_failure",
+                "the local share must be at least 1",
+            ));
+        }
+        let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
+        for (name, policies) in self.tiers {
+            if tiers.iter().any(|tier| tier.name == name) {
+                return Err(ConfigError::new(
+                    "tier",
+                    format!("tier {name:?} is defined twice"),
+                ));
+            }
+            let set = PolicySet::new(policies)?;
+            let fallback = match self.failure {
+                FailurePolicy::Local { share } => {
+                    Some(LocalLimiter::for_policies(set.policies(), share)?)
+                }
+                _ => None,
+            };
+            let pre_limiter = match self.pre_limiter {
+                Some((limit, window)) => Some(LocalLimiter::for_policies(
+                    &[Policy::new("pre", limit, window)?],
+                    1,
+                )?),
+                None => None,
+            };
+            tiers.push(Tier {
+                name,
+                set,
+                fallback,
+                pre_limiter,
+            });
+        }
+        let breaker = match self.breaker {
+            Some(breaker) => breaker,
+            None => CircuitBreaker::builder()
+                .name(format!("{}-redis", self.name))
+                .consecutive_failures(3)
+                .no_failure_rate()
+                .open_for(Duration::from_millis(500))
+                .half_open_permits(1)
+                .half_open_max_wait(Duration::from_secs(2))
+                .build()
+                .map_err(|error| ConfigError::new("breaker", error.to_string()))?,
+        };
+        Ok(RateLimiter {
+            inner: Arc::new(Inner {
+                connection: self.connection,
+                prefix: self.prefix,
+                tiers,
+                timeout: self.timeout,
+                failure: self.failure,
+                breaker,
+                deny_cache: self.deny_cache.map(DenyCache::new),
+                stats: Stats::default(),
+                #[cfg(feature = "metrics")]
+                metrics: crate::metrics::Handles::new(&self.name),
+            }),
+        })
+    }
+}
+
+/// Escapes what would break the Cluster hash tag around the key.
+fn tag_safe(key: &str) -> Cow<'_, str> {
+    if key.contains(['{', '}']) {
+        Cow::Owned(key.replace('{', "%7B").replace('}', "%7D"))
+    } else {
+        Cow::Borrowed(key)
+    }
+}
+
+/// Why an admin call failed.
+#[derive(Debug)]
+pub enum AdminError {
+    /// Redis answered with an error.
+    Redis(redis::RedisError),
+    /// Redis did not answer within the limiter's timeout.
+    Timeout,
+    /// No tier has this name.
+    UnknownTier(String),
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Redis(error) => write!(f, "redis error: {error}"),
+            Self::Timeout => f.write_str("redis did not answer in time"),
+            Self::UnknownTier(name) => write!(f, "no tier is named {name:?}"),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Redis(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl<C> RateLimiter<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A builder using `connection` (a `ConnectionManager`, a `MultiplexedConnection`, a cluster connection, ...).
+    pub fn builder(connection: C) -> RateLimiterBuilder<C> {
+        RateLimiterBuilder {
+            connection,
+            prefix: "rl:".to_owned(),
+            tiers: Vec::new(),
+            timeout: Duration::from_millis(50),
+            failure: FailurePolicy::FailOpen,
+            deny_cache: Some(100_000),
+            pre_limiter: None,
+            breaker: None,
+            name: Cow::Borrowed("ratelimit"),
+        }
+    }
+
+    /// The breaker guarding Redis.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.inner.breaker
+    }
+
+    /// The names of the tiers (the first is the default).
+    pub fn tiers(&self) -> impl Iterator<Item = &str> {
+        self.inner.tiers.iter().map(|tier| tier.name.as_str())
+    }
+
+    fn tier(&self, name: Option<&str>) -> Option<&Tier> {
+        match name {
+            None => self.inner.tiers.first(),
+            Some(name) => self.inner.tiers.iter().find(|tier| tier.name == name),
+        }
+    }
+
+    fn redis_key(&self, key: &str, suffix: &str) -> String {
+        let key = tag_safe(key);
+        let mut out = String::with_capacity(self.inner.prefix.len() + key.len() + suffix.len() + 3);
+        out.push_str(&self.inner.prefix);
+        out.push('{');
+        out.push_str(&key);
+        out.push_str("}:");
+        out.push_str(suffix);
+        out
+    }
+
+    /// Decides one request of cost 1 for `key` under the default tier.
+    pub async fn check(&self, key: &str) -> Decision {
+        self.check_tier(key, None, 1).await
+    }
+
+    /// Decides one request of `cost` for `key` under the tier named `tier` (`None` for the default). An unknown
+    /// tier falls back to the default one (logged).
+    pub async fn check_tier(&self, key: &str, tier: Option<&str>, cost: u32) -> Decision {
+        let decision = self.decide(key, tier, cost).await;
+        self.inner.stats.record(&decision);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.decision(&decision);
+        decision
+    }
+
+    async fn decide(&self, key: &str, tier_name: Option<&str>, cost: u32) -> Decision {
+        let inner = &*self.inner;
+        let tier = match self.tier(tier_name) {
+            Some(tier) => tier,
+            None => {
+                tracing::warn!(tier = ?tier_name, "unknown rate limit tier; using the default tier");
+                &inner.tiers[0]
+            }
+        };
+        if let Some(cache) = &inner.deny_cache
+            && let Some(left) = cache.denied(key, cost)
+        {
+            return Decision::without_state(false, DecisionSource::DenyCache, Some(left));
+        }
+        if let Some(pre) = &tier.pre_limiter
+            && let Err(wait) = pre.check(key, cost)
+        {
+            return Decision::without_state(false, DecisionSource::PreLimiter, Some(wait));
+        }
+        let Ok(permit) = inner.breaker.try_acquire() else {
+            return self.on_failure(tier, key, cost);
+        };
+        let started = Instant::now();
+        match tokio::time::timeout(inner.timeout, self.run_script(tier, key, cost)).await {
+            Ok(Ok(reply)) => {
+                permit.success();
+                inner.stats.redis_latency(started.elapsed());
+                let retry_after =
+                    (!reply.allowed).then(|| Duration::from_millis(reply.retry_after_ms.max(1)));
+                if let (Some(cache), Some(retry_after)) = (&inner.deny_cache, retry_after) {
+                    cache.remember(key, cost, retry_after);
+                }
+                Decision {
+                    allowed: reply.allowed,
+                    source: DecisionSource::Redis,
+                    retry_after,
+                    blocked: reply.blocked,
+                    policies: states(tier.set.policies(), &reply),
+                }
+            }
+            Ok(Err(error)) => {
+                permit.failure();
+                Counter::add(&inner.stats.redis_errors);
+                tracing::warn!(%error, "rate limit script failed; applying the failure policy");
+                self.on_failure(tier, key, cost)
+            }
+            Err(_) => {
+                permit.timeout();
+                Counter::add(&inner.stats.redis_timeouts);
+                tracing::warn!(
+                    timeout_ms = inner.timeout.as_millis(),
+                    "rate limit script timed out; applying the failure policy"
+                );
+                self.on_failure(tier, key, cost)
+            }
+        }
+    }
+
+    async fn run_script(
+        &self,
+        tier: &Tier,
+        key: &str,
+        cost: u32,
+    ) -> Result<Reply, redis::RedisError> {
+        let policies = tier.set.policies();
+        let mut invocation = DECIDE.key(self.redis_key(key, "!block"));
+        for policy in policies {
+            invocation.key(self.redis_key(key, policy.name()));
+        }
+        invocation.arg(cost).arg(policies.len());
+        for policy in policies {
+            invocation
+                .arg(policy.algorithm_kind().code())
+                .arg(policy.limit())
+                .arg(policy.window_ms())
+                .arg(policy.burst_size());
+        }
+        let mut connection = self.inner.connection.clone();
+        let values: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        Reply::decode(&values, policies.len()).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "the rate limit script returned an unexpected reply",
+            ))
+        })
+    }
+
+    fn on_failure(&self, tier: &Tier, key: &str, cost: u32) -> Decision {
+        let retry_after = self
+            .inner
+            .breaker
+            .stats()
+            .retry_after_millis
+            .map_or(Duration::from_secs(1), |ms| {
+                Duration::from_millis(ms.max(1))
+            });
+        match self.inner.failure {
+            FailurePolicy::FailOpen => {
+                Decision::without_state(true, DecisionSource::FailOpen, None)
+            }
+            FailurePolicy::FailClosed => {
+                Decision::without_state(false, DecisionSource::FailClosed, Some(retry_after))
+            }
+            FailurePolicy::Local { .. } => match &tier.fallback {
+                Some(local) => match local.check(key, cost) {
+                    Ok(()) => Decision::without_state(true, DecisionSource::LocalFallback, None),
+                    Err(wait) => {
+                        Decision::without_state(false, DecisionSource::LocalFallback, Some(wait))
+                    }
+                },
+                None => Decision::without_state(true, DecisionSource::FailOpen, None),
+            },
+        }
+    }
+
+    /// The state of every policy of a tier for `key`, without counting a request.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError`] when Redis fails or is late, or the tier does not exist.
+    pub async fn inspect(&self, key: &str, tier: Option<&str>) -> Result<Decision, AdminError> {
+        let tier = self
+            .tier(tier)
+            .ok_or_else(|| AdminError::UnknownTier(tier.unwrap_or_default().to_owned()))?;
+        let reply = tokio::time::timeout(self.inner.timeout * 4, self.run_script(tier, key, 0))
+            .await
+            .map_err(|_| AdminError::Timeout)?
+            .map_err(AdminError::Redis)?;
+        Ok(Decision {
+            allowed: !reply.blocked,
+            source: DecisionSource::Redis,
+            retry_after: reply
+                .blocked
+                .then(|| Duration::from_millis(reply.retry_after_ms)),
+            blocked: reply.blocked,
+            policies: states(tier.set.policies(), &reply),
+        })
+    }
+
+    /// Forgets everything counted for `key` in every tier, and lifts a block.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError`] when Redis fails or is late.
+    pub async fn reset(&self, key: &str) -> Result<(), AdminError> {
+        let mut keys = vec![self.redis_key(key, "!block")];
+        for tier in &self.inner.tiers {
+            for policy in tier.set.policies() {
+                let redis_key = self.redis_key(key, policy.name());
+                if !keys.contains(&redis_key) {
+                    keys.push(redis_key);
+                }
+            }
+        }
+        // One DEL per key keeps each command in one slot (a multi-key DEL is fine too: they share the tag).
+        let mut connection = self.inner.connection.clone();
+        let mut command = redis::cmd("DEL");
+        command.arg(&keys);
+        let deleted = command.query_async::<i64>(&mut connection);
+        tokio::time::timeout(self.inner.timeout * 4, deleted)
+            .await
+            .map_err(|_| AdminError::Timeout)?
+            .map_err(AdminError::Redis)?;
+        if let Some(cache) = &self.inner.deny_cache {
+            cache.forget(key);
+        }
+        Ok(())
+    }
+
+    /// Blocks `key` for `duration` in every process: its requests are denied, without counting, until then.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError`] when Redis fails or is late.
+    pub async fn block(&self, key: &str, duration: Duration) -> Result<(), AdminError> {
+        let millis = u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut connection = self.inner.connection.clone();
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.redis_key(key, "!block"))
+            .arg(1)
+            .arg("PX")
+            .arg(millis);
+        let set = command.query_async::<()>(&mut connection);
+        tokio::time::timeout(self.inner.timeout * 4, set)
+            .await
+            .map_err(|_| AdminError::Timeout)?
+            .map_err(AdminError::Redis)?;
+        Ok(())
+    }
+
+    /// Counters of decisions by source and outcome, Redis errors and latency, and the deny cache's size.
+    pub fn stats(&self) -> LimiterStats {
+        self.inner.stats.snapshot(
+            self.inner.deny_cache.as_ref().map_or(0, DenyCache::len),
+            self.inner.breaker.state(),
+        )
+    }
+
+    /// The policies of a tier (`None`: the default tier).
+    pub fn policies(&self, tier: Option<&str>) -> Option<&[Policy]> {
+        self.tier(tier).map(|tier| tier.set.policies())
+    }
+
+    /// The local fallback's policies (for documentation and tests).
+    #[doc(hidden)]
+    pub fn fallback_policies(&self) -> Vec<Policy> {
+        self.inner
+            .tiers
+            .iter()
+            .filter_map(|tier| tier.fallback.as_ref())
+            .flat_map(|local| local.policies().cloned())
+            .collect()
+    }
+}
+
+fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
+    policies
+        .iter()
+        .zip(&reply.policies)
+        .map(|(policy, (remaining, reset_ms))| PolicyState {
+            name: Arc::clone(policy.shared_name()),
+            limit: policy.limit(),
+            window: policy.window(),
+            remaining: *remaining,
+            reset: Duration::from_millis(*reset_ms),
+        })
+        .collect()
+}
+
+/// Counter helper.
+pub(crate) struct Counter;
+
+impl Counter {
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

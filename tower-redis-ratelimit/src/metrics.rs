@@ -1,0 +1,47 @@
+//! Export through the `metrics` facade (feature `metrics`). Handles are registered when the limiter is built.
+
+use metrics::Counter;
+
+use crate::decision::{Decision, DecisionSource};
+
+pub(crate) struct Handles {
+    /// [source][0 = denied, 1 = allowed]
+    decisions: Vec<[Counter; 2]>,
+}
+
+const SOURCES: [DecisionSource; 8] = [
+    DecisionSource::Redis,
+    DecisionSource::DenyCache,
+    DecisionSource::PreLimiter,
+    DecisionSource::FailOpen,
+    DecisionSource::FailClosed,
+    DecisionSource::LocalFallback,
+    DecisionSource::AllowList,
+    DecisionSource::NoKey,
+];
+
+impl Handles {
+    pub(crate) fn new(name: &str) -> Self {
+        let decisions = SOURCES
+            .iter()
+            .map(|source| {
+                let counter = |outcome: &'static str| {
+                    metrics::counter!(
+                        "tower_ratelimit_decisions_total",
+                        "limiter" => name.to_owned(),
+                        "source" => source.as_str(),
+                        "outcome" => outcome
+                    )
+                };
+                [counter("denied"), counter("allowed")]
+            })
+            .collect();
+        Self { decisions }
+    }
+
+    pub(crate) fn decision(&self, decision: &Decision) {
+        if let Some(index) = SOURCES.iter().position(|source| *source == decision.source) {
+            self.decisions[index][usize::from(decision.allowed)].increment(1);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Counters and the [`LimiterStats`] snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tower_breaker::State;
+
+use crate::decision::{Decision, DecisionSource};
+
+const SOURCES: [DecisionSource; 8] = [
+    DecisionSource::Redis,
+    DecisionSource::DenyCache,
+    DecisionSource::PreLimiter,
+    DecisionSource::FailOpen,
+    DecisionSource::FailClosed,
+    DecisionSource::LocalFallback,
+    DecisionSource::AllowList,
+    DecisionSource::NoKey,
+];
+
+fn source_index(source: DecisionSource) -> usize {
+    SOURCES
+        .iter()
+        .position(|known| *known == source)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// [source][0 = denied, 1 = allowed]
+    decisions: [[AtomicU64; 2]; SOURCES.len()],
+    pub(crate) redis_errors: AtomicU64,
+    pub(crate) redis_timeouts: AtomicU64,
+    redis_calls: AtomicU64,
+    redis_micros: AtomicU64,
+    redis_max_micros: AtomicU64,
+    shadow_denials: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn record(&self, decision: &Decision) {
+        self.decisions[source_index(decision.source)][usize::from(decision.allowed)]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[allow(dead_code)] // used by the Tower layer
+    pub(crate) fn shadow_denial(&self) {
+        self.shadow_denials.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn redis_latency(&self, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.redis_calls.fetch_add(1, Ordering::Relaxed);
+        self.redis_micros.fetch_add(micros, Ordering::Relaxed);
+        self.redis_max_micros.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, deny_cache_entries: usize, breaker: State) -> LimiterStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let by_source = SOURCES
+            .iter()
+            .zip(&self.decisions)
+            .map(|(source, counts)| SourceStats {
+                source: *source,
+                allowed: load(&counts[1]),
+                denied: load(&counts[0]),
+            })
+            .filter(|stats| stats.allowed + stats.denied > 0)
+            .collect::<Vec<_>>();
+        let calls = load(&self.redis_calls);
+        LimiterStats {
+            allowed: by_source.iter().map(|stats| stats.allowed).sum(),
+            denied: by_source.iter().map(|stats| stats.denied).sum(),
+            by_source,
+            shadow_denials: load(&self.shadow_denials),
+            redis_errors: load(&self.redis_errors),
+            redis_timeouts: load(&self.redis_timeouts),
+            redis_calls: calls,
+            redis_mean_micros: load(&self.redis_micros).checked_div(calls).unwrap_or(0),
+            redis_max_micros: load(&self.redis_max_micros),
+            deny_cache_entries,
+            redis_breaker: breaker,
+        }
+    }
+}
+
+/// Decisions made by one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SourceStats {
+    /// The path.
+    pub source: DecisionSource,
+    /// Requests it allowed.
+    pub allowed: u64,
+    /// Requests it denied.
+    pub denied: u64,
+}
+
+/// A snapshot of a limiter's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimiterStats {
+    /// Requests allowed, by any path.
+    pub allowed: u64,
+    /// Requests denied, by any path (shadow-mode denials included: they were decided, then let through).
+    pub denied: u64,
+    /// Decisions by path (paths that decided nothing are left out).
+    pub by_source: Vec<SourceStats>,
+    /// Denials that shadow mode let through.
+    pub shadow_denials: u64,
+    /// Redis calls that failed.
+    pub redis_errors: u64,
+    /// Redis calls that ran past the timeout.
+    pub redis_timeouts: u64,
+    /// Redis calls that answered.
+    pub redis_calls: u64,
+    /// Their mean latency.
+    pub redis_mean_micros: u64,
+    /// Their worst latency.
+    pub redis_max_micros: u64,
+    /// Keys in the deny cache.
+    pub deny_cache_entries: usize,
+    /// The state of the breaker guarding Redis.
+    pub redis_breaker: State,
+}
+
+impl LimiterStats {
+    /// Decisions made by `source` as (allowed, denied).
+    pub fn from_source(&self, source: DecisionSource) -> (u64, u64) {
+        self.by_source
+            .iter()
+            .find(|stats| stats.source == source)
+            .map_or((0, 0), |stats| (stats.allowed, stats.denied))
+    }
+}
