@@ -21,17 +21,23 @@
 
 mod decision;
 mod error;
-// pub mod key; (key extractors: being written)
+mod headers;
+pub mod key;
+mod layer;
 mod limiter;
 mod local;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;
 mod script;
+mod service;
 mod stats;
 
 pub use decision::{Decision, DecisionSource, PolicyState};
 pub use error::ConfigError;
+pub use headers::HeaderStyle;
+pub use layer::{DefaultRejection, RateLimitLayer, RateLimitLayerBuilder, Rejection, Selection};
 pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimiterBuilder};
 pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};
+pub use service::{RateLimit, ResponseFuture};
 pub use stats::{LimiterStats, SourceStats};

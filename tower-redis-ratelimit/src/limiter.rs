@@ -371,9 +371,7 @@ where
     /// tier falls back to the default one (logged).
     pub async fn check_tier(&self, key: &str, tier: Option<&str>, cost: u32) -> Decision {
         let decision = self.decide(key, tier, cost).await;
-        self.inner.stats.record(&decision);
-        #[cfg(feature = "metrics")]
-        self.inner.metrics.decision(&decision);
+        self.record_decision(&decision);
         decision
     }
 
@@ -576,6 +574,20 @@ where
             self.inner.deny_cache.as_ref().map_or(0, DenyCache::len),
             self.inner.breaker.state(),
         )
+    }
+
+    pub(crate) fn record_decision(&self, decision: &Decision) {
+        self.inner.stats.record(decision);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.decision(decision);
+    }
+
+    pub(crate) fn record_bypass(&self, source: DecisionSource) {
+        self.record_decision(&Decision::without_state(true, source, None));
+    }
+
+    pub(crate) fn record_shadow_denial(&self) {
+        self.inner.stats.shadow_denial();
     }
 
     /// The policies of a tier (`None`: the default tier).

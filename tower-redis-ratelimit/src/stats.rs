@@ -44,7 +44,6 @@ impl Stats {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    #[allow(dead_code)] // used by the Tower layer
     pub(crate) fn shadow_denial(&self) {
         self.shadow_denials.fetch_add(1, Ordering::Relaxed);
     }
