@@ -67,8 +67,10 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
     /// Whether the key is blocked by hand ([`crate::RateLimiter::block`]).
     pub blocked: bool,
-    /// Per-policy state, when known (Redis decisions and local fallbacks).
+    /// Per-policy state, when known (Redis decisions).
     pub policies: Vec<PolicyState>,
+    /// When Redis made the decision, by Redis's clock (microseconds since the Unix epoch); `None` for local paths.
+    pub redis_time_micros: Option<u64>,
 }
 
 impl Decision {
@@ -83,6 +85,7 @@ impl Decision {
             retry_after,
             blocked: false,
             policies: Vec::new(),
+            redis_time_micros: None,
         }
     }
 }

@@ -154,6 +154,7 @@ mod tests {
                     reset: Duration::from_secs(3_600),
                 },
             ],
+            redis_time_micros: None,
         }
     }
 

@@ -413,6 +413,7 @@ where
                     retry_after,
                     blocked: reply.blocked,
                     policies: states(tier.set.policies(), &reply),
+                    redis_time_micros: Some(reply.server_time_us),
                 }
             }
             Ok(Err(error)) => {
@@ -511,6 +512,7 @@ where
                 .then(|| Duration::from_millis(reply.retry_after_ms)),
             blocked: reply.blocked,
             policies: states(tier.set.policies(), &reply),
+            redis_time_micros: Some(reply.server_time_us),
         })
     }
 

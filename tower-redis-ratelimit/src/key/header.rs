@@ -179,9 +179,10 @@ where
 
 /// Keys by method and route: `route:GET:/users/%7Bid%7D`.
 ///
-/// The route is axum's `MatchedPath` when present (feature `axum`; it is set for requests routed by a `Router`, and
-/// seen by layers added with `Router::route_layer` or inside a route), otherwise the URI path — then every distinct
-/// path (`/users/1`, `/users/2`…) is a distinct key. Long paths are hashed.
+/// The route is axum's `MatchedPath` when present (feature `axum`; axum sets it once a `Router` has matched, so
+/// layers added with `Router::layer` or `Router::route_layer` see it, layers wrapping the whole router do not),
+/// otherwise the URI path — then every distinct path (`/users/1`, `/users/2`…) is a distinct key. Long paths are
+/// hashed. For gRPC the path is the method (`/package.Service/Method`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MethodAndRoute;
 
@@ -373,6 +374,26 @@ mod tests {
             key(&by_team, &req).as_deref(),
             Some("ext:team:red%20%7B1%7D")
         );
+    }
+
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn method_and_route_uses_axum_matched_path() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let route = |request: axum::extract::Request| async move {
+            MethodAndRoute
+                .extract(&RequestParts::new(&request))
+                .unwrap_or_default()
+        };
+        let app = axum::Router::new().route("/users/{id}", axum::routing::get(route));
+        let request = Request::get("/users/42")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "route:GET:/users/%7Bid%7D");
     }
 
     #[test]

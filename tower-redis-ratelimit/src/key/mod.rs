@@ -11,7 +11,7 @@
 //! | [`Extension`] | a typed request extension, such as the user an authentication layer stored: `ext:42` |
 //! | [`MethodAndRoute`] | the method and axum's matched route, else the URI path: `route:GET:/users/%7Bid%7D` |
 //! | [`Global`] | one key for every request: `global` |
-//! | `(A, B)`, `(A, B, C)` | every part, joined with `|`; `None` if any part is `None` |
+//! | `(A, B)`, `(A, B, C)` | every part, joined with `\|`; `None` if any part is `None` |
 //! | [`FirstOf`], [`KeyExtractor::or`] | the key of the first extractor that has one |
 //!
 //! Any `Fn(&RequestParts<'_>) -> Option<String>` closure is an extractor too.
@@ -66,8 +66,6 @@ mod ip;
 
 pub use cidr::{Cidr, CidrParseError};
 pub use header::{Extension, Header, MethodAndRoute};
-#[allow(unused_imports)] // For the layer; unused until it lands.
-pub(crate) use ip::peer_addr;
 pub use ip::{ClientIp, PeerIp};
 
 /// Sanitized values longer than this many bytes are replaced by their hash.
