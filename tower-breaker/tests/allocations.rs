@@ -1,0 +1,213 @@
+//! Heap allocations on the hot paths, counted by a global allocator.
+//!
+//! The workspace forbids `unsafe` (and `forbid` cannot be lifted by an `allow`), so the counting `GlobalAlloc` comes
+//! from the `allocation-counter` crate: it counts per thread, so tests running in parallel on other threads do not
+//! disturb a measurement. Every test warms the path up first (lazily initialised statics, tracing's callsite
+//! registration), then measures `CALLS` calls on its own thread.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use allocation_counter::AllocationInfo;
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use tower::{Layer, Service, service_fn};
+use tower_breaker::{BreakerLayer, CircuitBreaker, FallbackRequest};
+
+const WARM_UP: u64 = 1_000;
+const CALLS: u64 = 10_000;
+
+/// Heap allocations `http::HeaderMap` makes to hold its first entry (the 503's `Retry-After`): its index table and
+/// its entry vector. Observed with http 1.x; the value itself is a clone of a pre-built `HeaderValue` and allocates
+/// nothing.
+const RETRY_AFTER_ALLOCATIONS: u64 = 2;
+
+fn breaker() -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .name("allocations")
+        .count_window(100)
+        .minimum_calls(20)
+        .failure_rate(0.5)
+        .open_for(Duration::from_secs(3_600))
+        .build()
+        .expect("a valid configuration")
+}
+
+/// Opens `breaker` with 20 failures, so rejections carry a retry-after (unlike a forced open).
+fn trip(breaker: &CircuitBreaker) {
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert!(breaker.try_acquire().is_err(), "the breaker did not trip");
+}
+
+async fn ok(_request: Request<()>) -> Result<Response<Empty<Bytes>>, Infallible> {
+    Ok(Response::new(Empty::new()))
+}
+
+/// Runs `call` `WARM_UP` times unmeasured, then `CALLS` times measured.
+fn measure(mut call: impl FnMut()) -> AllocationInfo {
+    for _ in 0..WARM_UP {
+        call();
+    }
+    allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            call();
+        }
+    })
+}
+
+/// One call through a layered service, polled by hand with a no-op waker: every future here is ready at once.
+fn call_now<S>(service: &mut S) -> Result<S::Response, S::Error>
+where
+    S: Service<Request<()>>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(
+        matches!(service.poll_ready(&mut cx), Poll::Ready(Ok(()))),
+        "the service is not ready"
+    );
+    let future = pin!(service.call(Request::new(())));
+    match future.poll(&mut cx) {
+        Poll::Ready(result) => result,
+        Poll::Pending => panic!("the call future is pending"),
+    }
+}
+
+#[test]
+fn the_counting_allocator_is_installed() {
+    let info = allocation_counter::measure(|| {
+        std::hint::black_box(Box::new(1_u64));
+    });
+    assert_eq!(
+        info.count_total, 1,
+        "a zero count below would prove nothing"
+    );
+}
+
+#[test]
+fn the_closed_path_allocates_nothing() {
+    let breaker = breaker();
+    let info = measure(|| breaker.try_acquire().expect("closed").success());
+    assert_eq!(info.count_total, 0, "{info:?}");
+    assert_eq!(breaker.stats().state, tower_breaker::State::Closed);
+}
+
+#[test]
+fn failures_below_the_threshold_allocate_nothing() {
+    // One failure in four keeps the rate under 0.5: the failure branch of the window, without tripping.
+    let breaker = breaker();
+    let mut n = 0u64;
+    let info = measure(|| {
+        n += 1;
+        let permit = breaker.try_acquire().expect("closed");
+        if n.is_multiple_of(4) {
+            permit.failure();
+        } else {
+            permit.success();
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn rejections_while_forced_open_allocate_nothing() {
+    let breaker = breaker();
+    breaker.force_open();
+    let info = measure(|| {
+        std::hint::black_box(breaker.try_acquire().expect_err("forced open"));
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn rejections_while_tripped_open_allocate_nothing() {
+    let breaker = breaker();
+    trip(&breaker);
+    let info = measure(|| {
+        let rejected = breaker.try_acquire().expect_err("open");
+        assert!(rejected.retry_after().is_some());
+        std::hint::black_box(rejected);
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn the_layer_closed_path_allocates_nothing() {
+    let mut service = BreakerLayer::new(breaker())
+        .for_http()
+        .layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn the_layer_rejects_while_forced_open_without_allocating() {
+    // A forced-open breaker gives no retry-after, so the 503 has no header to insert.
+    let breaker = breaker();
+    breaker.force_open();
+    let mut service = BreakerLayer::new(breaker).for_http().layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a 503");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().is_empty());
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn the_layer_rejects_while_tripped_open_with_only_the_retry_after_header_allocating() {
+    let breaker = breaker();
+    trip(&breaker);
+    let mut service = BreakerLayer::new(breaker).for_http().layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a 503");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(RETRY_AFTER));
+    });
+    assert_eq!(
+        info.count_total,
+        CALLS * RETRY_AFTER_ALLOCATIONS,
+        "{info:?}"
+    );
+    assert_eq!(info.count_current, 0, "a rejection leaks: {info:?}");
+}
+
+#[test]
+fn inserting_the_first_header_costs_what_the_rejection_costs() {
+    // The same figure, from `http` alone: what a rejection allocates is the header map's, not the breaker's.
+    let value = http::HeaderValue::from_static("30");
+    let info = measure(|| {
+        let mut response = Response::new(Empty::<Bytes>::new());
+        response.headers_mut().insert(RETRY_AFTER, value.clone());
+        std::hint::black_box(response);
+    });
+    assert_eq!(
+        info.count_total,
+        CALLS * RETRY_AFTER_ALLOCATIONS,
+        "{info:?}"
+    );
+}
+
+#[test]
+fn the_layer_open_path_with_a_fallback_allocates_nothing() {
+    let breaker = breaker();
+    trip(&breaker);
+    let mut service = BreakerLayer::new(breaker)
+        .for_http()
+        .fallback(|_request: FallbackRequest<()>| Response::new(Empty::<Bytes>::new()))
+        .layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("the fallback's response");
+        assert_eq!(response.status(), StatusCode::OK);
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
