@@ -393,7 +393,7 @@ impl CircuitBreaker {
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
         let shared = &*self.shared;
-        let request = shared.counters.requests.0.fetch_add(1, Ordering::Relaxed);
+        let request = shared.counters.requests.increment();
         #[cfg(feature = "metrics")]
         shared.metrics.requests.increment(1);
         let sampled = request & shared.sample_mask == 0;
@@ -665,7 +665,7 @@ impl Shared {
     }
 
     /// Closed (or metrics-only / forced-closed) bookkeeping for one success or failure.
-    #[inline]
+    #[inline(always)]
     fn record_window(&self, generation: u32, sample: Sample) {
         let word = self.load();
         if word.generation() != generation || !word.state().records_window() {
@@ -973,7 +973,7 @@ impl Shared {
             retry_after_millis: (word.state() == State::Open)
                 .then(|| word.time_ms().saturating_sub(now)),
             latency: self.latency.summary(),
-            requests: load(&counters.requests.0),
+            requests: counters.requests.sum(),
         }
     }
 }

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::padded::Padded;
+use crate::padded::Striped;
 use crate::state::State;
 
-/// The breaker's counters. `requests` is written by every call and sits alone on its cache line; the others change
-/// only on failures, rejections and the like.
+/// The breaker's counters. `requests` is written by every call and is striped per thread; the others change only on
+/// failures, rejections and the like.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) requests: Padded<AtomicU64>,
+    pub(crate) requests: Striped,
     pub(crate) failures: AtomicU64,
     pub(crate) ignored: AtomicU64,
     pub(crate) cancelled: AtomicU64,

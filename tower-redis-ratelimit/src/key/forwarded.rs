@@ -36,16 +36,42 @@ impl Chain {
     }
 }
 
-/// The chain from `Forwarded` if present, else from `X-Forwarded-For`; `None` if neither is present or the one used
-/// is malformed (not ASCII, or bad `Forwarded` syntax). Header lines are concatenated in order.
-pub(super) fn chain(headers: &HeaderMap) -> Option<Chain> {
+/// Which header [`ClientIp`](super::ClientIp) reads the proxy chain from.
+///
+/// The default is `X-Forwarded-For`, which nearly every proxy writes. Pin [`Forwarded`](Self::Forwarded) if your
+/// proxies write RFC 7239 `Forwarded`. [`Auto`](Self::Auto) is only safe when your proxies write both: behind proxies
+/// that write only `X-Forwarded-For`, a client could send its own `Forwarded` header, which would then win.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProxyHeader {
+    /// `Forwarded` if the request has one, else `X-Forwarded-For`.
+    Auto,
+    /// Only RFC 7239 `Forwarded` (its `for=` parameters).
+    Forwarded,
+    /// Only `X-Forwarded-For` (the default).
+    #[default]
+    XForwardedFor,
+}
+
+/// The chain from the header `source` selects; `None` if it is absent or malformed (not ASCII, or bad `Forwarded`
+/// syntax). Header lines are concatenated in order.
+pub(super) fn chain(headers: &HeaderMap, source: ProxyHeader) -> Option<Chain> {
+    let forwarded = match source {
+        ProxyHeader::Auto => headers.contains_key(FORWARDED),
+        ProxyHeader::Forwarded => true,
+        ProxyHeader::XForwardedFor => false,
+    };
     let mut chain = Chain::default();
-    if headers.contains_key(FORWARDED) {
-        for line in headers.get_all(FORWARDED) {
+    if forwarded {
+        let mut lines = headers.get_all(FORWARDED).iter().peekable();
+        lines.peek()?;
+        for line in lines {
             parse_forwarded(line.to_str().ok()?, &mut chain)?;
         }
-    } else if headers.contains_key(&X_FORWARDED_FOR) {
-        for line in headers.get_all(&X_FORWARDED_FOR) {
+    } else {
+        let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+        lines.peek()?;
+        for line in lines {
             for entry in line.to_str().ok()?.split(',') {
                 let entry = entry.trim_matches([' ', '\t']);
                 if !entry.is_empty() {
@@ -53,8 +79,6 @@ pub(super) fn chain(headers: &HeaderMap) -> Option<Chain> {
                 }
             }
         }
-    } else {
-        return None;
     }
     Some(chain)
 }
@@ -236,7 +260,7 @@ mod tests {
                 HeaderValue::from_str(value).unwrap(),
             );
         }
-        chain(&map).map(|chain| chain.entries.into())
+        chain(&map, ProxyHeader::Auto).map(|chain| chain.entries.into())
     }
 
     #[test]
@@ -356,6 +380,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_header_ignores_the_other() {
+        let mut map = HeaderMap::new();
+        map.insert(FORWARDED, HeaderValue::from_static("for=192.0.2.1"));
+        map.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        let entries =
+            |map: &HeaderMap, source| chain(map, source).map(|chain| Vec::from(chain.entries));
+        assert_eq!(
+            entries(&map, ProxyHeader::Forwarded),
+            Some(vec![ip("192.0.2.1")])
+        );
+        assert_eq!(
+            entries(&map, ProxyHeader::XForwardedFor),
+            Some(vec![ip("198.51.100.1")])
+        );
+        map.remove(FORWARDED);
+        assert_eq!(entries(&map, ProxyHeader::Forwarded), None);
+        assert_eq!(
+            entries(&map, ProxyHeader::Auto),
+            Some(vec![ip("198.51.100.1")])
+        );
+    }
+
+    #[test]
     fn x_forwarded_for_skips_empty_items_and_keeps_junk_in_place() {
         let xff = [(
             "x-forwarded-for",
@@ -380,7 +427,7 @@ mod tests {
             &X_FORWARDED_FOR,
             HeaderValue::from_bytes(b"198.51.100.1, \xff").unwrap(),
         );
-        assert_eq!(chain(&map), None);
+        assert_eq!(chain(&map, ProxyHeader::Auto), None);
     }
 
     #[test]
@@ -391,7 +438,7 @@ mod tests {
             .join(",");
         let mut map = HeaderMap::new();
         map.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&value).unwrap());
-        let chain = chain(&map).unwrap();
+        let chain = chain(&map, ProxyHeader::Auto).unwrap();
         assert!(chain.truncated);
         assert_eq!(chain.entries.len(), MAX_ENTRIES);
         assert_eq!(chain.entries.front().copied().flatten(), ip("10.0.0.36"));

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::Extensions;
 
 use super::cidr::{self, Cidr};
-use super::forwarded::{self, Chain};
+use super::forwarded::{self, Chain, ProxyHeader};
 use super::{KeyExtractor, RequestParts};
 
 /// The peer (socket) address of the connection, from the request extensions: axum's
@@ -128,9 +128,13 @@ enum Trust {
 ///
 /// Each proxy appends the address it received the request from to `X-Forwarded-For` or, as RFC 7239 `Forwarded`
 /// `for=` parameters. If the request has a `Forwarded` header it is used, else `X-Forwarded-For`; several lines of
-/// the header are concatenated in order. Only the right-most entries, added by proxies we trust, are believed: a
-/// client can put anything on the left. With the peer (socket) address appended — read as [`PeerIp`] does — the list
-/// runs from the farthest address on the left to our nearest proxy on the right:
+/// the header are concatenated in order. Pin the header your proxies write with [`ClientIp::proxy_header`]:
+/// otherwise, behind proxies that write only `X-Forwarded-For`, a client can send a `Forwarded` header of its own,
+/// which wins.
+///
+/// Only the right-most entries, added by proxies we trust, are believed: a client can put anything on the left. With
+/// the peer (socket) address appended — read as [`PeerIp`] does — the list runs from the farthest address on the
+/// left to our nearest proxy on the right:
 ///
 /// - [`ClientIp::trusted_hops`]`(n)`: the address `n` hops from the right, where hop 0 is the peer and hop 1 the
 ///   right-most header entry. With fewer entries than that, the left-most one (the farthest address our proxies saw;
@@ -149,7 +153,7 @@ enum Trust {
 ///
 /// ```
 /// use std::net::SocketAddr;
-/// use tower_redis_ratelimit::key::{Cidr, ClientIp, KeyExtractor, RequestParts};
+/// use tower_redis_ratelimit::key::{Cidr, ClientIp, KeyExtractor, ProxyHeader, RequestParts};
 ///
 /// let mut request = http::Request::builder()
 ///     .header("x-forwarded-for", "192.0.2.1, 203.0.113.7, 10.0.0.3")
@@ -160,13 +164,15 @@ enum Trust {
 /// // Two proxies: 10.0.0.2 (the peer) received the request from 10.0.0.3, which received it from the client.
 /// assert_eq!(ClientIp::trusted_hops(2).extract(&parts).as_deref(), Some("ip:203.0.113.7"));
 /// // 192.0.2.1 was written by the client itself: not believed.
-/// let internal = ClientIp::trusted_proxies(["10.0.0.0/8".parse::<Cidr>()?]);
+/// let internal = ClientIp::trusted_proxies(["10.0.0.0/8".parse::<Cidr>()?])
+///     .proxy_header(ProxyHeader::XForwardedFor);
 /// assert_eq!(internal.extract(&parts).as_deref(), Some("ip:203.0.113.7"));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIp {
     trust: Trust,
+    header: ProxyHeader,
     mask: Mask,
 }
 
@@ -175,6 +181,7 @@ impl ClientIp {
     pub fn trusted_hops(hops: usize) -> Self {
         Self {
             trust: Trust::Hops(hops),
+            header: ProxyHeader::XForwardedFor,
             mask: Mask::default(),
         }
     }
@@ -186,8 +193,16 @@ impl ClientIp {
     {
         Self {
             trust: Trust::Proxies(networks.into_iter().collect()),
+            header: ProxyHeader::XForwardedFor,
             mask: Mask::default(),
         }
+    }
+
+    /// Reads the chain from `header` (default [`ProxyHeader::XForwardedFor`]; see [`ProxyHeader`] for why).
+    #[must_use]
+    pub fn proxy_header(mut self, header: ProxyHeader) -> Self {
+        self.header = header;
+        self
     }
 
     /// Keeps the first `bits` bits of IPv4 addresses (default 32; values above 32 mean 32).
@@ -209,7 +224,7 @@ impl ClientIp {
         let peer = peer_addr(request.extensions).map(|addr| addr.ip());
         match &self.trust {
             Trust::Hops(0) => peer,
-            Trust::Hops(hops) => match forwarded::chain(request.headers) {
+            Trust::Hops(hops) => match forwarded::chain(request.headers, self.header) {
                 Some(chain) => by_hops(&chain, *hops).or(peer),
                 None => peer,
             },
@@ -219,7 +234,7 @@ impl ClientIp {
                 if !trusted(peer) {
                     return Some(peer);
                 }
-                forwarded::chain(request.headers)
+                forwarded::chain(request.headers, self.header)
                     .and_then(|chain| by_walk(&chain, trusted))
                     .or(Some(peer))
             }
@@ -482,16 +497,35 @@ mod tests {
         let value = r#"for="[2001:db8:cafe::17]:4711";proto=https, for="10.0.0.3:51000""#;
         let req = request(Some(PEER), &[("forwarded", value)]);
         assert_eq!(
-            key(&ClientIp::trusted_hops(2), &req).as_deref(),
+            key(
+                &ClientIp::trusted_hops(2).proxy_header(ProxyHeader::Auto),
+                &req
+            )
+            .as_deref(),
             Some("ip:2001:db8:cafe::/64")
         );
         assert_eq!(
-            key(&ClientIp::trusted_hops(2).ipv6_prefix(128), &req).as_deref(),
+            key(
+                &ClientIp::trusted_hops(2)
+                    .proxy_header(ProxyHeader::Auto)
+                    .ipv6_prefix(128),
+                &req
+            )
+            .as_deref(),
             Some("ip:2001:db8:cafe::17")
         );
         assert_eq!(
-            key(&proxies(&["10.0.0.0/8"]), &req).as_deref(),
+            key(
+                &proxies(&["10.0.0.0/8"]).proxy_header(ProxyHeader::Forwarded),
+                &req
+            )
+            .as_deref(),
             Some("ip:2001:db8:cafe::/64")
+        );
+        // By default only X-Forwarded-For is read: a client-sent `Forwarded` cannot choose the key.
+        assert_eq!(
+            key(&proxies(&["10.0.0.0/8"]), &req).as_deref(),
+            Some("ip:10.0.0.2")
         );
     }
 
@@ -505,16 +539,40 @@ mod tests {
             ],
         );
         assert_eq!(
-            key(&ClientIp::trusted_hops(1), &req).as_deref(),
+            key(
+                &ClientIp::trusted_hops(1).proxy_header(ProxyHeader::Auto),
+                &req
+            )
+            .as_deref(),
             Some("ip:192.0.2.60")
         );
+    }
+
+    #[test]
+    fn a_pinned_proxy_header_ignores_a_forwarded_header_sent_by_the_client() {
+        let req = request(
+            Some(PEER),
+            &[
+                ("x-forwarded-for", "198.51.100.1"),
+                ("forwarded", "for=6.6.6.6"),
+            ],
+        );
+        let xff_only = ClientIp::trusted_hops(1).proxy_header(ProxyHeader::XForwardedFor);
+        assert_eq!(key(&xff_only, &req).as_deref(), Some("ip:198.51.100.1"));
+        let forwarded_only = proxies(&["10.0.0.0/8"]).proxy_header(ProxyHeader::Forwarded);
+        let xff = xff(PEER, "198.51.100.1");
+        assert_eq!(key(&forwarded_only, &xff).as_deref(), Some("ip:10.0.0.2"));
     }
 
     #[test]
     fn unknown_and_obfuscated_for_values_are_skipped_for_the_peer() {
         let unknown = request(Some(PEER), &[("forwarded", "for=192.0.2.1, for=unknown")]);
         assert_eq!(
-            key(&ClientIp::trusted_hops(1), &unknown).as_deref(),
+            key(
+                &ClientIp::trusted_hops(1).proxy_header(ProxyHeader::Auto),
+                &unknown
+            )
+            .as_deref(),
             Some("ip:10.0.0.2")
         );
         assert_eq!(
@@ -526,11 +584,19 @@ mod tests {
             &[("forwarded", "for=192.0.2.1, for=\"_hidden:_port\"")],
         );
         assert_eq!(
-            key(&ClientIp::trusted_hops(1), &obfuscated).as_deref(),
+            key(
+                &ClientIp::trusted_hops(1).proxy_header(ProxyHeader::Auto),
+                &obfuscated
+            )
+            .as_deref(),
             Some("ip:10.0.0.2")
         );
         assert_eq!(
-            key(&ClientIp::trusted_hops(2), &obfuscated).as_deref(),
+            key(
+                &ClientIp::trusted_hops(2).proxy_header(ProxyHeader::Auto),
+                &obfuscated
+            )
+            .as_deref(),
             Some("ip:192.0.2.1")
         );
         assert_eq!(

@@ -6,7 +6,7 @@
 //! | extractor | key |
 //! |---|---|
 //! | [`PeerIp`] | the socket peer address: `ip:203.0.113.7`, `ip:2001:db8:1:2::/64` |
-//! | [`ClientIp`] | the client address behind trusted proxies (`Forwarded`, `X-Forwarded-For`): `ip:…` |
+//! | [`ClientIp`] | the client address behind trusted proxies ([`Cidr`], [`ProxyHeader`]): `ip:…` |
 //! | [`Header`] | a header (or gRPC metadata) value: `hdr:x-api-key:k-123`; [`Header::bearer`]: `bearer:<token>` |
 //! | [`Extension`] | a typed request extension, such as the user an authentication layer stored: `ext:42` |
 //! | [`MethodAndRoute`] | the method and axum's matched route, else the URI path: `route:GET:/users/%7Bid%7D` |
@@ -65,6 +65,7 @@ mod header;
 mod ip;
 
 pub use cidr::{Cidr, CidrParseError};
+pub use forwarded::ProxyHeader;
 pub use header::{Extension, Header, MethodAndRoute};
 pub use ip::{ClientIp, PeerIp};
 
