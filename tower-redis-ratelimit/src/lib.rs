@@ -3,6 +3,9 @@
 //! failure policy (fail open, fail closed, or a local `governor` limiter) behind a breaker when Redis is slow or
 //! gone.
 //!
+//! The [README](https://docs.rs/crate/tower-redis-ratelimit) has the axum and tonic examples, the Redis key layout,
+//! the failure semantics and the metrics.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use tower_redis_ratelimit::{Policy, RateLimiter};
@@ -41,3 +44,8 @@ pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimi
 pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};
 pub use service::{RateLimit, ResponseFuture};
 pub use stats::{LimiterStats, SourceStats};
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
