@@ -34,6 +34,9 @@ impl Striped {
 
     /// The total.
     pub(crate) fn sum(&self) -> u64 {
-        self.stripes.iter().map(|stripe| stripe.0.load(Ordering::Acquire)).sum()
+        self.stripes
+            .iter()
+            .map(|stripe| stripe.0.load(Ordering::Acquire))
+            .sum()
     }
 }

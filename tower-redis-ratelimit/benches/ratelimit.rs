@@ -90,7 +90,10 @@ fn main() {
     if run("memory") {
         memory();
     }
-    println!("_total bench time: {:.1} s_", started.elapsed().as_secs_f64());
+    println!(
+        "_total bench time: {:.1} s_",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
