@@ -29,6 +29,26 @@ pub(crate) struct Admitted<C, F> {
 }
 
 pin_project! {
+    /// Where the future is. The deadline is boxed (only calls with a `call_timeout` pay for it), which keeps the
+    /// future small: it is moved on every call.
+    #[project = StateProj]
+    enum State<Fut, FF, R> {
+        Call {
+            #[pin]
+            future: Fut,
+            sleep: Option<Pin<Box<Sleep>>>,
+        },
+        Fallback {
+            #[pin]
+            future: FF,
+        },
+        Immediate {
+            response: Option<R>,
+        },
+    }
+}
+
+pin_project! {
     /// Response future of [`crate::Breaker`].
     pub struct ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
     where
@@ -36,13 +56,8 @@ pin_project! {
         F: Fallback<ReqBody, ResBody, E>,
     {
         #[pin]
-        inner: Option<Fut>,
-        #[pin]
-        sleep: Option<Sleep>,
-        #[pin]
-        fallback_future: Option<F::Future>,
+        state: State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>,
         admitted: Option<Admitted<C, F>>,
-        immediate: Option<Response<ResponseBody<ResBody, C::ClassifyEos>>>,
         fallback_breaker: Option<CircuitBreaker>,
         _types: PhantomData<fn(ReqBody) -> E>,
     }
@@ -54,9 +69,13 @@ where
     F: Fallback<ReqBody, ResBody, E>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Call { .. } => "calling",
+            State::Fallback { .. } => "in fallback",
+            State::Immediate { .. } => "answering",
+        };
         f.debug_struct("ResponseFuture")
-            .field("calling", &self.inner.is_some())
-            .field("in_fallback", &self.fallback_future.is_some())
+            .field("state", &state)
             .finish_non_exhaustive()
     }
 }
@@ -68,11 +87,11 @@ where
 {
     pub(crate) fn admitted(future: Fut, sleep: Option<Sleep>, admitted: Admitted<C, F>) -> Self {
         Self {
-            inner: Some(future),
-            sleep,
-            fallback_future: None,
+            state: State::Call {
+                future,
+                sleep: sleep.map(Box::pin),
+            },
             admitted: Some(admitted),
-            immediate: None,
             fallback_breaker: None,
             _types: PhantomData,
         }
@@ -80,11 +99,10 @@ where
 
     pub(crate) fn immediate(response: Response<ResBody>) -> Self {
         Self {
-            inner: None,
-            sleep: None,
-            fallback_future: None,
+            state: State::Immediate {
+                response: Some(response.map(ResponseBody::plain)),
+            },
             admitted: None,
-            immediate: Some(response.map(ResponseBody::plain)),
             fallback_breaker: None,
             _types: PhantomData,
         }
@@ -92,11 +110,8 @@ where
 
     pub(crate) fn fallback(future: F::Future, breaker: CircuitBreaker) -> Self {
         Self {
-            inner: None,
-            sleep: None,
-            fallback_future: Some(future),
+            state: State::Fallback { future },
             admitted: None,
-            immediate: None,
             fallback_breaker: Some(breaker),
             _types: PhantomData,
         }
@@ -116,90 +131,101 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        loop {
-            if let Some(response) = this.immediate.take() {
-                return Poll::Ready(Ok(response));
+        let (result, admitted) = match this.state.as_mut().project() {
+            StateProj::Immediate { response } => {
+                return match response.take() {
+                    Some(response) => Poll::Ready(Ok(response)),
+                    // Polled again after completing.
+                    None => Poll::Pending,
+                };
             }
-            if let Some(future) = this.fallback_future.as_mut().as_pin_mut() {
+            StateProj::Fallback { future } => {
                 let result = ready!(future.poll(cx));
-                this.fallback_future.set(None);
                 if let Some(breaker) = this.fallback_breaker.take() {
                     breaker.record_fallback(result.is_ok());
                 }
+                this.state.set(State::Immediate { response: None });
                 return Poll::Ready(result.map(|response| response.map(ResponseBody::plain)));
             }
-            let Some(future) = this.inner.as_mut().as_pin_mut() else {
-                // Polled again after completing.
-                return Poll::Pending;
-            };
-            let timed_out = this
-                .sleep
-                .as_mut()
-                .as_pin_mut()
-                .is_some_and(|sleep| sleep.poll(cx).is_ready());
-            let result = if timed_out {
-                None
-            } else {
-                Some(ready!(future.poll(cx)))
-            };
-            this.inner.set(None);
-            this.sleep.set(None);
-            let Some(admitted) = this.admitted.take() else {
-                return Poll::Pending;
-            };
-            let Admitted {
-                classifier,
-                permit,
-                fallback,
-                grpc,
-                timeout,
-            } = admitted;
-            let reason = match result {
-                None => {
-                    permit.timeout();
-                    FallbackReason::Timeout(timeout)
-                }
-                Some(Ok(response)) => match classifier.classify_response(&response) {
-                    ClassifiedResponse::RequiresEos(eos) => {
-                        return Poll::Ready(Ok(
-                            response.map(|body| ResponseBody::classified_at_end(body, eos, permit))
-                        ));
-                    }
-                    ClassifiedResponse::Ready(result) => {
-                        let outcome =
-                            result.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
-                        permit.record(outcome);
-                        if outcome != Outcome::Failure || fallback.is_none() {
-                            return Poll::Ready(Ok(response.map(ResponseBody::plain)));
-                        }
-                        FallbackReason::FailureResponse(response.status())
-                    }
-                },
-                Some(Err(error)) => {
-                    let outcome = classifier.classify_error(&error).into_outcome();
-                    permit.record(outcome);
-                    if outcome != Outcome::Failure || fallback.is_none() {
-                        return Poll::Ready(Err(error));
-                    }
-                    FallbackReason::Error(error.to_string())
-                }
-            };
-            match fallback {
-                Some((mut fallback, breaker)) => {
-                    let future = fallback.run(FallbackRequest {
-                        reason,
-                        request: None,
-                        grpc,
-                    });
-                    this.fallback_future.set(Some(future));
-                    *this.fallback_breaker = Some(breaker);
-                }
-                // Only a timeout gets here without a fallback.
-                None => {
+            StateProj::Call { future, sleep } => {
+                let timed_out = sleep
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                let result = if timed_out {
+                    None
+                } else {
+                    Some(ready!(future.poll(cx)))
+                };
+                let Some(admitted) = this.admitted.take() else {
+                    return Poll::Pending;
+                };
+                (result, admitted)
+            }
+        };
+        let Admitted {
+            classifier,
+            permit,
+            fallback,
+            grpc,
+            timeout,
+        } = admitted;
+        let reason = match result {
+            None => {
+                permit.timeout();
+                FallbackReason::Timeout(timeout)
+            }
+            Some(Ok(response)) => match classifier.classify_response(&response) {
+                ClassifiedResponse::RequiresEos(eos) => {
+                    this.state.set(State::Immediate { response: None });
                     return Poll::Ready(Ok(
-                        reject::timeout::<ResBody>(grpc).map(ResponseBody::plain)
+                        response.map(|body| ResponseBody::classified_at_end(body, eos, permit))
                     ));
                 }
+                ClassifiedResponse::Ready(result) => {
+                    let outcome =
+                        result.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
+                    permit.record(outcome);
+                    if outcome != Outcome::Failure || fallback.is_none() {
+                        this.state.set(State::Immediate { response: None });
+                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
+                    }
+                    FallbackReason::FailureResponse(response.status())
+                }
+            },
+            Some(Err(error)) => {
+                let outcome = classifier.classify_error(&error).into_outcome();
+                permit.record(outcome);
+                if outcome != Outcome::Failure || fallback.is_none() {
+                    this.state.set(State::Immediate { response: None });
+                    return Poll::Ready(Err(error));
+                }
+                FallbackReason::Error(error.to_string())
+            }
+        };
+        match fallback {
+            Some((mut fallback, breaker)) => {
+                let future = fallback.run(FallbackRequest {
+                    reason,
+                    request: None,
+                    grpc,
+                });
+                this.state.set(State::Fallback { future });
+                *this.fallback_breaker = Some(breaker);
+                // Poll the fallback right away: it may be ready.
+                let StateProj::Fallback { future } = this.state.as_mut().project() else {
+                    return Poll::Pending;
+                };
+                let result = ready!(future.poll(cx));
+                if let Some(breaker) = this.fallback_breaker.take() {
+                    breaker.record_fallback(result.is_ok());
+                }
+                this.state.set(State::Immediate { response: None });
+                Poll::Ready(result.map(|response| response.map(ResponseBody::plain)))
+            }
+            // Only a timeout gets here without a fallback.
+            None => {
+                this.state.set(State::Immediate { response: None });
+                Poll::Ready(Ok(reject::timeout::<ResBody>(grpc).map(ResponseBody::plain)))
             }
         }
     }

@@ -5,31 +5,90 @@
 #[repr(align(128))]
 pub(crate) struct Padded<T>(pub(crate) T);
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// How many stripes a [`Striped`] counter has.
-const STRIPES: usize = 8;
+/// How many stripes a [`Striped`] counter gives threads of their own.
+const OWNED_STRIPES: usize = 16;
 
-static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+/// Which owned stripes are taken, one bit each, by the threads alive now.
+static TAKEN: AtomicU32 = AtomicU32::new(0);
 
-thread_local! {
-    /// This thread's stripe: threads take stripes in turn, so up to `STRIPES` threads never share one.
-    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+/// A thread's stripe: one it owns alone while it lives, or the shared one when all are taken.
+struct Slot {
+    index: usize,
+    owned: bool,
 }
 
-/// A counter written by every call from many threads: each thread adds to its own stripe (its own cache line),
-/// so concurrent callers do not fight over one line; reading sums the stripes.
+impl Slot {
+    fn claim() -> Self {
+        let mut taken = TAKEN.load(Ordering::Acquire);
+        loop {
+            let free = (!taken).trailing_zeros() as usize;
+            if free >= OWNED_STRIPES {
+                return Self {
+                    index: OWNED_STRIPES,
+                    owned: false,
+                };
+            }
+            match TAKEN.compare_exchange_weak(
+                taken,
+                taken | (1 << free),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Self {
+                        index: free,
+                        owned: true,
+                    };
+                }
+                Err(actual) => taken = actual,
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.owned {
+            // Release: the next owner of this stripe sees every count this thread wrote.
+            TAKEN.fetch_and(!(1 << self.index), Ordering::Release);
+        }
+    }
+}
+
+thread_local! {
+    static SLOT: Slot = Slot::claim();
+}
+
+/// A counter written by every call from many threads. Up to 16 threads each own a stripe (a cache line of its
+/// own) and add to it with a plain load and store, no atomic read-modify-write; further threads share one stripe
+/// with `fetch_add`. Reading sums the stripes.
 #[derive(Debug, Default)]
 pub(crate) struct Striped {
-    stripes: [Padded<AtomicU64>; STRIPES],
+    stripes: [Padded<AtomicU64>; OWNED_STRIPES + 1],
 }
 
 impl Striped {
     /// Adds one and returns this stripe's previous value.
     #[inline]
     pub(crate) fn increment(&self) -> u64 {
-        let stripe = STRIPE.with(|stripe| *stripe);
-        self.stripes[stripe].0.fetch_add(1, Ordering::Relaxed)
+        SLOT.try_with(|slot| {
+            let stripe = &self.stripes[slot.index].0;
+            if slot.owned {
+                let value = stripe.load(Ordering::Relaxed);
+                stripe.store(value + 1, Ordering::Relaxed);
+                value
+            } else {
+                stripe.fetch_add(1, Ordering::Relaxed)
+            }
+        })
+        // A thread being torn down has no slot any more: use the shared stripe.
+        .unwrap_or_else(|_| {
+            self.stripes[OWNED_STRIPES]
+                .0
+                .fetch_add(1, Ordering::Relaxed)
+        })
     }
 
     /// The total.
