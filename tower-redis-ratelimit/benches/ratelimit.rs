@@ -50,7 +50,7 @@ const CONCURRENCY: usize = 50;
 /// Decisions per throughput run (redis-benchmark `-n`).
 const DECISIONS: usize = 200_000;
 /// Throughput runs per variant (the median is reported).
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// Deadline of each Redis call in every limiter here: long enough that a scheduling hiccup on a shared VM does not
 /// turn into a fail-open decision (which would be cheaper and flatter the figures). Every run checks that all
 /// decisions came from Redis.
@@ -227,13 +227,20 @@ struct Rate {
     client_cpu_us: Option<f64>,
 }
 
-fn redis_benchmark_args(port: u16, sha: &str) -> Vec<String> {
-    let fixed = [
-        "-c",
-        "50",
-        "-n",
-        "200000",
-        "--csv",
+/// Decisions per warm-up pass of each variant.
+const WARMUP_DECISIONS: usize = 20_000;
+
+/// The redis-benchmark arguments: `-c 50` clients (or, with `pipelined`, one client with 50 commands in flight),
+/// `total` requests of the limiter's EVALSHA.
+fn redis_benchmark_args(port: u16, sha: &str, total: usize, pipelined: bool) -> Vec<String> {
+    let mut args = vec!["-p".to_owned(), port.to_string()];
+    if pipelined {
+        args.extend(["-c", "1", "-P", "50"].map(str::to_owned));
+    } else {
+        args.extend(["-c", "50"].map(str::to_owned));
+    }
+    args.extend(["-n".to_owned(), total.to_string(), "--csv".to_owned()]);
+    let command = [
         "EVALSHA",
         sha,
         "2",
@@ -246,16 +253,16 @@ fn redis_benchmark_args(port: u16, sha: &str) -> Vec<String> {
         "60000",
         "1",
     ];
-    let mut args = vec!["-p".to_owned(), port.to_string()];
-    args.extend(fixed.iter().map(|arg| (*arg).to_owned()));
+    args.extend(command.iter().map(|arg| (*arg).to_owned()));
     args
 }
 
-/// Runs redis-benchmark under `/usr/bin/time` (for its CPU time); requests/s from its CSV line.
-fn redis_benchmark(port: u16, sha: &str) -> (f64, Option<f64>) {
+/// Runs redis-benchmark under `/usr/bin/time` (for its CPU time); requests/s from its CSV line, and its CPU
+/// seconds.
+fn redis_benchmark(args: &[String]) -> (f64, Option<f64>) {
     let output = Command::new("/usr/bin/time")
         .args(["-f", "cpu %U %S", "redis-benchmark"])
-        .args(redis_benchmark_args(port, sha))
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -275,13 +282,14 @@ fn redis_benchmark(port: u16, sha: &str) -> (f64, Option<f64>) {
     (rps, cpu)
 }
 
-/// 50 tasks share `decide`'s captured state, each making DECISIONS / 50 decisions; returns how many were allowed.
-async fn concurrent<F, Fut>(decide: F) -> (u64, Duration)
+/// 50 tasks, each making `total / 50` decisions with a clone of `decide`; returns how many were allowed, and the
+/// wall time.
+async fn concurrent<F, Fut>(decide: F, total: usize) -> (u64, Duration)
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = bool> + Send + 'static,
 {
-    let per_task = DECISIONS / CONCURRENCY;
+    let per_task = total / CONCURRENCY;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..CONCURRENCY {
@@ -303,61 +311,71 @@ where
     (allowed, started.elapsed())
 }
 
-async fn limiter_rate<C>(limiter: &RateLimiter<C>, admin: &mut MultiplexedConnection) -> Rate
+/// Runs `decide` concurrently for `total` decisions and checks that every one was allowed by Redis.
+async fn measure<C, F, Fut>(
+    limiter: &RateLimiter<C>,
+    admin: &mut MultiplexedConnection,
+    decide: F,
+    total: usize,
+) -> Rate
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
 {
     let before = limiter.stats().from_source(DecisionSource::Redis).0;
     let (server0, client0) = (server_cpu(admin).await, own_cpu());
-    let shared = limiter.clone();
-    let (allowed, elapsed) = concurrent(move || {
-        let limiter = shared.clone();
-        async move { limiter.check(KEY).await.allowed }
-    })
-    .await;
+    let (allowed, elapsed) = concurrent(decide, total).await;
     let (server1, client1) = (server_cpu(admin).await, own_cpu());
     let by_redis = limiter.stats().from_source(DecisionSource::Redis).0 - before;
     assert_eq!(
         (allowed, by_redis),
-        (DECISIONS as u64, DECISIONS as u64),
+        (total as u64, total as u64),
         "every decision must be an allowed one made by Redis: {:?}",
         limiter.stats()
     );
-    rate(elapsed, server1 - server0, Some(client1 - client0))
+    rate(total, elapsed, server1 - server0, Some(client1 - client0))
 }
 
-async fn layer_rate<S>(
-    service: S,
-    limiter: &RateLimiter<impl ConnectionLike + Clone + Send + Sync + 'static>,
+async fn limiter_rate<C>(
+    limiter: &RateLimiter<C>,
     admin: &mut MultiplexedConnection,
+    total: usize,
 ) -> Rate
 where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let shared = limiter.clone();
+    let decide = move || {
+        let limiter = shared.clone();
+        async move { limiter.check(KEY).await.allowed }
+    };
+    measure(limiter, admin, decide, total).await
+}
+
+async fn layer_rate<C, S>(
+    service: S,
+    limiter: &RateLimiter<C>,
+    admin: &mut MultiplexedConnection,
+    total: usize,
+) -> Rate
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
     S: Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    let before = limiter.stats().from_source(DecisionSource::Redis).0;
-    let (server0, client0) = (server_cpu(admin).await, own_cpu());
-    let (allowed, elapsed) = concurrent(move || {
+    let decide = move || {
         let service = service.clone();
         async move {
             let response = service.oneshot(Request::new(())).await.unwrap();
             response.status() == StatusCode::OK
         }
-    })
-    .await;
-    let (server1, client1) = (server_cpu(admin).await, own_cpu());
-    let by_redis = limiter.stats().from_source(DecisionSource::Redis).0 - before;
-    assert_eq!(
-        (allowed, by_redis),
-        (DECISIONS as u64, DECISIONS as u64),
-        "every request must be allowed by Redis: {:?}",
-        limiter.stats()
-    );
-    rate(elapsed, server1 - server0, Some(client1 - client0))
+    };
+    measure(limiter, admin, decide, total).await
 }
 
-fn rate(elapsed: Duration, server_cpu: f64, client_cpu: Option<f64>) -> Rate {
-    let n = DECISIONS as f64;
+fn rate(total: usize, elapsed: Duration, server_cpu: f64, client_cpu: Option<f64>) -> Rate {
+    let n = total as f64;
     Rate {
         per_second: n / elapsed.as_secs_f64(),
         server_cpu_us: server_cpu * 1e6 / n,
@@ -414,49 +432,67 @@ fn throughput() {
     let layer_manager = layered(&by_manager);
     let layer_multiplexed = layered(&by_multiplexed);
 
-    // Warm-up: a short pass of every variant (connections, allocator, script cache).
-    let _ = redis_benchmark(port, &sha);
-    runtime.block_on(async {
-        limiter_rate(&by_manager, &mut admin).await;
-        layer_rate(layer_manager.clone(), &by_manager, &mut admin).await;
-        limiter_rate(&by_multiplexed, &mut admin).await;
-        layer_rate(layer_multiplexed.clone(), &by_multiplexed, &mut admin).await;
-    });
-
     let names = [
-        "(a) redis-benchmark EVALSHA",
+        "(a) redis-benchmark -c 50, EVALSHA",
         "(b) RateLimiter::check, ConnectionManager",
         "(c) RateLimitLayer + service_fn, ConnectionManager",
         "(b') RateLimiter::check, MultiplexedConnection",
         "(c') RateLimitLayer + service_fn, MultiplexedConnection",
+        "(a') context: redis-benchmark -c 1 -P 50 (one connection, 50 in flight)",
     ];
-    let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); names.len()];
-    for _ in 0..RUNS {
-        let server0 = runtime.block_on(server_cpu(&mut admin));
-        let (rps, cpu) = redis_benchmark(port, &sha);
-        let server1 = runtime.block_on(server_cpu(&mut admin));
-        let mut bench = rate(
-            Duration::from_secs_f64(DECISIONS as f64 / rps),
-            server1 - server0,
-            cpu,
-        );
-        bench.per_second = rps;
-        rates[0].push(bench);
+    let mut variant = |index: usize, total: usize| -> Rate {
+        if index == 0 || index == 5 {
+            let server0 = runtime.block_on(server_cpu(&mut admin));
+            let (rps, cpu) = redis_benchmark(&redis_benchmark_args(port, &sha, total, index == 5));
+            let server1 = runtime.block_on(server_cpu(&mut admin));
+            let mut bench = rate(
+                total,
+                Duration::from_secs_f64(total as f64 / rps),
+                server1 - server0,
+                cpu,
+            );
+            bench.per_second = rps;
+            return bench;
+        }
         runtime.block_on(async {
-            rates[1].push(limiter_rate(&by_manager, &mut admin).await);
-            rates[2].push(layer_rate(layer_manager.clone(), &by_manager, &mut admin).await);
-            rates[3].push(limiter_rate(&by_multiplexed, &mut admin).await);
-            rates[4].push(layer_rate(layer_multiplexed.clone(), &by_multiplexed, &mut admin).await);
-        });
+            match index {
+                1 => limiter_rate(&by_manager, &mut admin, total).await,
+                2 => layer_rate(layer_manager.clone(), &by_manager, &mut admin, total).await,
+                3 => limiter_rate(&by_multiplexed, &mut admin, total).await,
+                _ => {
+                    layer_rate(
+                        layer_multiplexed.clone(),
+                        &by_multiplexed,
+                        &mut admin,
+                        total,
+                    )
+                    .await
+                }
+            }
+        })
+    };
+    // Warm-up: a short pass of every variant (connections, allocator, script cache).
+    for index in 0..names.len() {
+        variant(index, WARMUP_DECISIONS);
+    }
+    // Runs: every variant once per run, starting from a different one each run (so drift is spread evenly).
+    let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); names.len()];
+    for run in 0..RUNS {
+        for offset in 0..names.len() {
+            let index = (run + offset) % names.len();
+            rates[index].push(variant(index, DECISIONS));
+        }
     }
 
     println!("## 1. Decision throughput (one key, every decision an allowed write)\n");
     println!(
-        "`redis-benchmark {}` vs {CONCURRENCY} tokio tasks on a {}-worker multi-thread runtime sharing one \
-         limiter, {DECISIONS} decisions per run; {RUNS} runs alternating variants; median shown. redis-server, \
-         redis-benchmark and this process share the same cores (each phase runs alone, but the client and \
-         redis-server always compete).\n",
-        redis_benchmark_args(port, &sha).join(" "),
+        "(a) is `redis-benchmark {}`; (b)/(c) are {CONCURRENCY} tokio tasks on a {}-worker multi-thread runtime \
+         sharing one limiter (policy `p`: sliding window, limit {HUGE_LIMIT} per {WINDOW_MS} ms, key `{KEY}`, \
+         so the same keys and ARGV), {DECISIONS} decisions per run, {RUNS} runs per variant, variants alternating; \
+         median shown. Every decision is checked to be an allowed one made by Redis. redis-server, \
+         redis-benchmark and this process share the same 2 cores: each variant runs alone, but its client always \
+         competes with redis-server for them.\n",
+        redis_benchmark_args(port, &sha, DECISIONS, false).join(" "),
         std::thread::available_parallelism().map_or(0, usize::from),
     );
     println!(
