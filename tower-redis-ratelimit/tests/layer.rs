@@ -101,6 +101,11 @@ async fn a_denied_request_gets_429_with_retry_after_and_ratelimit_fields() {
     );
     let stats = limiter.stats();
     assert_eq!((stats.allowed, stats.denied), (3, 1));
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
+    );
 }
 
 #[tokio::test]
@@ -144,6 +149,11 @@ async fn a_route_layer_limits_only_its_route_and_fields_can_go_on_allowed_respon
             StatusCode::OK
         );
     }
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
+    );
 }
 
 #[tokio::test]
@@ -170,6 +180,11 @@ async fn shadow_mode_decides_and_reports_but_never_rejects() {
     assert_eq!(
         (stats.allowed, stats.denied, stats.shadow_denials),
         (1, 3, 3)
+    );
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
     );
 }
 
@@ -213,6 +228,11 @@ async fn the_allow_list_bypasses_and_requests_without_a_key_pass_unless_configur
     assert_eq!(
         send(address, "GET", "/", None).await.0,
         StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
     );
 }
 
@@ -279,6 +299,11 @@ async fn a_selector_chooses_the_tier_and_the_cost_per_request() {
         StatusCode::OK,
         "20 units are left for cheap requests"
     );
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
+    );
 }
 
 #[tokio::test]
@@ -312,6 +337,11 @@ async fn the_rejection_can_be_replaced_and_keeps_the_fields() {
         (StatusCode::SERVICE_UNAVAILABLE, "slow down (redis)")
     );
     assert!(headers.contains_key("retry-after") && headers.contains_key("ratelimit"));
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
+    );
 }
 
 #[tokio::test]
@@ -348,4 +378,9 @@ async fn a_tonic_server_answers_resource_exhausted_with_the_fields_as_metadata()
     assert!(status.metadata().get("retry-after").is_some());
     assert!(status.metadata().get("ratelimit").is_some());
     assert_eq!(echo.calls(), 2, "the denied call never reached the service");
+    assert_eq!(
+        server.keys_without_ttl(),
+        Vec::<String>::new(),
+        "every key has a TTL"
+    );
 }
