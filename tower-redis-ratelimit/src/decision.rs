@@ -26,6 +26,26 @@ pub enum DecisionSource {
 }
 
 impl DecisionSource {
+    /// Every source, in a fixed order (stats and metrics index by it).
+    pub(crate) const ALL: [Self; 8] = [
+        Self::Redis,
+        Self::DenyCache,
+        Self::PreLimiter,
+        Self::FailOpen,
+        Self::FailClosed,
+        Self::LocalFallback,
+        Self::AllowList,
+        Self::NoKey,
+    ];
+
+    /// This source's position in [`DecisionSource::ALL`].
+    pub(crate) fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|known| *known == self)
+            .unwrap_or(0)
+    }
+
     /// The source's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -9,20 +9,9 @@ pub(crate) struct Handles {
     decisions: Vec<[Counter; 2]>,
 }
 
-const SOURCES: [DecisionSource; 8] = [
-    DecisionSource::Redis,
-    DecisionSource::DenyCache,
-    DecisionSource::PreLimiter,
-    DecisionSource::FailOpen,
-    DecisionSource::FailClosed,
-    DecisionSource::LocalFallback,
-    DecisionSource::AllowList,
-    DecisionSource::NoKey,
-];
-
 impl Handles {
     pub(crate) fn new(name: &str) -> Self {
-        let decisions = SOURCES
+        let decisions = DecisionSource::ALL
             .iter()
             .map(|source| {
                 let counter = |outcome: &'static str| {
@@ -40,8 +29,6 @@ impl Handles {
     }
 
     pub(crate) fn decision(&self, decision: &Decision) {
-        if let Some(index) = SOURCES.iter().position(|source| *source == decision.source) {
-            self.decisions[index][usize::from(decision.allowed)].increment(1);
-        }
+        self.decisions[decision.source.index()][usize::from(decision.allowed)].increment(1);
     }
 }

@@ -8,28 +8,10 @@ use tower_breaker::State;
 
 use crate::decision::{Decision, DecisionSource};
 
-const SOURCES: [DecisionSource; 8] = [
-    DecisionSource::Redis,
-    DecisionSource::DenyCache,
-    DecisionSource::PreLimiter,
-    DecisionSource::FailOpen,
-    DecisionSource::FailClosed,
-    DecisionSource::LocalFallback,
-    DecisionSource::AllowList,
-    DecisionSource::NoKey,
-];
-
-fn source_index(source: DecisionSource) -> usize {
-    SOURCES
-        .iter()
-        .position(|known| *known == source)
-        .unwrap_or(0)
-}
-
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     /// [source][0 = denied, 1 = allowed]
-    decisions: [[AtomicU64; 2]; SOURCES.len()],
+    decisions: [[AtomicU64; 2]; DecisionSource::ALL.len()],
     pub(crate) redis_errors: AtomicU64,
     pub(crate) redis_timeouts: AtomicU64,
     redis_calls: AtomicU64,
@@ -40,7 +22,7 @@ pub(crate) struct Stats {
 
 impl Stats {
     pub(crate) fn record(&self, decision: &Decision) {
-        self.decisions[source_index(decision.source)][usize::from(decision.allowed)]
+        self.decisions[decision.source.index()][usize::from(decision.allowed)]
             .fetch_add(1, Ordering::Relaxed);
     }
 
@@ -57,7 +39,7 @@ impl Stats {
 
     pub(crate) fn snapshot(&self, deny_cache_entries: usize, breaker: State) -> LimiterStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let by_source = SOURCES
+        let by_source = DecisionSource::ALL
             .iter()
             .zip(&self.decisions)
             .map(|(source, counts)| SourceStats {
