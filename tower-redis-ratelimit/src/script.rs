@@ -63,49 +63,73 @@ for i = 1, n do
       writes[#writes + 1] = {'gcra', key, string.format('%.3f', new_tat), math.max(1, math.ceil((new_tat - now_us) / 1000))}
     end
   else
-    -- Sliding window counter (1) and fixed window (3): the key is a hash {w = window index, c = count, p = previous}.
     local idx = math.floor(now_ms / window)
     local elapsed = now_ms - idx * window
-    local h = redis.call('HMGET', key, 'w', 'c', 'p')
-    local w = tonumber(h[1])
-    local c = tonumber(h[2]) or 0
-    local p = tonumber(h[3]) or 0
-    if w == nil then
-      c = 0
-      p = 0
-    elseif w == idx - 1 then
-      p = c
-      c = 0
-    elseif w ~= idx then
-      c = 0
-      p = 0
-    end
-    if alg == 3 then p = 0 end
-    local estimate = p * (window - elapsed) / window + c
     reset = window - elapsed
-    if estimate + cost > limit then
-      remaining = math.max(0, math.floor(limit - estimate))
-      if alg == 3 then
-        wait = window - elapsed
-      else
-        local budget = limit - c - cost
-        if budget >= 0 and p > 0 then
-          -- Within this window, once enough of the previous window has slid out.
-          wait = math.ceil(window * (1 - budget / p) - elapsed)
-        elseif c + cost <= limit then
-          wait = window - elapsed
-        elseif cost <= limit then
-          wait = math.ceil(window - elapsed + window * (1 - (limit - cost) / c))
-        else
-          wait = window
-        end
+    if alg == 1 then
+      -- Sliding window counter over 8 sub-windows. The hash holds w = window index, c0..c7 = this window's counts
+      -- per sub-window, p0..p7 = the previous window's. The previous window counts for the sub-windows that still
+      -- overlap the sliding window (now - window, now]; the one the sliding window's start falls in is counted in
+      -- full, so the estimate never falls below the true count and no window ever admits more than the limit.
+      local h = redis.call('HMGET', key, 'w', 'c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7',
+        'p0', 'p1', 'p2', 'p3', 'p4', 'p5', 'p6', 'p7')
+      local w = tonumber(h[1])
+      local cur = {}
+      local prev = {}
+      for j = 0, 7 do
+        cur[j] = tonumber(h[2 + j]) or 0
+        prev[j] = tonumber(h[10 + j]) or 0
       end
-      if wait < 1 then wait = 1 end
+      local rolled = w ~= idx
+      if w == idx - 1 then
+        prev = cur
+        cur = {[0] = 0, 0, 0, 0, 0, 0, 0, 0}
+      elseif w ~= idx then
+        prev = {[0] = 0, 0, 0, 0, 0, 0, 0, 0}
+        cur = {[0] = 0, 0, 0, 0, 0, 0, 0, 0}
+      end
+      local here = math.floor(elapsed * 8 / window)
+      local estimate = 0
+      for j = 0, 7 do
+        estimate = estimate + cur[j]
+        if j >= here then estimate = estimate + prev[j] end
+      end
+      if estimate + cost > limit then
+        remaining = math.max(0, limit - estimate)
+        -- Room comes back as counted sub-windows slide out: first the previous window's, then this one's.
+        local need = estimate + cost - limit
+        local freed = 0
+        for j = here, 7 do
+          if not wait then
+            freed = freed + prev[j]
+            if freed >= need then wait = math.ceil((j + 1) * window / 8 - elapsed) end
+          end
+        end
+        for j = 0, 7 do
+          if not wait then
+            freed = freed + cur[j]
+            if freed >= need then wait = math.ceil(window - elapsed + (j + 1) * window / 8) end
+          end
+        end
+        if not wait then wait = window end
+        if wait < 1 then wait = 1 end
+      else
+        remaining = limit - estimate - cost
+        writes[#writes + 1] = {'sliding', key, idx, here, cost, rolled, cur, prev, window - elapsed + window}
+      end
     else
-      remaining = math.floor(limit - estimate - cost)
-      local ttl = window - elapsed
-      if alg == 1 then ttl = ttl + window end
-      writes[#writes + 1] = {'hash', key, idx, c + cost, p, ttl}
+      -- Fixed window: the hash holds w = window index and c = count.
+      local h = redis.call('HMGET', key, 'w', 'c')
+      local c = 0
+      if tonumber(h[1]) == idx then c = tonumber(h[2]) or 0 end
+      if c + cost > limit then
+        remaining = math.max(0, limit - c)
+        wait = window - elapsed
+        if wait < 1 then wait = 1 end
+      else
+        remaining = limit - c - cost
+        writes[#writes + 1] = {'fixed', key, idx, c + cost, window - elapsed}
+      end
     end
   end
 
@@ -121,9 +145,22 @@ if allowed == 1 and cost > 0 then
   for _, w in ipairs(writes) do
     if w[1] == 'gcra' then
       redis.call('SET', w[2], w[3], 'PX', w[4])
+    elseif w[1] == 'fixed' then
+      redis.call('HSET', w[2], 'w', w[3], 'c', w[4])
+      redis.call('PEXPIRE', w[2], w[5])
+    elseif w[6] then
+      -- A new window: rewrite the whole hash (this window's counts move to the previous window's fields).
+      local cur = w[7]
+      local prev = w[8]
+      cur[w[4]] = cur[w[4]] + w[5]
+      redis.call('HSET', w[2], 'w', w[3],
+        'c0', cur[0], 'c1', cur[1], 'c2', cur[2], 'c3', cur[3], 'c4', cur[4], 'c5', cur[5], 'c6', cur[6], 'c7', cur[7],
+        'p0', prev[0], 'p1', prev[1], 'p2', prev[2], 'p3', prev[3], 'p4', prev[4], 'p5', prev[5], 'p6', prev[6],
+        'p7', prev[7])
+      redis.call('PEXPIRE', w[2], w[9])
     else
-      redis.call('HSET', w[2], 'w', w[3], 'c', w[4], 'p', w[5])
-      redis.call('PEXPIRE', w[2], w[6])
+      redis.call('HINCRBY', w[2], 'c' .. w[4], w[5])
+      redis.call('PEXPIRE', w[2], w[9])
     end
   end
 end
