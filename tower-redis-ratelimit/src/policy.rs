@@ -14,8 +14,9 @@ pub const MAX_LIMIT: u64 = 1 << 50;
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Algorithm {
-    /// Sliding-window counter (the default): the current window's count plus the previous window's, weighted by
-    /// how much of it still overlaps the sliding window. One small hash per key; no 2× burst at window edges.
+    /// Sliding-window counter (the default): the current window's count plus the part of the previous window that
+    /// the sliding window still covers, kept in 8 sub-windows and counted conservatively, so no window of the
+    /// policy's length ever admits more than the limit. One small hash per key (about 260 bytes).
     #[default]
     SlidingWindow,
     /// GCRA (generic cell rate algorithm): exact and smooth. With burst `b`, `b` requests may go at once, and no
