@@ -83,14 +83,25 @@ where
 }
 
 fn tower_breaker(name: &'static str) -> CircuitBreaker {
+    breaker_builder(name)
+        .build()
+        .expect("a valid breaker configuration")
+}
+
+/// The same breaker, built for the life of the process (no reference count per call).
+fn static_breaker(name: &'static str) -> CircuitBreaker {
+    breaker_builder(name)
+        .build_static()
+        .expect("a valid breaker configuration")
+}
+
+fn breaker_builder(name: &'static str) -> tower_breaker::BreakerBuilder {
     CircuitBreaker::builder()
         .name(name)
         .count_window(100)
         .minimum_calls(20)
         .failure_rate(0.5)
         .open_for(OPEN_FOR)
-        .build()
-        .expect("a valid breaker configuration")
 }
 
 /// tower-resilience configured like [`tower_breaker`]: count-based window of 100, failure rate 0.5, minimum 20
@@ -135,6 +146,13 @@ fn overhead(c: &mut Criterion) {
         .for_http()
         .layer(service_fn(bare));
     group.bench_function("closed/tower-breaker-layer", |b| {
+        b.iter(|| black_box(call_now(&mut svc, &mut cx)));
+    });
+
+    let mut svc = BreakerLayer::new(static_breaker("layer-static"))
+        .for_http()
+        .layer(service_fn(bare));
+    group.bench_function("closed/tower-breaker-layer-static", |b| {
         b.iter(|| black_box(call_now(&mut svc, &mut cx)));
     });
 
@@ -261,6 +279,13 @@ fn throughput(c: &mut Criterion) {
         .for_http()
         .layer(service_fn(working));
     group.bench_function("tower-breaker-layer", |b| {
+        b.to_async(&runtime).iter(|| run_tasks(&svc));
+    });
+
+    let svc = BreakerLayer::new(static_breaker("throughput-static"))
+        .for_http()
+        .layer(service_fn(working));
+    group.bench_function("tower-breaker-layer-static", |b| {
         b.to_async(&runtime).iter(|| run_tasks(&svc));
     });
 

@@ -144,6 +144,32 @@ impl fmt::Debug for Shared {
     }
 }
 
+/// How a handle reaches the shared state: counted (dropped with the last handle), or leaked for the life of the
+/// process, so handles and permits are copied without touching a reference count.
+#[derive(Clone)]
+pub(crate) enum Handle {
+    Counted(Arc<Shared>),
+    Static(&'static Shared),
+}
+
+impl std::ops::Deref for Handle {
+    type Target = Shared;
+
+    #[inline]
+    fn deref(&self) -> &Shared {
+        match self {
+            Self::Counted(shared) => shared,
+            Self::Static(shared) => shared,
+        }
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// A circuit breaker: a cheap, cloneable handle to one shared state machine.
 ///
 /// Use it directly around any future with [`CircuitBreaker::call`], or take a [`Permit`] with
@@ -162,7 +188,7 @@ impl fmt::Debug for Shared {
 /// ```
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Handle,
 }
 
 /// Builds a [`CircuitBreaker`]; every setting has a default (see [`BreakerConfig`]).
@@ -344,7 +370,33 @@ impl BreakerBuilder {
         #[cfg(feature = "metrics")]
         shared.metrics.set_state(State::Closed);
         Ok(CircuitBreaker {
-            shared: Arc::new(shared),
+            shared: Handle::Counted(Arc::new(shared)),
+        })
+    }
+
+    /// Builds a breaker that lives as long as the process (the usual case: one breaker per downstream, made at
+    /// start-up). Its state is never freed, and in exchange cloning the handle and admitting a call touch no
+    /// reference count, which saves two contended atomic operations per call. Do not use it for breakers made
+    /// and dropped at run time: each one would stay in memory.
+    ///
+    /// # Errors
+    ///
+    /// As [`BreakerBuilder::build`].
+    pub fn build_static(self) -> Result<CircuitBreaker, ConfigError> {
+        let breaker = self.build()?;
+        let shared = match breaker.shared {
+            Handle::Counted(shared) => match Arc::try_unwrap(shared) {
+                Ok(shared) => Box::leak(Box::new(shared)),
+                Err(shared) => {
+                    return Ok(CircuitBreaker {
+                        shared: Handle::Counted(shared),
+                    });
+                }
+            },
+            Handle::Static(shared) => shared,
+        };
+        Ok(CircuitBreaker {
+            shared: Handle::Static(shared),
         })
     }
 }
@@ -436,7 +488,7 @@ impl CircuitBreaker {
         let shared = &self.shared;
         let start = (sampled || shared.time_every_call).then(|| shared.clock.start());
         Permit {
-            shared: Arc::clone(shared),
+            shared: shared.clone(),
             generation,
             kind,
             start,
@@ -998,7 +1050,7 @@ enum PermitKind {
 #[derive(Debug)]
 #[must_use = "report the call's outcome on the permit; dropping it counts the call as cancelled"]
 pub struct Permit {
-    shared: Arc<Shared>,
+    shared: Handle,
     generation: u32,
     kind: PermitKind,
     start: Option<Start>,

@@ -64,6 +64,23 @@ fn a_count_window_opens_on_exactly_the_ceil_p_times_n_th_failure_after_any_histo
 }
 
 #[test]
+fn a_breaker_built_for_the_life_of_the_process_behaves_the_same_and_its_clones_share_it() {
+    let breaker = CircuitBreaker::builder()
+        .count_window(10)
+        .minimum_calls(10)
+        .failure_rate(0.5)
+        .build_static()
+        .unwrap();
+    let clone = breaker.clone();
+    for _ in 0..100 {
+        clone.try_acquire().unwrap().success();
+    }
+    assert_eq!(failures_until_open(&breaker, 10), Some(5));
+    assert_eq!(clone.state(), State::Open);
+    assert_accounting(&clone.stats());
+}
+
+#[test]
 fn only_the_last_n_calls_count() {
     let breaker = CircuitBreaker::builder()
         .count_window(10)
