@@ -1091,6 +1091,13 @@ impl Permit {
         self.finish(outcome);
     }
 
+    /// A handle to the breaker that granted this permit.
+    pub(crate) fn breaker(&self) -> CircuitBreaker {
+        CircuitBreaker {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Whether this permit is a half-open probe.
     pub fn is_probe(&self) -> bool {
         self.kind == PermitKind::Probe

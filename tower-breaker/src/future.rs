@@ -5,7 +5,6 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use http::Response;
 use pin_project_lite::pin_project;
@@ -22,10 +21,9 @@ use crate::reject;
 pub(crate) struct Admitted<C, F> {
     pub(crate) classifier: C,
     pub(crate) permit: Permit,
-    /// A fallback to run on a failure or a timeout, with the handle to count it; `None` unless configured.
-    pub(crate) fallback: Option<(F, CircuitBreaker)>,
+    /// A fallback to run on a failure or a timeout; `None` unless configured.
+    pub(crate) fallback: Option<F>,
     pub(crate) grpc: bool,
-    pub(crate) timeout: Duration,
 }
 
 pin_project! {
@@ -41,6 +39,7 @@ pin_project! {
         Fallback {
             #[pin]
             future: FF,
+            breaker: Option<CircuitBreaker>,
         },
         Immediate {
             response: Option<R>,
@@ -58,7 +57,6 @@ pin_project! {
         #[pin]
         state: State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>,
         admitted: Option<Admitted<C, F>>,
-        fallback_breaker: Option<CircuitBreaker>,
         _types: PhantomData<fn(ReqBody) -> E>,
     }
 }
@@ -92,7 +90,6 @@ where
                 sleep: sleep.map(Box::pin),
             },
             admitted: Some(admitted),
-            fallback_breaker: None,
             _types: PhantomData,
         }
     }
@@ -103,16 +100,17 @@ where
                 response: Some(response.map(ResponseBody::plain)),
             },
             admitted: None,
-            fallback_breaker: None,
             _types: PhantomData,
         }
     }
 
     pub(crate) fn fallback(future: F::Future, breaker: CircuitBreaker) -> Self {
         Self {
-            state: State::Fallback { future },
+            state: State::Fallback {
+                future,
+                breaker: Some(breaker),
+            },
             admitted: None,
-            fallback_breaker: Some(breaker),
             _types: PhantomData,
         }
     }
@@ -139,9 +137,9 @@ where
                     None => Poll::Pending,
                 };
             }
-            StateProj::Fallback { future } => {
+            StateProj::Fallback { future, breaker } => {
                 let result = ready!(future.poll(cx));
-                if let Some(breaker) = this.fallback_breaker.take() {
+                if let Some(breaker) = breaker.take() {
                     breaker.record_fallback(result.is_ok());
                 }
                 this.state.set(State::Immediate { response: None });
@@ -167,10 +165,12 @@ where
             permit,
             fallback,
             grpc,
-            timeout,
         } = admitted;
+        // Only the fallback path needs a handle of its own (the permit is consumed by its report).
+        let breaker = fallback.as_ref().map(|_| permit.breaker());
         let reason = match result {
             None => {
+                let timeout = permit.breaker().config().call_timeout.unwrap_or_default();
                 permit.timeout();
                 FallbackReason::Timeout(timeout)
             }
@@ -203,20 +203,19 @@ where
             }
         };
         match fallback {
-            Some((mut fallback, breaker)) => {
+            Some(mut fallback) => {
                 let future = fallback.run(FallbackRequest {
                     reason,
                     request: None,
                     grpc,
                 });
-                this.state.set(State::Fallback { future });
-                *this.fallback_breaker = Some(breaker);
+                this.state.set(State::Fallback { future, breaker });
                 // Poll the fallback right away: it may be ready.
-                let StateProj::Fallback { future } = this.state.as_mut().project() else {
+                let StateProj::Fallback { future, breaker } = this.state.as_mut().project() else {
                     return Poll::Pending;
                 };
                 let result = ready!(future.poll(cx));
-                if let Some(breaker) = this.fallback_breaker.take() {
+                if let Some(breaker) = breaker.take() {
                     breaker.record_fallback(result.is_ok());
                 }
                 this.state.set(State::Immediate { response: None });

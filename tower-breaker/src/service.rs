@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response};
 use tower_http::classify::MakeClassifier;
@@ -72,7 +71,7 @@ where
                 let classifier = self.make_classifier.make_classifier(&request);
                 let timeout = self.breaker.config().call_timeout;
                 let fallback = (self.fallback_on_failure && self.fallback.is_configured())
-                    .then(|| (self.fallback.clone(), self.breaker.clone()));
+                    .then(|| self.fallback.clone());
                 // Only a timeout or a fallback needs to know how to answer; skip the header lookup otherwise.
                 let grpc = (timeout.is_some() || fallback.is_some()) && is_grpc(request.headers());
                 let sleep = timeout.map(tokio::time::sleep);
@@ -85,7 +84,6 @@ where
                         permit,
                         fallback,
                         grpc,
-                        timeout: timeout.unwrap_or(Duration::ZERO),
                     },
                 )
             }
