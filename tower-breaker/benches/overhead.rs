@@ -56,12 +56,22 @@ async fn failing(_request: Request<()>) -> Result<Response<Body>, Infallible> {
 }
 
 async fn working(_request: Request<()>) -> Result<Response<Body>, Infallible> {
+    spin(WORK);
+    Ok(Response::new(Empty::new()))
+}
+
+/// About ten times `working`'s work (roughly 1 µs here): closer to a handler that does anything at all.
+async fn working_1us(_request: Request<()>) -> Result<Response<Body>, Infallible> {
+    spin(WORK * 10);
+    Ok(Response::new(Empty::new()))
+}
+
+fn spin(iterations: u32) {
     let mut acc = 0u32;
-    for i in 0..WORK {
+    for i in 0..iterations {
         acc = black_box(acc.wrapping_add(i));
     }
     black_box(acc);
-    Ok(Response::new(Empty::new()))
 }
 
 /// One call, polled by hand: the futures here are all ready on the first poll.
@@ -269,29 +279,43 @@ fn throughput(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("a runtime");
-    let mut group = c.benchmark_group("throughput");
+    throughput_group(c, &runtime, "throughput", working);
+    throughput_group(c, &runtime, "throughput-1us", working_1us);
+}
+
+/// The same four variants around `handler`.
+fn throughput_group<F, Fut>(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    handler: F,
+) where
+    F: Fn(Request<()>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(TASKS * CALLS_PER_TASK));
 
-    let svc = service_fn(working);
-    group.bench_function("bare", |b| b.to_async(&runtime).iter(|| run_tasks(&svc)));
+    let svc = service_fn(handler.clone());
+    group.bench_function("bare", |b| b.to_async(runtime).iter(|| run_tasks(&svc)));
 
     let svc = BreakerLayer::new(tower_breaker("throughput"))
         .for_http()
-        .layer(service_fn(working));
+        .layer(service_fn(handler.clone()));
     group.bench_function("tower-breaker-layer", |b| {
-        b.to_async(&runtime).iter(|| run_tasks(&svc));
+        b.to_async(runtime).iter(|| run_tasks(&svc));
     });
 
     let svc = BreakerLayer::new(static_breaker("throughput-static"))
         .for_http()
-        .layer(service_fn(working));
+        .layer(service_fn(handler.clone()));
     group.bench_function("tower-breaker-layer-static", |b| {
-        b.to_async(&runtime).iter(|| run_tasks(&svc));
+        b.to_async(runtime).iter(|| run_tasks(&svc));
     });
 
-    let svc = resilience_layer().layer(service_fn(working));
+    let svc = resilience_layer().layer(service_fn(handler));
     group.bench_function("tower-resilience", |b| {
-        b.to_async(&runtime).iter(|| run_tasks(&svc));
+        b.to_async(runtime).iter(|| run_tasks(&svc));
     });
 
     group.finish();
