@@ -31,6 +31,16 @@ async fn send(
     path: &str,
     api_key: Option<&str>,
 ) -> (StatusCode, HeaderMap, String) {
+    let headers: Vec<(&str, &str)> = api_key.map(|key| ("x-api-key", key)).into_iter().collect();
+    send_with(address, method, path, &headers).await
+}
+
+async fn send_with(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -40,8 +50,8 @@ async fn send(
         .method(method)
         .uri(path)
         .header("host", "test");
-    if let Some(key) = api_key {
-        request = request.header("x-api-key", key);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = sender
         .send_request(request.body(String::new()).unwrap())
@@ -278,18 +288,14 @@ async fn a_selector_chooses_the_tier_and_the_cost_per_request() {
     );
     // Pro tier (by header): exports cost 40 of 100.
     let pro = |path: &'static str| async move {
-        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let request = Request::get(path)
-            .header("host", "test")
-            .header("x-api-key", "pro-user")
-            .header("x-plan", "pro")
-            .body(String::new())
-            .unwrap();
-        sender.send_request(request).await.unwrap().status()
+        send_with(
+            address,
+            "GET",
+            path,
+            &[("x-api-key", "pro-user"), ("x-plan", "pro")],
+        )
+        .await
+        .0
     };
     assert_eq!(pro("/export").await, StatusCode::OK);
     assert_eq!(pro("/export").await, StatusCode::OK);
