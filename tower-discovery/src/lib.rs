@@ -1,7 +1,23 @@
-//! `tower-discovery`: a service registry on Redis (wire-compatible with HazelJS) or in memory, with heartbeats and TTLs, feeding `tower::balance` and tonic clients.
+//! A service registry on Redis (wire-compatible with HazelJS's discovery registry) or in memory, with heartbeats
+//! and TTLs, for Tower load balancing.
 //!
-//! **Status: not implemented yet.** This crate holds its place in the workspace (features, README, changelog) and
-//! exports nothing; the implementation is tracked in issue 6. Do not depend on it yet.
+//! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
+//! trait with [`MemoryRegistry`] and [`RedisRegistry`], and [`Registration`] (heartbeats, readiness, graceful
+//! deregistration). Still to come: the `tower::discover` stream, balancing, the HTTP and tonic clients, and metrics.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_discovery::{Instance, RedisRegistry, Registration};
+//!
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let registry = RedisRegistry::new(client.get_connection_manager().await?);
+//! let registration = Registration::start(registry, Instance::new("user-service", "10.0.0.5", 3001));
+//! // ... once the server listens:
+//! registration.ready();
+//! // ... on shutdown: stop new traffic for 2 s, then remove the entry.
+//! registration.deregister(Some(std::time::Duration::from_secs(2))).await?;
+//! # Ok(()) }
+//! ```
 //!
 //! # Features
 //!
@@ -11,3 +27,16 @@
 //! | `tls-rustls` | `rediss://` through rustls (redis `tokio-rustls-comp`) |
 //! | `sentinel` | Sentinel-managed primaries (redis `sentinel`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod instance;
+mod registration;
+mod registry;
+
+pub use instance::{Instance, Protocol, Status, iso8601};
+pub use registration::Registration;
+pub use registry::{MemoryRegistry, RedisRegistry, Registry, RegistryError};
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
