@@ -2,8 +2,9 @@
 //! and TTLs, for Tower load balancing.
 //!
 //! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
-//! trait with [`MemoryRegistry`] and [`RedisRegistry`], and [`Registration`] (heartbeats, readiness, graceful
-//! deregistration). Still to come: the `tower::discover` stream, balancing, the HTTP and tonic clients, and metrics.
+//! trait with [`MemoryRegistry`] and [`RedisRegistry`], [`Registration`] (heartbeats, readiness, graceful
+//! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling, that never
+//! fails). Still to come: the pub/sub hint, balancing, the HTTP and tonic clients, and metrics.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,10 +29,12 @@
 //! | `sentinel` | Sentinel-managed primaries (redis `sentinel`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod discover;
 mod instance;
 mod registration;
 mod registry;
 
+pub use discover::{Discovery, Filter, WatchOptions};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use registration::Registration;
 pub use registry::{MemoryRegistry, RedisRegistry, Registry, RegistryError};

@@ -1,0 +1,118 @@
+//! Discovery against a real redis-server: changes arrive within a poll, only UP instances count by default, and a
+//! Redis outage keeps the last good set without ever yielding an error.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis_fixtures::RedisServer;
+use tower::discover::Change;
+use tower_discovery::{
+    Discovery, Instance, RedisRegistry, Registration, Registry, Status, WatchOptions,
+};
+
+fn options() -> WatchOptions {
+    WatchOptions {
+        interval: Duration::from_millis(50),
+        ..WatchOptions::default()
+    }
+}
+
+/// The next change as `+id` or `-id`, or `None` if none comes within `wait`.
+async fn next(discovery: &mut Discovery, wait: Duration) -> Option<String> {
+    let change = tokio::time::timeout(wait, discovery.next()).await.ok()??;
+    Some(match change.unwrap() {
+        Change::Insert(_, instance) => format!("+{}", instance.port),
+        Change::Remove(id) => format!("-{}", id.split(':').nth(2).unwrap_or_default()),
+    })
+}
+
+#[tokio::test]
+async fn instances_appear_when_ready_and_disappear_when_they_leave() {
+    let server = RedisServer::start();
+    let registry =
+        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let mut discovery = Discovery::watch(registry.clone(), "user-service", options());
+    let first = Registration::start(
+        registry.clone(),
+        Instance::new("user-service", "127.0.0.1", 3001),
+    );
+    let second = Registration::start(
+        registry.clone(),
+        Instance::new("user-service", "127.0.0.1", 3002),
+    );
+    assert_eq!(
+        next(&mut discovery, Duration::from_millis(400)).await,
+        None,
+        "STARTING instances get no traffic"
+    );
+    first.ready();
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("+3001")
+    );
+    second.ready();
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("+3002")
+    );
+    first.deregister(None).await.unwrap();
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("-3001")
+    );
+    second.set_status(Status::Down);
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("-3002")
+    );
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_the_last_good_set_and_never_yields_an_error() {
+    let mut server = RedisServer::start();
+    let registry = RedisRegistry::new(server.connection_manager().await)
+        .ttl(Duration::from_secs(30))
+        .timeout(Duration::from_millis(100));
+    let mut up = Instance::new("orders", "127.0.0.1", 4001);
+    up.status = Status::Up;
+    registry.register(&up).await.unwrap();
+    let mut discovery = Discovery::watch(registry.clone(), "orders", options());
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("+4001")
+    );
+
+    server.kill();
+    // A second of polling against a dead Redis: no change at all (in particular no Remove, and no error).
+    assert_eq!(next(&mut discovery, Duration::from_secs(1)).await, None);
+
+    server.restart(); // empty: the instance is gone, another one registers
+    let mut other = Instance::new("orders", "127.0.0.1", 4002);
+    other.status = Status::Up;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while registry.register(&other).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = vec![
+        next(&mut discovery, Duration::from_secs(3)).await.unwrap(),
+        next(&mut discovery, Duration::from_secs(3)).await.unwrap(),
+    ];
+    seen.sort();
+    assert_eq!(seen, vec!["+4002", "-4001"]);
+}
