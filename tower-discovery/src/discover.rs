@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
 use rand::Rng;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
 
@@ -113,8 +114,64 @@ impl Discovery {
         options: WatchOptions,
     ) -> Self {
         let (sender, changes) = mpsc::unbounded_channel();
-        let task = tokio::spawn(poll_loop(registry, service.into(), options, sender));
+        let hint = Arc::new(Notify::new());
+        let task = tokio::spawn(poll_loop(registry, service.into(), options, sender, hint));
         Self { changes, task }
+    }
+
+    /// Like [`Discovery::watch`], and also listens on `channel` (a [`crate::RedisRegistry::events_channel`])
+    /// through `subscriber` for change hints, so changes arrive within milliseconds instead of at the next poll.
+    /// If the subscription fails or drops, polling goes on and the subscription is retried.
+    pub fn watch_with_hints<R: Registry>(
+        registry: R,
+        service: impl Into<String>,
+        options: WatchOptions,
+        subscriber: redis::Client,
+        channel: String,
+    ) -> Self {
+        let service = service.into();
+        let (sender, changes) = mpsc::unbounded_channel();
+        let hint = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(subscriber, channel, service.clone(), hint.clone()));
+        let task = tokio::spawn(async move {
+            let _listener = AbortOnDrop(listener);
+            poll_loop(registry, service, options, sender, hint).await;
+        });
+        Self { changes, task }
+    }
+}
+
+/// Aborts a task when dropped (the hint listener lives as long as the polling task).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn listen(client: redis::Client, channel: String, service: String, hint: Arc<Notify>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = subscribed {
+            delay = Duration::from_millis(100);
+            // Read once now: anything announced while we were not subscribed.
+            hint.notify_one();
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                if message.get_payload_bytes() == service.as_bytes() {
+                    hint.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -171,6 +228,7 @@ async fn poll_loop<R: Registry>(
     service: String,
     options: WatchOptions,
     sender: mpsc::UnboundedSender<Change<String, Instance>>,
+    hint: Arc<Notify>,
 ) {
     let mut known: HashMap<String, Instance> = HashMap::new();
     let mut failing = false;
@@ -199,7 +257,10 @@ async fn poll_loop<R: Registry>(
             }
         }
         let wait = options.interval.mul_f64(rand::rng().random_range(0.9..1.1));
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = hint.notified() => {}
+        }
     }
 }
 

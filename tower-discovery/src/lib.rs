@@ -3,8 +3,8 @@
 //!
 //! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
 //! trait with [`MemoryRegistry`] and [`RedisRegistry`], [`Registration`] (heartbeats, readiness, graceful
-//! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling, that never
-//! fails). Still to come: the pub/sub hint, balancing, the HTTP and tonic clients, and metrics.
+//! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling plus a pub/sub
+//! hint, that never fails). Still to come: balancing, the HTTP and tonic clients, and metrics.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

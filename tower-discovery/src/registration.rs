@@ -114,7 +114,10 @@ impl<R: Registry> Registration<R> {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        self.registry.deregister(&self.instance).await
+        self.registry.deregister(&self.instance).await?;
+        // Best effort: watchers that miss it see the change at their next poll.
+        let _ = self.registry.announce(&self.instance.name).await;
+        Ok(())
     }
 }
 
@@ -131,6 +134,7 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
     let mut failures: u32 = 0;
     // The first write registers; later ones heartbeat (and re-create the entry if it expired meanwhile).
     let mut registered = false;
+    let mut announced: Option<Status> = None;
     loop {
         let status = shared.status();
         let result = if registered {
@@ -140,6 +144,12 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
             first.status = status;
             registry.register(&first).await
         };
+        if result.is_ok() && announced != Some(status) {
+            // A new instance or a new status: let watchers look now (best effort).
+            if registry.announce(&instance.name).await.is_ok() {
+                announced = Some(status);
+            }
+        }
         let wait = match result {
             Ok(()) => {
                 registered = true;

@@ -76,6 +76,13 @@ pub trait Registry: Clone + Send + Sync + 'static {
 
     /// The names of the services with a registration.
     fn services(&self) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+
+    /// Tells watchers that `service` changed, so they read it now instead of at their next poll (a hint: HazelJS
+    /// ignores it, and a lost hint only delays a change by one poll).
+    fn announce(&self, service: &str) -> impl Future<Output = Result<(), RegistryError>> + Send {
+        let _ = service;
+        std::future::ready(Ok(()))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +261,11 @@ where
     /// The instance TTL.
     pub fn instance_ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// The pub/sub channel of change hints: `{prefix}events`.
+    pub fn events_channel(&self) -> String {
+        format!("{}events", self.prefix)
     }
 
     /// The key of an instance.
@@ -435,6 +447,15 @@ where
             }
         }
         Ok(instances)
+    }
+
+    async fn announce(&self, service: &str) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH")
+            .arg(self.events_channel())
+            .arg(service)
+            .ignore();
+        self.run::<()>(pipe).await
     }
 
     async fn services(&self) -> Result<Vec<String>, RegistryError> {

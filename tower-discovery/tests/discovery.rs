@@ -116,3 +116,48 @@ async fn a_redis_outage_keeps_the_last_good_set_and_never_yields_an_error() {
     seen.sort();
     assert_eq!(seen, vec!["+4002", "-4001"]);
 }
+
+#[tokio::test]
+async fn with_pub_sub_hints_a_change_arrives_in_milliseconds_not_at_the_next_poll() {
+    let server = RedisServer::start();
+    let registry =
+        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(30));
+    let slow_polling = WatchOptions {
+        interval: Duration::from_secs(30),
+        ..WatchOptions::default()
+    };
+    let mut discovery = Discovery::watch_with_hints(
+        registry.clone(),
+        "billing",
+        slow_polling,
+        server.client(),
+        registry.events_channel(),
+    );
+    // Let the first (empty) poll and the subscription happen.
+    assert_eq!(next(&mut discovery, Duration::from_millis(300)).await, None);
+    let started = std::time::Instant::now();
+    let registration = Registration::start(
+        registry.clone(),
+        Instance::new("billing", "127.0.0.1", 5001),
+    );
+    registration.ready();
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("+5001")
+    );
+    let elapsed = started.elapsed();
+    println!("registration to discovery with a hint: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "took {elapsed:?}; polling alone would take 30 s"
+    );
+    registration.deregister(None).await.unwrap();
+    assert_eq!(
+        next(&mut discovery, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("-5001")
+    );
+}
