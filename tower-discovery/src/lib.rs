@@ -4,7 +4,8 @@
 //! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
 //! trait with [`MemoryRegistry`] and [`RedisRegistry`], [`Registration`] (heartbeats, readiness, graceful
 //! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling plus a pub/sub
-//! hint, that never fails). Still to come: balancing, the HTTP and tonic clients, and metrics.
+//! hint, that never fails), and [`balance`] (P2C over peak-EWMA with fail-fast) with [`HttpEndpoint`]. Still to
+//! come: the HazelJS-style strategies, passive health, the tonic integration, the listing API and metrics.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,11 +30,13 @@
 //! | `sentinel` | Sentinel-managed primaries (redis `sentinel`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod balance;
 mod discover;
 mod instance;
 mod registration;
 mod registry;
 
+pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
 pub use discover::{Discovery, Filter, WatchOptions};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use registration::Registration;

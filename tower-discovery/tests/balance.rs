@@ -1,0 +1,147 @@
+//! Balancing over discovered instances: real axum servers on loopback, registered in a real Redis; fail-fast when
+//! there is no endpoint or none is ready.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use redis_fixtures::RedisServer;
+use tower::{Service, ServiceExt};
+use tower_discovery::{
+    BalanceOptions, Discovery, HttpEndpoint, Instance, MemoryRegistry, NoEndpoints, RedisRegistry,
+    Registry, Status, Unavailable, WatchOptions, balance,
+};
+
+fn fast_watch() -> WatchOptions {
+    WatchOptions {
+        interval: Duration::from_millis(50),
+        ..WatchOptions::default()
+    }
+}
+
+async fn serve_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = Router::new().route("/whoami", get(move || async move { port.to_string() }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+fn up(name: &str, port: u16) -> Instance {
+    let mut instance = Instance::new(name, "127.0.0.1", port);
+    instance.status = Status::Up;
+    instance
+}
+
+#[tokio::test]
+async fn requests_are_spread_over_every_discovered_instance() {
+    let server = RedisServer::start();
+    let registry = RedisRegistry::new(server.connection_manager().await);
+    let ports = [serve_port().await, serve_port().await];
+    for port in ports {
+        registry.register(&up("user-service", port)).await.unwrap();
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let discovery = Discovery::watch(registry, "user-service", fast_watch());
+    let mut balanced = balance(
+        discovery,
+        move |instance| HttpEndpoint::new(client.clone(), instance),
+        BalanceOptions::default(),
+    );
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 || seen.values().sum::<usize>() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "traffic did not reach both instances: {seen:?}"
+        );
+        let request = http::Request::get("/whoami").body(Empty::new()).unwrap();
+        match balanced.ready().await.unwrap().call(request).await {
+            Ok(response) => {
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                *seen
+                    .entry(String::from_utf8(body.to_vec()).unwrap())
+                    .or_default() += 1;
+            }
+            // The very first requests can race the first poll of the registry.
+            Err(error) if error.is::<NoEndpoints>() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    }
+    for port in ports {
+        assert!(
+            seen.get(&port.to_string()).copied().unwrap_or(0) > 0,
+            "{seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_no_instance_a_request_fails_at_once_with_no_endpoints() {
+    let registry = MemoryRegistry::default();
+    let discovery = Discovery::watch(registry, "nobody", fast_watch());
+    let mut balanced = balance(
+        discovery,
+        |_: &Instance| tower::service_fn(|_: ()| async { Ok::<_, Infallible>(()) }),
+        BalanceOptions::default(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let error = balanced.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(error.is::<NoEndpoints>(), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// An endpoint that is never ready (a dead connection pool, say).
+#[derive(Clone)]
+struct NeverReady;
+
+impl Service<()> for NeverReady {
+    type Response = ();
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Pending
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn with_no_ready_instance_a_request_fails_after_the_failfast_timeout() {
+    let registry = MemoryRegistry::default();
+    registry.register(&up("stuck", 1)).await.unwrap();
+    let discovery = Discovery::watch(registry, "stuck", fast_watch());
+    let options = BalanceOptions {
+        failfast: Duration::from_millis(300),
+        ..BalanceOptions::default()
+    };
+    let mut balanced = balance(discovery, |_: &Instance| NeverReady, options);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let error = balanced.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(error.is::<Unavailable>(), "{error}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2),
+        "took {elapsed:?}"
+    );
+}
