@@ -145,3 +145,59 @@ async fn with_no_ready_instance_a_request_fails_after_the_failfast_timeout() {
         "took {elapsed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_tonic_client_balances_over_discovered_grpc_instances() {
+    use grpc_echo::{EchoClient, EchoRequest, EchoServer};
+    use tower_discovery::Protocol;
+
+    let server = RedisServer::start();
+    let registry = RedisRegistry::new(server.connection_manager().await);
+    let echoes = [EchoServer::new(), EchoServer::new()];
+    for echo in &echoes {
+        let (address, _task) = grpc_echo::serve(echo.clone()).await;
+        let mut instance = up("echo", address.port());
+        instance.protocol = Protocol::Grpc;
+        registry.register(&instance).await.unwrap();
+    }
+    let discovery = Discovery::watch(registry, "echo", fast_watch());
+    // One lazily connected channel per instance, each wrapped by the balancer's peak-EWMA load (tonic's own
+    // balanced channel reports a load of zero for every endpoint).
+    let balanced = balance(
+        discovery,
+        |instance: &Instance| {
+            tonic::transport::Endpoint::from_shared(instance.base_uri())
+                .map(|endpoint| endpoint.connect_lazy())
+                .unwrap_or_else(|_| {
+                    tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy()
+                })
+        },
+        BalanceOptions::default(),
+    );
+    let mut client = EchoClient::with_origin(balanced, "http://echo".parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ok = 0;
+    while echoes.iter().any(|echo| echo.calls() == 0) || ok < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "calls: {:?}",
+            echoes.iter().map(EchoServer::calls).collect::<Vec<_>>()
+        );
+        let request = EchoRequest {
+            message: "hi".to_owned(),
+            fail_with: 0,
+            delay_ms: 0,
+        };
+        match client.say(request).await {
+            Ok(reply) => {
+                assert_eq!(reply.into_inner().message, "hi");
+                ok += 1;
+            }
+            Err(status) if status.message().contains("no endpoints") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("unexpected status: {status}"),
+        }
+    }
+    assert!(echoes.iter().all(|echo| echo.calls() > 0));
+}
