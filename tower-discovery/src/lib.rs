@@ -4,8 +4,8 @@
 //! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
 //! trait with [`MemoryRegistry`] and [`RedisRegistry`], [`Registration`] (heartbeats, readiness, graceful
 //! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling plus a pub/sub
-//! hint, that never fails), and [`balance`] (P2C over peak-EWMA with fail-fast) with [`HttpEndpoint`]. Also [`list_services`] for a
-//! gateway's `/services`. Still to come: the HazelJS-style strategies, passive health, stats and metrics.
+//! hint, that never fails), and [`balance`] (P2C over peak-EWMA with fail-fast) with [`HttpEndpoint`]. Also [`Ejecting`] (passive health) and
+//! [`list_services`] for a gateway's `/services`. Still to come: the HazelJS-style strategies, stats and metrics.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +32,7 @@
 
 mod balance;
 mod discover;
+mod health;
 mod instance;
 mod listing;
 mod registration;
@@ -39,6 +40,7 @@ mod registry;
 
 pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
 pub use discover::{Discovery, Filter, WatchOptions};
+pub use health::{Ejecting, EjectingFuture, EjectionOptions, HealthSignal};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
 pub use registration::Registration;

@@ -201,3 +201,104 @@ async fn a_tonic_client_balances_over_discovered_grpc_instances() {
     }
     assert!(echoes.iter().all(|echo| echo.calls() > 0));
 }
+
+#[tokio::test]
+async fn a_failing_instance_is_ejected_then_re_admitted_after_a_successful_probe() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use tower_discovery::{Ejecting, EjectionOptions};
+
+    // Two instances: one healthy, one answering 503 until told otherwise.
+    let healthy = serve_port().await;
+    let status = Arc::new(AtomicU16::new(503));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sick = listener.local_addr().unwrap().port();
+    let app = Router::new().route(
+        "/whoami",
+        get({
+            let status = status.clone();
+            move || async move {
+                (
+                    http::StatusCode::from_u16(status.load(Ordering::Relaxed)).unwrap(),
+                    sick.to_string(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let registry = MemoryRegistry::default();
+    registry.register(&up("svc", healthy)).await.unwrap();
+    registry.register(&up("svc", sick)).await.unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let options = EjectionOptions {
+        consecutive_failures: 3,
+        base: Duration::from_secs(2),
+        max: Duration::from_secs(2),
+    };
+    let mut balanced = balance(
+        Discovery::watch(registry, "svc", fast_watch()),
+        move |instance: &Instance| {
+            Ejecting::new(
+                HttpEndpoint::new(client.clone(), instance),
+                instance.id.clone(),
+                options,
+            )
+        },
+        BalanceOptions::default(),
+    );
+    let mut call = async || -> Option<(u16, String)> {
+        let request = http::Request::get("/whoami").body(Empty::new()).unwrap();
+        match balanced.ready().await.unwrap().call(request).await {
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                Some((code, String::from_utf8(body.to_vec()).unwrap()))
+            }
+            Err(error) if error.is::<NoEndpoints>() => None,
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    };
+    // Until the sick instance has failed 3 times in a row it gets some traffic; then it is ejected.
+    let mut sick_hits = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sick_hits < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the sick instance never got traffic"
+        );
+        if let Some((503, _)) = call().await {
+            sick_hits += 1;
+        }
+    }
+    // Ejected: the next 50 requests (well within the 2 s backoff, even on a busy machine) go to the healthy instance.
+    let ejected_at = Instant::now();
+    for _ in 0..50 {
+        let (code, body) = call().await.unwrap();
+        assert_eq!(
+            (code, body),
+            (200, healthy.to_string()),
+            "traffic reached the ejected instance"
+        );
+    }
+    assert!(
+        ejected_at.elapsed() < Duration::from_secs(2),
+        "the check took longer than the backoff"
+    );
+    // It recovers; after the backoff a probe succeeds and it gets traffic again.
+    status.store(200, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the instance was never re-admitted"
+        );
+        if let Some((200, body)) = call().await
+            && body == sick.to_string()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
