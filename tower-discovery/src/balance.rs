@@ -57,7 +57,8 @@ impl std::error::Error for Unavailable {}
 pub struct BalanceOptions {
     /// How long a request may wait for a ready endpoint (default 3 s, as linkerd).
     pub failfast: Duration,
-    /// The latency assumed for a new endpoint (default 30 ms).
+    /// The latency assumed for a new endpoint before it has answered (default 1 ms: optimistic, so a new instance
+    /// gets traffic at once; the peak-EWMA jumps to its real latency with its first slow answer).
     pub default_rtt: Duration,
     /// How fast the peak-EWMA forgets (default 10 s).
     pub decay: Duration,
@@ -69,7 +70,7 @@ impl Default for BalanceOptions {
     fn default() -> Self {
         Self {
             failfast: Duration::from_secs(3),
-            default_rtt: Duration::from_millis(30),
+            default_rtt: Duration::from_millis(1),
             decay: Duration::from_secs(10),
             buffer: 1024,
         }
