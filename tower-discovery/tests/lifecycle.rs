@@ -136,7 +136,7 @@ async fn a_graceful_deregistration_fails_no_request() {
                 seen.insert(port);
             }
             Err(error) if error.is::<NoEndpoints>() => {
-                tokio::time::sleep(Duration::from_millis(10)).await
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(error) => panic!("{error}"),
         }
