@@ -224,3 +224,139 @@ async fn the_registry_load_is_one_read_per_interval_whatever_the_request_rate() 
     assert!((8..=13).contains(&smembers), "{smembers} SMEMBERS in 1 s");
     assert!(gets <= smembers + 1, "{gets} GET for {smembers} SMEMBERS");
 }
+
+/// A server on its own runtime and thread, so killing it closes its listener and every open connection at once.
+struct KillableServer {
+    port: u16,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KillableServer {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener).unwrap()
+        };
+        let app = Router::new().route("/whoami", get(move || async move { port.to_string() }));
+        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            port,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_requests_fail() {
+    use tower_discovery::{Ejecting, EjectionOptions};
+
+    let server = RedisServer::start();
+    let registry = registry(&server).await;
+    let mut servers: Vec<KillableServer> = (0..3).map(|_| KillableServer::start()).collect();
+    let registrations: Vec<_> = servers
+        .iter()
+        .map(|s| {
+            let registration =
+                Registration::start(registry.clone(), Instance::new("api", "127.0.0.1", s.port));
+            registration.ready();
+            registration
+        })
+        .collect();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let options = WatchOptions {
+        interval: Duration::from_millis(200),
+        ..WatchOptions::default()
+    };
+    let service: Balanced<http::Request<Empty<bytes::Bytes>>, Response> = balance(
+        Discovery::watch(registry.clone(), "api", options),
+        move |instance: &Instance| {
+            Ejecting::new(
+                HttpEndpoint::new(client.clone(), instance),
+                instance.id.clone(),
+                EjectionOptions::default(),
+            )
+        },
+        BalanceOptions::default(),
+    );
+    let mut probe = service.clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "not every instance took traffic: {seen:?}"
+        );
+        if let Ok(port) = whoami(&mut probe).await {
+            seen.insert(port);
+        }
+    }
+
+    let dead = servers[0].port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let last_dead_attempt = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut service, stop, sent, failed) =
+            (service.clone(), stop.clone(), sent.clone(), failed.clone());
+        let (last_dead_attempt, killed_at) = (last_dead_attempt.clone(), killed_at.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                sent.fetch_add(1, Ordering::Relaxed);
+                if whoami(&mut service).await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    // After the kill, only the dead instance fails requests.
+                    if killed_at.lock().unwrap().is_some() {
+                        *last_dead_attempt.lock().unwrap() = Some(Instant::now());
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    servers[0].kill();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let killed = killed_at.lock().unwrap().unwrap();
+    let last_failure = last_dead_attempt
+        .lock()
+        .unwrap()
+        .map(|at| at.duration_since(killed));
+    println!(
+        "{sent} requests, {failed} failed; last failed request {last_failure:?} after the kill (port {dead})"
+    );
+    assert!(sent > 500, "too little load to judge: {sent}");
+    assert!(
+        (failed as f64) < sent as f64 * 0.01,
+        "{failed} of {sent} failed"
+    );
+    // Ejected after 5 failures in a row; after that only a probe per backoff (about 1 s, then 2 s) reaches it.
+    assert!(failed <= 20, "{failed} failures");
+    drop(registrations);
+}
