@@ -1,0 +1,189 @@
+//! Balancer figures: the overhead of `balance` per request, and power of two choices over peak-EWMA against round
+//! robin with five instances, one of them 20× slower.
+//!
+//! `cargo bench -p tower-discovery --bench balance`
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tower::{Service, ServiceExt, service_fn};
+use tower_discovery::{
+    BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, WatchOptions, balance,
+};
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn registry_with(ports: &[u16]) -> MemoryRegistry {
+    let registry = MemoryRegistry::default();
+    for port in ports {
+        let mut instance = Instance::new("svc", "127.0.0.1", *port);
+        instance.status = Status::Up;
+        registry.register(&instance).await.unwrap();
+    }
+    registry
+}
+
+fn watch(registry: MemoryRegistry) -> Discovery {
+    Discovery::watch(
+        registry,
+        "svc",
+        WatchOptions {
+            interval: Duration::from_millis(20),
+            ..WatchOptions::default()
+        },
+    )
+}
+
+async fn overhead(runtime_name: &str) {
+    const CALLS: usize = 20_000;
+    let mut direct = service_fn(|(): ()| async { Ok::<_, Infallible>(()) });
+    let registry = registry_with(&[1, 2, 3]).await;
+    let mut balanced = balance(
+        watch(registry),
+        |_: &Instance| service_fn(|(): ()| async { Ok::<_, Infallible>(()) }),
+        BalanceOptions::default(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut measure = async |balanced_path: bool| {
+        let mut times = Vec::with_capacity(CALLS);
+        for _ in 0..CALLS {
+            let started = Instant::now();
+            if balanced_path {
+                balanced.ready().await.unwrap().call(()).await.unwrap();
+            } else {
+                direct.ready().await.unwrap().call(()).await.unwrap();
+            }
+            times.push(started.elapsed());
+        }
+        times.sort();
+        times
+    };
+    let _warm = measure(true).await;
+    let direct_times = measure(false).await;
+    let balanced_times = measure(true).await;
+    println!(
+        "## Overhead per request ({runtime_name} runtime, sequential, {CALLS} calls, 3 in-process endpoints)\n"
+    );
+    println!("| path | p50 µs | p99 µs |\n|---|---:|---:|");
+    for (name, times) in [
+        ("direct service", &direct_times),
+        ("balance (P2C + peak-EWMA + buffer)", &balanced_times),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} |",
+            percentile(times, 0.5).as_secs_f64() * 1e6,
+            percentile(times, 0.99).as_secs_f64() * 1e6
+        );
+    }
+    println!(
+        "\nadded at p50: {:.2} µs\n",
+        (percentile(&balanced_times, 0.5).as_secs_f64()
+            - percentile(&direct_times, 0.5).as_secs_f64())
+            * 1e6
+    );
+}
+
+/// Five endpoints: four answer in 10 ms, one in 200 ms; each counts its requests.
+fn endpoint(
+    port: u16,
+    counts: Arc<Vec<AtomicUsize>>,
+) -> impl Service<(), Response = (), Error = Infallible, Future: Send> + Clone + Send {
+    service_fn(move |(): ()| {
+        let counts = counts.clone();
+        async move {
+            counts[usize::from(port - 1)].fetch_add(1, Ordering::Relaxed);
+            let latency = if port == 5 { 200 } else { 10 };
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+            Ok::<_, Infallible>(())
+        }
+    })
+}
+
+async fn slow_instance() {
+    const REQUESTS: usize = 4_000;
+    const CONCURRENCY: usize = 40;
+    println!(
+        "## Five instances, one 20× slower (10 ms and 200 ms), concurrency {CONCURRENCY}, {REQUESTS} requests\n"
+    );
+    println!(
+        "| balancer | p50 ms | p90 ms | p99 ms | share to the slow one |\n|---|---:|---:|---:|---:|"
+    );
+    for strategy in ["round robin", "P2C + peak-EWMA (tower-discovery)"] {
+        let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..5).map(|_| AtomicUsize::new(0)).collect());
+        let next = Arc::new(AtomicUsize::new(0));
+        let issued = Arc::new(AtomicUsize::new(0));
+        let registry = registry_with(&[1, 2, 3, 4, 5]).await;
+        let balanced = {
+            let counts = counts.clone();
+            balance(
+                watch(registry),
+                move |instance: &Instance| endpoint(instance.port, counts.clone()),
+                BalanceOptions::default(),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let endpoints: Vec<_> = (1..=5).map(|port| endpoint(port, counts.clone())).collect();
+        let mut tasks = Vec::new();
+        for _ in 0..CONCURRENCY {
+            let (issued, next, endpoints) = (issued.clone(), next.clone(), endpoints.clone());
+            let mut balanced = balanced.clone();
+            let round_robin = strategy == "round robin";
+            tasks.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                while issued.fetch_add(1, Ordering::Relaxed) < REQUESTS {
+                    let started = Instant::now();
+                    if round_robin {
+                        let mut endpoint = endpoints
+                            [next.fetch_add(1, Ordering::Relaxed) % endpoints.len()]
+                        .clone();
+                        endpoint.ready().await.unwrap().call(()).await.unwrap();
+                    } else {
+                        balanced.ready().await.unwrap().call(()).await.unwrap();
+                    }
+                    times.push(started.elapsed());
+                }
+                times
+            }));
+        }
+        let mut times = Vec::new();
+        for task in tasks {
+            times.extend(task.await.unwrap());
+        }
+        times.sort();
+        let total: usize = counts
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum();
+        let slow_share = counts[4].load(Ordering::Relaxed) as f64 / total as f64 * 100.0;
+        println!(
+            "| {strategy} | {:.1} | {:.1} | {:.1} | {slow_share:.2} % |",
+            percentile(&times, 0.5).as_secs_f64() * 1e3,
+            percentile(&times, 0.9).as_secs_f64() * 1e3,
+            percentile(&times, 0.99).as_secs_f64() * 1e3,
+        );
+    }
+    println!();
+}
+
+fn main() {
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    current.block_on(overhead("current-thread"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        overhead("2-worker multi-thread").await;
+        slow_instance().await;
+    });
+}
