@@ -205,19 +205,10 @@ async fn the_registry_load_is_one_read_per_interval_whatever_the_request_rate() 
         whoami(&mut service).await.unwrap();
         requests += 1;
     }
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let calls = |command: &str| -> u64 {
-        info.lines()
-            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|calls| calls.parse().ok())
-            .unwrap_or(0)
-    };
-    let (smembers, gets) = (calls("smembers"), calls("get"));
+    let (smembers, gets) = (
+        server.command_calls("smembers"),
+        server.command_calls("get"),
+    );
     println!("{requests} requests in 1 s: {smembers} SMEMBERS, {gets} GET");
     assert!(requests > 100, "too little load to judge: {requests}");
     // One read per 100 ms interval (±10 % jitter), plus at most one heartbeat GET per 10 s: about 10 each.

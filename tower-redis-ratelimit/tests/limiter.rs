@@ -49,17 +49,7 @@ async fn assert_every_key_expires(server: &RedisServer) {
 }
 
 async fn evalsha_calls(server: &RedisServer) -> u64 {
-    let mut con = server.multiplexed().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
+    server.command_calls("evalsha")
 }
 
 #[tokio::test]
