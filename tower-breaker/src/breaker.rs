@@ -575,6 +575,12 @@ impl CircuitBreaker {
         self.shared.open_remotely(open_for);
     }
 
+    /// When open: how long until probes are let through. One atomic load and one clock read, so it can be asked
+    /// on every call (unlike [`CircuitBreaker::stats`], which builds a whole snapshot).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.shared.retry_after_ms().map(Duration::from_millis)
+    }
+
     /// A snapshot of the state and counters. Exact at rest; while calls run, counters are read one by one.
     pub fn stats(&self) -> BreakerStats {
         self.shared.stats()
@@ -970,6 +976,11 @@ impl Shared {
         }
     }
 
+    fn retry_after_ms(&self) -> Option<u64> {
+        let word = self.load();
+        (word.state() == State::Open).then(|| word.time_ms().saturating_sub(self.clock.now_ms()))
+    }
+
     fn stats(&self) -> BreakerStats {
         let counters = &self.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Acquire);
@@ -1022,8 +1033,7 @@ impl Shared {
                 slow_call_rate: rate(totals.slow),
             },
             consecutive_failures: self.consecutive.0.load(Ordering::Acquire),
-            retry_after_millis: (word.state() == State::Open)
-                .then(|| word.time_ms().saturating_sub(now)),
+            retry_after_millis: self.retry_after_ms(),
             latency: self.latency.summary(),
             requests: counters.requests.sum(),
         }

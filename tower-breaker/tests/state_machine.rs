@@ -228,6 +228,7 @@ fn an_open_breaker_rejects_with_the_time_left_until_it_probes() {
     assert_eq!(rejected.reason(), RejectReason::Open);
     assert_eq!(rejected.retry_after(), Some(Duration::from_secs(3)));
     assert_eq!(breaker.stats().retry_after_millis, Some(3_000));
+    assert_eq!(breaker.retry_after(), Some(Duration::from_secs(3)));
 }
 
 #[test]

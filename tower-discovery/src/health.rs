@@ -121,12 +121,11 @@ where
     type Future = EjectingFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        let stats = self.breaker.stats();
-        if let Some(left) = stats.retry_after_millis.filter(|left| *left > 0) {
+        if let Some(left) = self.breaker.retry_after().filter(|left| !left.is_zero()) {
             // Ejected: not ready until the backoff ends; then the next call is the probe.
             let wake = self
                 .wake
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(left))));
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(left)));
             if wake.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tower_breaker::CircuitBreaker;
@@ -418,13 +418,13 @@ where
             }
             Ok(Err(error)) => {
                 permit.failure();
-                Counter::add(&inner.stats.redis_errors);
+                inner.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "rate limit script failed; applying the failure policy");
                 self.on_failure(tier, key, cost)
             }
             Err(_) => {
                 permit.timeout();
-                Counter::add(&inner.stats.redis_timeouts);
+                inner.stats.redis_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     timeout_ms = inner.timeout.as_millis(),
                     "rate limit script timed out; applying the failure policy"
@@ -467,10 +467,9 @@ where
         let retry_after = self
             .inner
             .breaker
-            .stats()
-            .retry_after_millis
-            .map_or(Duration::from_secs(1), |ms| {
-                Duration::from_millis(ms.max(1))
+            .retry_after()
+            .map_or(Duration::from_secs(1), |left| {
+                left.max(Duration::from_millis(1))
             });
         match self.inner.failure {
             FailurePolicy::FailOpen => {
@@ -596,17 +595,6 @@ where
     pub fn policies(&self, tier: Option<&str>) -> Option<&[Policy]> {
         self.tier(tier).map(|tier| tier.set.policies())
     }
-
-    /// The local fallback's policies (for documentation and tests).
-    #[doc(hidden)]
-    pub fn fallback_policies(&self) -> Vec<Policy> {
-        self.inner
-            .tiers
-            .iter()
-            .filter_map(|tier| tier.fallback.as_ref())
-            .flat_map(|local| local.policies().cloned())
-            .collect()
-    }
 }
 
 fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
@@ -621,13 +609,4 @@ fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
             reset: Duration::from_millis(*reset_ms),
         })
         .collect()
-}
-
-/// Counter helper.
-pub(crate) struct Counter;
-
-impl Counter {
-    pub(crate) fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }

@@ -63,7 +63,7 @@ impl DenyCache {
 /// A per-key `governor` limiter for each policy of a set.
 #[derive(Debug)]
 pub(crate) struct LocalLimiter {
-    limiters: Vec<(Policy, DefaultKeyedRateLimiter<String>)>,
+    limiters: Vec<DefaultKeyedRateLimiter<String>>,
     decisions: AtomicU64,
 }
 
@@ -92,10 +92,7 @@ impl LocalLimiter {
             .iter()
             .map(|policy| {
                 let limit = (policy.limit() / u64::from(share.max(1))).max(1);
-                Ok((
-                    policy.clone(),
-                    RateLimiter::keyed(quota(limit, policy.window())?),
-                ))
+                Ok(RateLimiter::keyed(quota(limit, policy.window())?))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(Self {
@@ -111,7 +108,7 @@ impl LocalLimiter {
     pub(crate) fn check(&self, key: &str, cost: u32) -> Result<(), Duration> {
         // Keyed state grows with distinct keys; drop idle ones now and then.
         if self.decisions.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            for (_, limiter) in &self.limiters {
+            for limiter in &self.limiters {
                 limiter.retain_recent();
             }
         }
@@ -120,7 +117,7 @@ impl LocalLimiter {
         };
         let key = key.to_owned();
         let mut wait = None::<Duration>;
-        for (_, limiter) in &self.limiters {
+        for limiter in &self.limiters {
             match limiter.check_key_n(&key, cost) {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
@@ -134,9 +131,5 @@ impl LocalLimiter {
             }
         }
         wait.map_or(Ok(()), Err)
-    }
-
-    pub(crate) fn policies(&self) -> impl Iterator<Item = &Policy> {
-        self.limiters.iter().map(|(policy, _)| policy)
     }
 }
