@@ -459,7 +459,8 @@ where
     }
 
     async fn services(&self) -> Result<Vec<String>, RegistryError> {
-        let pattern = format!("{}service:*", self.prefix);
+        let service_prefix = format!("{}service:", self.prefix);
+        let pattern = format!("{service_prefix}*");
         let mut cursor: u64 = 0;
         let mut names = BTreeSet::new();
         loop {
@@ -471,7 +472,6 @@ where
                 .arg("COUNT")
                 .arg(100);
             let ((next, keys),): ((u64, Vec<String>),) = self.run(pipe).await?;
-            let service_prefix = format!("{}service:", self.prefix);
             names.extend(
                 keys.iter()
                     .filter_map(|key| key.strip_prefix(&service_prefix).map(str::to_owned)),
