@@ -1,0 +1,840 @@
+//! [`Cache`]: the tiers, the in-flight fills, invalidation and stats, shared by every layer built from it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use http::HeaderMap;
+use redis::aio::ConnectionLike;
+use tokio::sync::watch;
+use tower_breaker::CircuitBreaker;
+
+use crate::entry::Entry;
+use crate::error::ConfigError;
+use crate::layer::CacheLayer;
+use crate::memory::MemoryTier;
+use crate::policy::variant_matches;
+use crate::stats::{CacheStats, Stats, Tier};
+use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
+
+/// The shared cache behind every [`CacheLayer`] made from it: a bounded memory tier, an optional Redis tier
+/// guarded by a circuit breaker, the fills in flight, and the stats. Cloning is an `Arc` bump.
+#[derive(Clone)]
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) memory: Option<MemoryTier>,
+    pub(crate) redis: Option<RedisTier>,
+    flights: DashMap<String, Arc<watch::Sender<Option<Arc<Entry>>>>>,
+    pub(crate) stats: Stats,
+    pub(crate) name: String,
+    pub(crate) fill_lock: Option<Duration>,
+    instance: String,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
+}
+
+pub(crate) struct RedisTier {
+    pub(crate) store: Box<dyn Store>,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) timeout: Duration,
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.inner.name)
+            .field("memory", &self.inner.memory)
+            .field("redis", &self.inner.redis.is_some())
+            .finish()
+    }
+}
+
+/// Builds a [`Cache`]; see [`Cache::builder`].
+#[must_use]
+pub struct CacheBuilder {
+    memory_capacity: u64,
+    redis: Option<Box<dyn FnOnce(Keys) -> Box<dyn Store> + Send>>,
+    prefix: String,
+    timeout: Duration,
+    breaker: Option<CircuitBreaker>,
+    subscriber: Option<redis::Client>,
+    fill_lock: Option<Duration>,
+    name: String,
+}
+
+impl fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("memory_capacity", &self.memory_capacity)
+            .field("redis", &self.redis.is_some())
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("fill_lock", &self.fill_lock)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheBuilder {
+    /// Bytes the memory tier may hold (bodies, headers and bookkeeping); 100 MiB by default, 0 turns it off.
+    pub fn memory_capacity(mut self, bytes: u64) -> Self {
+        self.memory_capacity = bytes;
+        self
+    }
+
+    /// Uses Redis as the shared tier through `connection` (a `ConnectionManager`, a `MultiplexedConnection`, a
+    /// cluster connection, ...). Without it the cache is memory-only.
+    pub fn redis<C>(mut self, connection: C) -> Self
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.redis = Some(Box::new(move |keys| {
+            Box::new(RedisStore::new(connection, keys))
+        }));
+        self
+    }
+
+    /// The prefix of every Redis key and of the invalidation channel (`"cache:"` by default).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long one Redis call may take before the cache goes on without it (200 ms by default). Reads count
+    /// against the request; writes run in the background.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Guards Redis with this breaker instead of the default one (opens after 3 failures in a row, probes after
+    /// 500 ms).
+    pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Subscribes through `client` to the invalidation channel, so invalidations made by other instances also
+    /// clear this instance's memory tier. On a Cluster, a client for any one node will do.
+    pub fn subscribe(mut self, client: redis::Client) -> Self {
+        self.subscriber = Some(client);
+        self
+    }
+
+    /// Coalesces misses across instances too: the instance that misses first takes a Redis lock for at most
+    /// `ttl` while it fills the entry, and the others wait for the entry instead of calling the origin. The lock
+    /// fails open: when Redis errors or the lock outlives `ttl`, the others go to the origin.
+    pub fn fill_lock(mut self, ttl: Duration) -> Self {
+        self.fill_lock = Some(ttl);
+        self
+    }
+
+    /// The cache's name in `Cache-Status` (`"tower-redis-cache"` by default).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Builds the cache.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when the Redis timeout or the fill lock is zero, the name is not a valid `Cache-Status`
+    /// token, or [`subscribe`](Self::subscribe) was used outside a Tokio runtime.
+    pub fn build(self) -> Result<Cache, ConfigError> {
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new(
+                "redis_timeout",
+                "the Redis timeout must be above zero",
+            ));
+        }
+        if self
+            .fill_lock
+            .is_some_and(|ttl| ttl < Duration::from_millis(1))
+        {
+            return Err(ConfigError::new(
+                "fill_lock",
+                "the fill lock must last at least 1 ms",
+            ));
+        }
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&byte))
+        {
+            return Err(ConfigError::new(
+                "name",
+                "the Cache-Status name must be a token (letters, digits and !#$%&'*+-.^_`|~:/)",
+            ));
+        }
+        let keys = Keys::new(self.prefix);
+        let redis = match self.redis {
+            Some(make) => {
+                let breaker = match self.breaker {
+                    Some(breaker) => breaker,
+                    None => CircuitBreaker::builder()
+                        .name(format!("{}-redis", self.name))
+                        .consecutive_failures(3)
+                        .no_failure_rate()
+                        .open_for(Duration::from_millis(500))
+                        .half_open_permits(1)
+                        .half_open_max_wait(Duration::from_secs(2))
+                        .build()
+                        .map_err(|error| ConfigError::new("breaker", error.to_string()))?,
+                };
+                Some(RedisTier {
+                    store: make(keys.clone()),
+                    breaker,
+                    timeout: self.timeout,
+                })
+            }
+            None => None,
+        };
+        let instance = format!("{:016x}", rand_u64());
+        let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
+        let listener = match self.subscriber {
+            Some(client) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                    ConfigError::new(
+                        "subscribe",
+                        "build the cache inside a Tokio runtime to subscribe",
+                    )
+                })?;
+                let memory = memory.clone();
+                Some(runtime.spawn(listen(client, keys.channel(), instance.clone(), memory)))
+            }
+            None => None,
+        };
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                memory,
+                redis,
+                flights: DashMap::new(),
+                stats: Stats::default(),
+                name: self.name,
+                fill_lock: self.fill_lock,
+                instance,
+                listener,
+            }),
+        })
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
+pub(crate) fn spawn<F>(future: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    // Outside a runtime there is nothing to run background work on; it is skipped (the cache stays correct).
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(future);
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+/// Where a fill stands: the leader publishes the entry it ends with; waiters see the channel close when the leader
+/// gives up (uncacheable response, error, cancelled request).
+pub(crate) enum Flight {
+    Lead(FlightGuard),
+    Wait(watch::Receiver<Option<Arc<Entry>>>),
+}
+
+/// Held by the request filling a key; dropping it ends the flight.
+pub(crate) struct FlightGuard {
+    cache: Cache,
+    key: String,
+    sender: Arc<watch::Sender<Option<Arc<Entry>>>>,
+}
+
+impl FlightGuard {
+    pub(crate) fn publish(&self, entry: Arc<Entry>) {
+        self.sender.send_replace(Some(entry));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.cache
+            .inner
+            .flights
+            .remove_if(&self.key, |_, sender| Arc::ptr_eq(sender, &self.sender));
+    }
+}
+
+/// How an invalidation is described on the channel.
+enum Message<'a> {
+    Keys(&'a [String]),
+    Prefix(&'a str),
+    All,
+}
+
+impl Cache {
+    /// A builder: memory tier of 100 MiB, no Redis.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder {
+            memory_capacity: 100 * 1024 * 1024,
+            redis: None,
+            prefix: "cache:".to_owned(),
+            timeout: Duration::from_millis(200),
+            breaker: None,
+            subscriber: None,
+            fill_lock: None,
+            name: "tower-redis-cache".to_owned(),
+        }
+    }
+
+    /// A layer caching with this cache and the default per-route settings (standards mode: only responses that say
+    /// how long they are fresh are stored).
+    pub fn layer(&self) -> CacheLayer {
+        CacheLayer::new(self.clone())
+    }
+
+    /// The breaker guarding Redis, when there is a Redis tier.
+    pub fn breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.redis.as_ref().map(|redis| &redis.breaker)
+    }
+
+    /// Counters, tier usage and the Redis breaker's state.
+    pub fn stats(&self) -> CacheStats {
+        let memory = self.inner.memory.as_ref().map(|memory| {
+            let (bytes, entries) = memory.usage();
+            (bytes, entries, memory.capacity())
+        });
+        self.inner.stats.snapshot(
+            memory,
+            self.inner.redis.as_ref().map(|redis| redis.breaker.state()),
+        )
+    }
+
+    /// The Redis key an entry for `key` is stored under (for inspection; see the README's key layout).
+    pub fn redis_key(&self, key: &str) -> Option<String> {
+        self.inner
+            .redis
+            .as_ref()
+            .map(|redis| redis.store.entry_key(key))
+    }
+
+    /// Removes every variant stored under these cache keys, here and (through Redis) on every instance.
+    /// Returns how many Redis entries were deleted.
+    ///
+    /// # Errors
+    ///
+    /// The Redis error, or a timeout, when Redis could not be reached; the memory tier is cleared regardless.
+    pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
+        if let Some(memory) = &self.inner.memory {
+            for key in keys {
+                memory.remove(key);
+            }
+        }
+        self.inner
+            .stats
+            .invalidations
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let Some(redis) = &self.inner.redis else {
+            return Ok(0);
+        };
+        let deleted = admin(redis, redis.store.delete(keys)).await?;
+        self.announce(redis, Message::Keys(keys)).await;
+        Ok(deleted)
+    }
+
+    /// Removes every entry whose cache key starts with `prefix` (for the default key, a URL prefix such as
+    /// `"http://api.example.com/users/"`), here and on every instance. Returns how many keys were removed from Redis.
+    ///
+    /// # Errors
+    ///
+    /// As for [`invalidate`](Self::invalidate).
+    pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
+        if let Some(memory) = &self.inner.memory {
+            memory.remove_prefix(prefix);
+        }
+        self.inner
+            .stats
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(redis) = &self.inner.redis else {
+            return Ok(0);
+        };
+        let keys = admin(redis, redis.store.keys_with_prefix(prefix)).await?;
+        let deleted = admin(redis, redis.store.delete(&keys)).await?;
+        self.announce(redis, Message::Prefix(prefix)).await;
+        Ok(deleted)
+    }
+
+    /// Removes every entry stored with this tag (from the `Surrogate-Key` response header or the route's tag
+    /// function), here and on every instance. Returns how many Redis entries were deleted.
+    ///
+    /// # Errors
+    ///
+    /// As for [`invalidate`](Self::invalidate). Without Redis, tags are not tracked and this is an error.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
+        let Some(redis) = &self.inner.redis else {
+            return Err(InvalidateError::NoRedis);
+        };
+        let keys = admin(redis, redis.store.tagged(tag)).await?;
+        if let Some(memory) = &self.inner.memory {
+            for key in &keys {
+                memory.remove(key);
+            }
+        }
+        self.inner
+            .stats
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
+        let deleted = admin(redis, redis.store.delete(&keys)).await?;
+        admin(redis, redis.store.forget_tag(tag)).await?;
+        self.announce(redis, Message::Keys(&keys)).await;
+        Ok(deleted)
+    }
+
+    /// Empties the memory tier here and on every subscribed instance. Redis entries stay (they expire by their TTL;
+    /// use [`invalidate_prefix`](Self::invalidate_prefix) with `""` to remove them all).
+    pub async fn clear_memory(&self) {
+        if let Some(memory) = &self.inner.memory {
+            memory.clear();
+        }
+        if let Some(redis) = &self.inner.redis {
+            self.announce(redis, Message::All).await;
+        }
+    }
+
+    async fn announce(&self, redis: &RedisTier, message: Message<'_>) {
+        let mut text = format!("{}\n", self.inner.instance);
+        match message {
+            Message::Keys([]) => return,
+            Message::Keys(keys) => {
+                text.push('k');
+                for key in keys {
+                    text.push('\n');
+                    text.push_str(key);
+                }
+            }
+            Message::Prefix(prefix) => {
+                text.push_str("p\n");
+                text.push_str(prefix);
+            }
+            Message::All => text.push('*'),
+        }
+        if let Err(error) = admin(redis, redis.store.publish(&text)).await {
+            tracing::warn!(%error, "could not announce an invalidation to other instances");
+        }
+    }
+
+    /// The entry for this request from the memory tier.
+    pub(crate) fn memory_lookup(&self, key: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
+        let memory = self.inner.memory.as_ref()?;
+        let slot = memory.get(key)?;
+        slot.variants
+            .iter()
+            .find(|entry| variant_matches(entry, request))
+            .cloned()
+    }
+
+    /// The `Vary` the memory tier last saw for this key, to read the right variant from Redis in one round trip.
+    pub(crate) fn known_vary(&self, key: &str) -> Option<Arc<str>> {
+        Some(self.inner.memory.as_ref()?.get(key)?.vary.clone())
+    }
+
+    /// Joins the fill in flight for `key`, or starts one.
+    pub(crate) fn flight(&self, key: &str) -> Flight {
+        match self.inner.flights.entry(key.to_owned()) {
+            MapEntry::Occupied(occupied) => Flight::Wait(occupied.get().subscribe()),
+            MapEntry::Vacant(vacant) => {
+                let sender = Arc::new(watch::Sender::new(None));
+                vacant.insert(sender.clone());
+                Flight::Lead(FlightGuard {
+                    cache: self.clone(),
+                    key: key.to_owned(),
+                    sender,
+                })
+            }
+        }
+    }
+
+    /// Starts a flight only when none is running (a background refresh).
+    pub(crate) fn try_lead(&self, key: &str) -> Option<FlightGuard> {
+        match self.flight(key) {
+            Flight::Lead(guard) => Some(guard),
+            Flight::Wait(_) => None,
+        }
+    }
+
+    /// Stores a complete entry in the memory tier now and in Redis in the background.
+    pub(crate) fn store(
+        &self,
+        key: &str,
+        vary: &str,
+        entry: &Arc<Entry>,
+        keep_ms: u64,
+        tags: Vec<String>,
+        lock: Option<String>,
+    ) {
+        self.inner.stats.stores.fetch_add(1, Ordering::Relaxed);
+        let keep = Duration::from_millis(keep_ms);
+        if let Some(memory) = &self.inner.memory {
+            memory.insert(key, vary, entry, keep);
+        }
+        if self.inner.redis.is_none() || keep_ms == 0 {
+            if let Some(token) = lock {
+                let cache = self.clone();
+                let key = key.to_owned();
+                spawn(async move { cache.unlock(&key, &token).await });
+            }
+            return;
+        }
+        let write = Write {
+            key: key.to_owned(),
+            vary: vary.to_owned(),
+            field: variant_field(&entry.selecting),
+            bytes: entry.encode(),
+            ttl_ms: keep_ms,
+            now_ms: now_ms(),
+            tags,
+        };
+        let cache = self.clone();
+        let key = key.to_owned();
+        spawn(async move {
+            cache.write(write).await;
+            // Other instances waiting on our fill lock find the entry now; release it for the next fill.
+            if let Some(token) = lock {
+                cache.unlock(&key, &token).await;
+            }
+        });
+    }
+
+    async fn write(&self, write: Write) {
+        {
+            let cache = self;
+            let Some(redis) = &cache.inner.redis else {
+                return;
+            };
+            let Ok(permit) = redis.breaker.try_acquire() else {
+                cache
+                    .inner
+                    .stats
+                    .redis_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            // Writes may carry large bodies: allow them a few timeouts before calling Redis unreachable.
+            match tokio::time::timeout(redis.timeout * 4, redis.store.write(write)).await {
+                Ok(Ok(())) => permit.success(),
+                Ok(Err(error)) => {
+                    permit.failure();
+                    cache
+                        .inner
+                        .stats
+                        .redis_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "could not store a response in Redis");
+                }
+                Err(_) => {
+                    permit.timeout();
+                    cache
+                        .inner
+                        .stats
+                        .redis_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("storing a response in Redis timed out");
+                }
+            }
+        }
+    }
+
+    /// Reads the variant for this request from Redis: `Ok(None)` on a miss, `Err(())` when Redis failed, timed out
+    /// or its breaker is open (the caller goes on without it).
+    pub(crate) async fn redis_lookup(
+        &self,
+        key: &str,
+        request: &HeaderMap,
+        rules: &crate::policy::Rules,
+    ) -> Result<Option<Arc<Entry>>, ()> {
+        let Some(redis) = &self.inner.redis else {
+            return Ok(None);
+        };
+        let guess_vary = self.known_vary(key);
+        let guess_field = guess_vary
+            .as_deref()
+            .map_or_else(|| PLAIN_FIELD.to_owned(), |vary| field_for(vary, request));
+        let read = self
+            .redis_call(redis, redis.store.read(key, &guess_field))
+            .await?;
+        let Some(vary) = read.vary else {
+            return Ok(None);
+        };
+        let field = field_for(&vary, request);
+        let bytes = if field == guess_field {
+            read.entry
+        } else {
+            self.redis_call(redis, redis.store.read_field(key, &field))
+                .await?
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        let Some(entry) = Entry::decode(bytes) else {
+            self.inner.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                key,
+                "an entry in Redis did not decode; treating it as a miss"
+            );
+            return Ok(None);
+        };
+        if !variant_matches(&entry, request) {
+            return Ok(None);
+        }
+        let entry = Arc::new(entry);
+        if let Some(memory) = &self.inner.memory {
+            // Promote for as long as it stays useful; the Redis TTL already bounds it.
+            let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
+            memory.insert(key, &vary, &entry, Duration::from_millis(keep));
+        }
+        Ok(Some(entry))
+    }
+
+    async fn redis_call<T>(
+        &self,
+        redis: &RedisTier,
+        call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
+    ) -> Result<T, ()> {
+        let Ok(permit) = redis.breaker.try_acquire() else {
+            self.inner
+                .stats
+                .redis_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(());
+        };
+        let started = Instant::now();
+        match tokio::time::timeout(redis.timeout, call).await {
+            Ok(Ok(value)) => {
+                permit.success();
+                self.inner.stats.redis_latency(started.elapsed());
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                permit.failure();
+                self.inner
+                    .stats
+                    .redis_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "Redis read failed; going on without the shared tier");
+                Err(())
+            }
+            Err(_) => {
+                permit.timeout();
+                self.inner
+                    .stats
+                    .redis_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    timeout_ms = redis.timeout.as_millis(),
+                    "Redis read timed out; going on without the shared tier"
+                );
+                Err(())
+            }
+        }
+    }
+
+    /// Tries the cross-instance fill lock; `None` when it is not configured or Redis is unavailable.
+    pub(crate) async fn lock(&self, key: &str, token: &str) -> Option<bool> {
+        let ttl = self.inner.fill_lock?;
+        let redis = self.inner.redis.as_ref()?;
+        self.redis_call(
+            redis,
+            redis.store.lock(key, token, crate::policy::millis(ttl)),
+        )
+        .await
+        .ok()
+    }
+
+    pub(crate) async fn unlock(&self, key: &str, token: &str) {
+        if let Some(redis) = &self.inner.redis {
+            let _ = self.redis_call(redis, redis.store.unlock(key, token)).await;
+        }
+    }
+
+    pub(crate) fn hit(&self, tier: Tier) {
+        self.inner.stats.hit(tier);
+    }
+
+    pub(crate) fn token(&self) -> String {
+        format!("{}-{:016x}", self.inner.instance, rand_u64())
+    }
+}
+
+/// An admin call: the same timeout as reads, but not counted against the breaker (an admin call failing says
+/// nothing new about the request path).
+async fn admin<T>(
+    redis: &RedisTier,
+    call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
+) -> Result<T, InvalidateError> {
+    match tokio::time::timeout(redis.timeout * 4, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(InvalidateError::Redis(error)),
+        Err(_) => Err(InvalidateError::Timeout),
+    }
+}
+
+/// The hash field of the variant `request` selects under `vary` (comma-separated lowercase names).
+pub(crate) fn field_for(vary: &str, request: &HeaderMap) -> String {
+    if vary.is_empty() {
+        return PLAIN_FIELD.to_owned();
+    }
+    let selecting: Vec<_> = vary
+        .split(',')
+        .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+        .map(|name| {
+            let value = crate::policy::selecting_value(request, &name);
+            (name, value)
+        })
+        .collect();
+    variant_field(&selecting)
+}
+
+/// A stable name for a variant: FNV-1a over the selecting headers. Collisions only cost a miss, because the entry
+/// keeps the selecting values and is checked on every read.
+pub(crate) fn variant_field(selecting: &[(http::HeaderName, Option<http::HeaderValue>)]) -> String {
+    if selecting.is_empty() {
+        return PLAIN_FIELD.to_owned();
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for (name, value) in selecting {
+        feed(name.as_str().as_bytes());
+        match value {
+            Some(value) => {
+                feed(b"=");
+                feed(value.as_bytes());
+            }
+            None => feed(b"!"),
+        }
+        feed(b"\n");
+    }
+    format!("v{hash:016x}")
+}
+
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    instance: String,
+    memory: Option<MemoryTier>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = subscribed {
+            backoff = Duration::from_millis(100);
+            // Whatever was invalidated while we were not listening may still sit in memory: start clean.
+            if let Some(memory) = &memory {
+                memory.clear();
+            }
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = futures_next(&mut messages).await {
+                let Ok(text) = message.get_payload::<String>() else {
+                    continue;
+                };
+                apply(&text, &instance, memory.as_ref());
+            }
+            tracing::warn!("the cache's invalidation subscription ended; resubscribing");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn futures_next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>) {
+    let Some(memory) = memory else { return };
+    let mut lines = text.split('\n');
+    if lines.next() == Some(instance) {
+        return;
+    }
+    match lines.next() {
+        Some("k") => {
+            for key in lines {
+                memory.remove(key);
+            }
+        }
+        Some("p") => {
+            let prefix = lines.collect::<Vec<_>>().join("\n");
+            memory.remove_prefix(&prefix);
+        }
+        Some("*") => memory.clear(),
+        _ => tracing::debug!("ignoring an invalidation message in an unknown format"),
+    }
+}
+
+/// Why an invalidation could not reach Redis.
+#[derive(Debug)]
+pub enum InvalidateError {
+    /// Redis answered with an error.
+    Redis(redis::RedisError),
+    /// Redis did not answer in time.
+    Timeout,
+    /// The operation needs the Redis tier and the cache has none.
+    NoRedis,
+}
+
+impl fmt::Display for InvalidateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Redis(error) => write!(f, "redis error: {error}"),
+            Self::Timeout => f.write_str("redis did not answer in time"),
+            Self::NoRedis => f.write_str("this needs a Redis tier and the cache has none"),
+        }
+    }
+}
+
+impl std::error::Error for InvalidateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Redis(error) => Some(error),
+            _ => None,
+        }
+    }
+}

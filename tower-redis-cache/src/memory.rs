@@ -1,0 +1,146 @@
+//! The in-memory tier: a bytes-bounded TinyLFU cache (moka) of the variants stored under each cache key.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+
+use crate::entry::Entry;
+
+/// Variants beyond this many per key push out the oldest (a `Vary` on a high-cardinality header must not grow
+/// without bound).
+pub(crate) const MAX_VARIANTS: usize = 16;
+
+/// Everything stored under one cache key: the `Vary` it was stored with and its variants, newest first.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) vary: Arc<str>,
+    pub(crate) variants: Vec<Arc<Entry>>,
+    expires_at: Instant,
+    weight: u32,
+}
+
+struct UntilDeadline;
+
+impl Expiry<Arc<str>, Arc<Slot>> for UntilDeadline {
+    fn expire_after_create(
+        &self,
+        _: &Arc<str>,
+        slot: &Arc<Slot>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(slot.expires_at.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Arc<str>,
+        slot: &Arc<Slot>,
+        updated_at: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(slot.expires_at.saturating_duration_since(updated_at))
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct MemoryTier {
+    cache: moka::sync::Cache<Arc<str>, Arc<Slot>>,
+    capacity: u64,
+}
+
+impl std::fmt::Debug for MemoryTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTier")
+            .field("capacity", &self.capacity)
+            .field("weighted_size", &self.cache.weighted_size())
+            .finish()
+    }
+}
+
+impl MemoryTier {
+    pub(crate) fn new(capacity: u64) -> Self {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|key: &Arc<str>, slot: &Arc<Slot>| {
+                slot.weight.saturating_add(key.len() as u32)
+            })
+            .expire_after(UntilDeadline)
+            .build();
+        Self { cache, capacity }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Slot>> {
+        self.cache.get(key)
+    }
+
+    /// Stores `entry` as a variant of `key` for `keep` from now. A different `Vary` replaces every variant.
+    pub(crate) fn insert(&self, key: &str, vary: &str, entry: &Arc<Entry>, keep: Duration) {
+        let weight = entry.weight();
+        if keep.is_zero() || weight as u64 + key.len() as u64 > self.capacity / 2 {
+            // Too large to share the tier sensibly; Redis still holds it.
+            self.cache.invalidate(key);
+            return;
+        }
+        let expires_at = Instant::now() + keep;
+        let key: Arc<str> = Arc::from(key);
+        self.cache.entry(key).and_upsert_with(|existing| {
+            let mut variants = vec![entry.clone()];
+            let mut expires = expires_at;
+            if let Some(existing) = existing.map(|existing| existing.into_value())
+                && *existing.vary == *vary
+            {
+                variants.extend(
+                    existing
+                        .variants
+                        .iter()
+                        .filter(|old| old.selecting != entry.selecting)
+                        .take(MAX_VARIANTS - 1)
+                        .cloned(),
+                );
+                expires = expires.max(existing.expires_at);
+            }
+            let weight = variants
+                .iter()
+                .map(|variant| variant.weight())
+                .sum::<usize>();
+            Arc::new(Slot {
+                vary: Arc::from(vary),
+                variants,
+                expires_at: expires,
+                weight: u32::try_from(weight).unwrap_or(u32::MAX),
+            })
+        });
+    }
+
+    pub(crate) fn remove(&self, key: &str) {
+        self.cache.invalidate(key);
+    }
+
+    pub(crate) fn remove_prefix(&self, prefix: &str) -> usize {
+        let doomed: Vec<Arc<Arc<str>>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            self.cache.invalidate(&**key);
+        }
+        doomed.len()
+    }
+
+    pub(crate) fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Bytes held now (after moka's pending maintenance has run) and entries.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks();
+        (self.cache.weighted_size(), self.cache.entry_count())
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}

@@ -1,0 +1,380 @@
+//! The Redis tier: entries, the key index, tags, the cross-instance fill lock, and the invalidation channel.
+//!
+//! The connection type is erased behind [`Store`] so the layer and its service are not generic over it.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use redis::aio::ConnectionLike;
+use redis::{RedisResult, Script};
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The hash field holding the `Vary` a key's variants were stored with.
+pub(crate) const VARY_FIELD: &str = "~vary";
+/// The hash field of the one variant of a response without `Vary`.
+pub(crate) const PLAIN_FIELD: &str = "~";
+/// More variants than this under one key start the key afresh.
+const MAX_FIELDS: usize = 64;
+
+/// Writes one variant: a key of the wrong type, a different `Vary`, or too many variants start the hash afresh; the
+/// TTL only ever grows.
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+local kind = redis.call('TYPE', key).ok
+if kind ~= 'none' then
+  if kind ~= 'hash' or redis.call('HGET', key, '~vary') ~= ARGV[1]
+     or redis.call('HLEN', key) > tonumber(ARGV[5]) then
+    redis.call('DEL', key)
+  end
+end
+redis.call('HSET', key, '~vary', ARGV[1], ARGV[2], ARGV[3])
+local ttl = tonumber(ARGV[4])
+if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+return 1
+",
+    )
+});
+
+/// Adds a member to a sorted set scored by expiry, drops expired members, and keeps the set alive as long as its
+/// longest-lived member.
+static INDEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+if redis.call('TYPE', key).ok ~= 'zset' then redis.call('DEL', key) end
+redis.call('ZADD', key, ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
+local ttl = tonumber(ARGV[4])
+if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+return 1
+",
+    )
+});
+
+/// Releases the fill lock only if it is still ours.
+static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+/// What one read of a key returned.
+#[derive(Debug, Default)]
+pub(crate) struct Read {
+    /// The `Vary` the key's variants were stored with (`""` for none); `None` when the key does not exist.
+    pub(crate) vary: Option<String>,
+    /// The requested variant's bytes.
+    pub(crate) entry: Option<Bytes>,
+}
+
+/// A write of one variant.
+#[derive(Debug)]
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) vary: String,
+    pub(crate) field: String,
+    pub(crate) bytes: Bytes,
+    pub(crate) ttl_ms: u64,
+    pub(crate) now_ms: u64,
+    pub(crate) tags: Vec<String>,
+}
+
+/// The Redis operations the cache needs, over any connection.
+pub(crate) trait Store: Send + Sync + 'static {
+    fn read<'a>(&'a self, key: &'a str, field: &'a str) -> BoxFuture<'a, RedisResult<Read>>;
+    fn read_field<'a>(
+        &'a self,
+        key: &'a str,
+        field: &'a str,
+    ) -> BoxFuture<'a, RedisResult<Option<Bytes>>>;
+    fn write(&self, write: Write) -> BoxFuture<'_, RedisResult<()>>;
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, RedisResult<u64>>;
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>>;
+    fn tagged<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>>;
+    fn forget_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<()>>;
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, RedisResult<bool>>;
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, RedisResult<()>>;
+    fn publish<'a>(&'a self, message: &'a str) -> BoxFuture<'a, RedisResult<()>>;
+    /// The Redis key of an entry, for tests and documentation.
+    fn entry_key(&self, key: &str) -> String;
+}
+
+/// Redis key names under a prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: String) -> Self {
+        Self { prefix }
+    }
+
+    /// `{prefix}e:{<key>}`: the whole cache key is the Cluster hash tag.
+    pub(crate) fn entry(&self, key: &str) -> String {
+        format!("{}e:{{{}}}", self.prefix, tag_safe(key))
+    }
+
+    pub(crate) fn lock(&self, key: &str) -> String {
+        format!("{}l:{{{}}}", self.prefix, tag_safe(key))
+    }
+
+    pub(crate) fn tag(&self, tag: &str) -> String {
+        format!("{}t:{{{}}}", self.prefix, tag_safe(tag))
+    }
+
+    pub(crate) fn index(&self) -> String {
+        format!("{}index", self.prefix)
+    }
+
+    pub(crate) fn channel(&self) -> String {
+        format!("{}invalidate", self.prefix)
+    }
+}
+
+/// Escapes what would end the Cluster hash tag early.
+fn tag_safe(key: &str) -> Cow<'_, str> {
+    if key.contains(['{', '}', '%']) {
+        Cow::Owned(
+            key.replace('%', "%25")
+                .replace('{', "%7B")
+                .replace('}', "%7D"),
+        )
+    } else {
+        Cow::Borrowed(key)
+    }
+}
+
+pub(crate) struct RedisStore<C> {
+    connection: C,
+    keys: Keys,
+}
+
+impl<C> RedisStore<C> {
+    pub(crate) fn new(connection: C, keys: Keys) -> Self {
+        Self { connection, keys }
+    }
+}
+
+fn is_wrong_type(error: &redis::RedisError) -> bool {
+    error.code() == Some("WRONGTYPE")
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn read<'a>(&'a self, key: &'a str, field: &'a str) -> BoxFuture<'a, RedisResult<Read>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let reply: RedisResult<(Option<String>, Option<Vec<u8>>)> = redis::cmd("HMGET")
+                .arg(self.keys.entry(key))
+                .arg(VARY_FIELD)
+                .arg(field)
+                .query_async(&mut connection)
+                .await;
+            match reply {
+                Ok((vary, entry)) => Ok(Read {
+                    vary,
+                    entry: entry.map(Bytes::from),
+                }),
+                // Something else lives under our key (garbage written by hand, an old format): a miss.
+                Err(error) if is_wrong_type(&error) => Ok(Read::default()),
+                Err(error) => Err(error),
+            }
+        })
+    }
+
+    fn read_field<'a>(
+        &'a self,
+        key: &'a str,
+        field: &'a str,
+    ) -> BoxFuture<'a, RedisResult<Option<Bytes>>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let reply: RedisResult<Option<Vec<u8>>> = redis::cmd("HGET")
+                .arg(self.keys.entry(key))
+                .arg(field)
+                .query_async(&mut connection)
+                .await;
+            match reply {
+                Ok(bytes) => Ok(bytes.map(Bytes::from)),
+                Err(error) if is_wrong_type(&error) => Ok(None),
+                Err(error) => Err(error),
+            }
+        })
+    }
+
+    fn write(&self, write: Write) -> BoxFuture<'_, RedisResult<()>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let ttl = write.ttl_ms.max(1);
+            let expires = write.now_ms.saturating_add(ttl);
+            let () = WRITE
+                .key(self.keys.entry(&write.key))
+                .arg(&write.vary)
+                .arg(&write.field)
+                .arg(write.bytes.as_ref())
+                .arg(ttl)
+                .arg(MAX_FIELDS)
+                .invoke_async::<i64>(&mut connection)
+                .await
+                .map(drop)?;
+            // The index and the tag sets live in other hash slots, so they are separate calls (not atomic with the
+            // write: a crash in between leaves an index member whose entry expires on its own).
+            let mut sets = vec![self.keys.index()];
+            sets.extend(write.tags.iter().map(|tag| self.keys.tag(tag)));
+            for set in sets {
+                INDEX
+                    .key(set)
+                    .arg(&write.key)
+                    .arg(expires)
+                    .arg(write.now_ms)
+                    .arg(ttl)
+                    .invoke_async::<i64>(&mut connection)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, RedisResult<u64>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let mut connection = self.connection.clone();
+            let mut del = redis::cmd("DEL");
+            for key in keys {
+                del.arg(self.keys.entry(key));
+            }
+            // DEL with keys in several slots is split per node by the cluster client.
+            let deleted: u64 = del.query_async(&mut connection).await?;
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(self.keys.index()).arg(keys);
+            let _: RedisResult<u64> = zrem.query_async(&mut connection).await;
+            Ok(deleted)
+        })
+    }
+
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut cursor: u64 = 0;
+            let mut found = Vec::new();
+            loop {
+                let reply: RedisResult<(u64, Vec<String>)> = redis::cmd("ZSCAN")
+                    .arg(self.keys.index())
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut connection)
+                    .await;
+                let (next, page) = match reply {
+                    Ok(reply) => reply,
+                    Err(error) if is_wrong_type(&error) => return Ok(found),
+                    Err(error) => return Err(error),
+                };
+                // ZSCAN pages alternate member, score.
+                found.extend(
+                    page.into_iter()
+                        .step_by(2)
+                        .filter(|member| member.starts_with(prefix)),
+                );
+                if next == 0 {
+                    return Ok(found);
+                }
+                cursor = next;
+            }
+        })
+    }
+
+    fn tagged<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let reply: RedisResult<Vec<String>> = redis::cmd("ZRANGE")
+                .arg(self.keys.tag(tag))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut connection)
+                .await;
+            match reply {
+                Err(error) if is_wrong_type(&error) => Ok(Vec::new()),
+                other => other,
+            }
+        })
+    }
+
+    fn forget_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            redis::cmd("DEL")
+                .arg(self.keys.tag(tag))
+                .query_async::<u64>(&mut connection)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, RedisResult<bool>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let reply: Option<String> = redis::cmd("SET")
+                .arg(self.keys.lock(key))
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .query_async(&mut connection)
+                .await?;
+            Ok(reply.is_some())
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            UNLOCK
+                .key(self.keys.lock(key))
+                .arg(token)
+                .invoke_async::<i64>(&mut connection)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn publish<'a>(&'a self, message: &'a str) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            redis::cmd("PUBLISH")
+                .arg(self.keys.channel())
+                .arg(message)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn entry_key(&self, key: &str) -> String {
+        self.keys.entry(key)
+    }
+}
