@@ -33,7 +33,7 @@ impl Reply {
         self.headers
             .get_all("cache-status")
             .iter()
-            .last()
+            .next_back()
             .map(|value| value.to_str().unwrap().to_owned())
             .unwrap_or_default()
     }
