@@ -679,6 +679,17 @@ impl Cache {
         .ok()
     }
 
+    /// Whether another instance still holds the fill lock (`false` when Redis cannot say: the lock fails open).
+    pub(crate) async fn locked(&self, key: &str) -> bool {
+        match &self.inner.redis {
+            Some(redis) => self
+                .redis_call(redis, redis.store.locked(key))
+                .await
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
     pub(crate) async fn unlock(&self, key: &str, token: &str) {
         if let Some(redis) = &self.inner.redis {
             let _ = self.redis_call(redis, redis.store.unlock(key, token)).await;

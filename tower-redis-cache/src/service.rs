@@ -476,7 +476,8 @@ impl Call {
         }
     }
 
-    /// Polls Redis for the entry another instance is filling, until its lock would have expired.
+    /// Polls Redis for the entry another instance is filling, until that instance releases its lock or the lock
+    /// would have expired.
     async fn await_other_instance(
         &self,
         key: &str,
@@ -506,6 +507,11 @@ impl Call {
                 Ok(None) => {}
                 // The lock fails open: Redis trouble sends us to the origin.
                 Err(()) => return None,
+            }
+            // The holder released its lock without storing what this request needs (another variant, or a
+            // response that was not storable): waiting longer cannot help.
+            if !self.cache.locked(key).await {
+                return None;
             }
         }
         None

@@ -108,6 +108,7 @@ pub(crate) trait Store: Send + Sync + 'static {
         ttl_ms: u64,
     ) -> BoxFuture<'a, RedisResult<bool>>;
     fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, RedisResult<()>>;
+    fn locked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, RedisResult<bool>>;
     fn publish<'a>(&'a self, message: &'a str) -> BoxFuture<'a, RedisResult<()>>;
     /// The Redis key of an entry, for tests and documentation.
     fn entry_key(&self, key: &str) -> String;
@@ -359,6 +360,17 @@ where
                 .invoke_async::<i64>(&mut connection)
                 .await
                 .map(drop)
+        })
+    }
+
+    fn locked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, RedisResult<bool>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let exists: u64 = redis::cmd("EXISTS")
+                .arg(self.keys.lock(key))
+                .query_async(&mut connection)
+                .await?;
+            Ok(exists == 1)
         })
     }
 
