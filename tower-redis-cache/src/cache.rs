@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -17,7 +16,7 @@ use crate::error::ConfigError;
 use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
 use crate::policy::variant_matches;
-use crate::stats::{CacheStats, Stats, Tier};
+use crate::stats::{CacheStats, Event, Stats, Tier};
 use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
 
 /// The shared cache behind every [`CacheLayer`] made from it: a bounded memory tier, an optional Redis tier
@@ -224,7 +223,7 @@ impl CacheBuilder {
                 memory,
                 redis,
                 flights: DashMap::new(),
-                stats: Stats::default(),
+                stats: Stats::named(&self.name),
                 name: self.name,
                 fill_lock: self.fill_lock,
                 instance,
@@ -360,10 +359,7 @@ impl Cache {
                 memory.remove(key);
             }
         }
-        self.inner
-            .stats
-            .invalidations
-            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.inner.stats.bump(Event::Invalidations);
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
@@ -382,10 +378,7 @@ impl Cache {
         if let Some(memory) = &self.inner.memory {
             memory.remove_prefix(prefix);
         }
-        self.inner
-            .stats
-            .invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.bump(Event::Invalidations);
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
@@ -411,10 +404,7 @@ impl Cache {
                 memory.remove(key);
             }
         }
-        self.inner
-            .stats
-            .invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.bump(Event::Invalidations);
         let deleted = admin(redis, redis.store.delete(&keys)).await?;
         admin(redis, redis.store.forget_tag(tag)).await?;
         self.announce(redis, Message::Keys(&keys)).await;
@@ -503,7 +493,7 @@ impl Cache {
         tags: Vec<String>,
         lock: Option<String>,
     ) {
-        self.inner.stats.stores.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.bump(Event::Stores);
         let keep = Duration::from_millis(keep_ms);
         if let Some(memory) = &self.inner.memory {
             memory.insert(key, vary, entry, keep);
@@ -543,11 +533,7 @@ impl Cache {
                 return;
             };
             let Ok(permit) = redis.breaker.try_acquire() else {
-                cache
-                    .inner
-                    .stats
-                    .redis_skipped
-                    .fetch_add(1, Ordering::Relaxed);
+                cache.inner.stats.bump(Event::RedisSkipped);
                 return;
             };
             // Writes may carry large bodies: allow them a few timeouts before calling Redis unreachable.
@@ -555,20 +541,12 @@ impl Cache {
                 Ok(Ok(())) => permit.success(),
                 Ok(Err(error)) => {
                     permit.failure();
-                    cache
-                        .inner
-                        .stats
-                        .redis_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    cache.inner.stats.bump(Event::RedisErrors);
                     tracing::warn!(%error, "could not store a response in Redis");
                 }
                 Err(_) => {
                     permit.timeout();
-                    cache
-                        .inner
-                        .stats
-                        .redis_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
+                    cache.inner.stats.bump(Event::RedisTimeouts);
                     tracing::warn!("storing a response in Redis timed out");
                 }
             }
@@ -605,7 +583,7 @@ impl Cache {
         };
         let Some(bytes) = bytes else { return Ok(None) };
         let Some(entry) = Entry::decode(bytes) else {
-            self.inner.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.bump(Event::Undecodable);
             tracing::debug!(
                 key,
                 "an entry in Redis did not decode; treating it as a miss"
@@ -630,10 +608,7 @@ impl Cache {
         call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
     ) -> Result<T, ()> {
         let Ok(permit) = redis.breaker.try_acquire() else {
-            self.inner
-                .stats
-                .redis_skipped
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.bump(Event::RedisSkipped);
             return Err(());
         };
         let started = Instant::now();
@@ -645,19 +620,13 @@ impl Cache {
             }
             Ok(Err(error)) => {
                 permit.failure();
-                self.inner
-                    .stats
-                    .redis_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.bump(Event::RedisErrors);
                 tracing::warn!(%error, "Redis read failed; going on without the shared tier");
                 Err(())
             }
             Err(_) => {
                 permit.timeout();
-                self.inner
-                    .stats
-                    .redis_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.bump(Event::RedisTimeouts);
                 tracing::warn!(
                     timeout_ms = redis.timeout.as_millis(),
                     "Redis read timed out; going on without the shared tier"

@@ -220,8 +220,9 @@ pub(crate) fn evaluate(
     if request_cc.no_cache {
         return Use::Revalidate { by_request: true };
     }
+    // `max-age=0` is how clients ask for revalidation (a reload), even for a response stored this millisecond.
     if let Some(max_age) = request_cc.max_age
-        && timing.age > max_age.or(0).saturating_mul(1000)
+        && (timing.age > max_age.or(0).saturating_mul(1000) || max_age.or(0) == 0)
     {
         return Use::Revalidate { by_request: true };
     }

@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use crate::directives::CacheControl;
 use crate::entry::{Entry, Facts};
 use crate::layer::Route;
 use crate::policy::{self, Timing, Use};
-use crate::stats::Tier;
+use crate::stats::{Event, Tier};
 use crate::status::{CacheStatus, Forward};
 
 /// The future of a [`CacheService`] call.
@@ -154,7 +153,7 @@ impl Call {
             self.key(&parts)
         };
         let Some(key) = key else {
-            self.stats().bypassed.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::Bypassed);
             return self
                 .pass(
                     service,
@@ -170,7 +169,7 @@ impl Call {
         let mut candidate: Option<Arc<Entry>> = None;
         let mut by_request = false;
         if self.cache.inner.memory.is_some() {
-            self.stats().memory_lookups.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::MemoryLookups);
         }
         if let Some(entry) = self.cache.memory_lookup(&key, &parts.headers) {
             let timing = Timing::of(&entry, rules, now_ms());
@@ -214,7 +213,7 @@ impl Call {
         // 3. Redis, unless the request insists on the origin anyway.
         let mut redis_down = false;
         if !by_request && self.cache.inner.redis.is_some() {
-            self.stats().redis_lookups.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::RedisLookups);
             match self.cache.redis_lookup(&key, &parts.headers, rules).await {
                 Ok(Some(entry)) => {
                     let timing = Timing::of(&entry, rules, now_ms());
@@ -288,7 +287,7 @@ impl Call {
                     {
                         publish(guard.as_ref(), &entry);
                         let timing = Timing::of(&entry, rules, now_ms());
-                        self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
+                        self.stats().bump(Event::Collapsed);
                         return Ok(self.hit(&entry, Tier::Redis, &parts, timing, true));
                     }
                 }
@@ -304,7 +303,7 @@ impl Call {
             (None, _) => Forward::UriMiss,
         };
         if candidate.is_none() {
-            self.stats().misses.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::Misses);
         }
         let client = parts.clone();
         let fetched = self
@@ -459,11 +458,11 @@ impl Call {
         let timing = Timing::of(&entry, &self.route.rules, now_ms());
         match policy::evaluate(&entry, timing, request_cc, &self.route.rules) {
             Use::Fresh => {
-                self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
+                self.stats().bump(Event::Collapsed);
                 Some(self.hit(&entry, Tier::Memory, parts, timing, true))
             }
             Use::StaleAllowed | Use::StaleWhileRevalidate => {
-                self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
+                self.stats().bump(Event::Collapsed);
                 Some(self.stale(
                     &entry,
                     Tier::Memory,
@@ -543,7 +542,7 @@ impl Call {
         parts.headers.remove(IF_MODIFIED_SINCE);
         let validating = candidate.filter(|entry| policy::has_validators(&entry.facts));
         if let Some(entry) = validating {
-            self.stats().revalidations.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::Revalidations);
             if let Some(etag) = &entry.facts.etag {
                 parts.headers.insert(IF_NONE_MATCH, etag.clone());
             }
@@ -561,7 +560,7 @@ impl Call {
             Some(timeout) => match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
                 Err(_) => {
-                    self.stats().origin_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats().bump(Event::OriginErrors);
                     return Fetched::TimedOut;
                 }
             },
@@ -570,14 +569,14 @@ impl Call {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                self.stats().origin_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats().bump(Event::OriginErrors);
                 return Fetched::Failed(error);
             }
         };
         let response_time = now_ms();
         let status = response.status();
         if status.is_server_error() {
-            self.stats().origin_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::OriginErrors);
             if candidate.is_some() {
                 return Fetched::ServerError(response);
             }
@@ -585,7 +584,7 @@ impl Call {
         if status == StatusCode::NOT_MODIFIED
             && let Some(entry) = validating
         {
-            self.stats().not_modified.fetch_add(1, Ordering::Relaxed);
+            self.stats().bump(Event::NotModified);
             let (head, _) = response.into_parts();
             let refreshed = Arc::new(Entry::new(
                 entry.status,
@@ -622,7 +621,7 @@ impl Call {
         let (head, body) = response.into_parts();
         match verdict {
             Err(reason) => {
-                self.stats().not_stored.fetch_add(1, Ordering::Relaxed);
+                self.stats().bump(Event::NotStored);
                 // Dropping the guard now lets waiters go to the origin themselves; dropping the lock lets other
                 // instances do the same.
                 drop(guard);
@@ -721,9 +720,7 @@ impl Call {
         let Some(guard) = guard.or_else(|| self.cache.try_lead(&key)) else {
             return; // Someone is already refreshing this key.
         };
-        self.stats()
-            .background_refreshes
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats().bump(Event::BackgroundRefreshes);
         let call = self.clone();
         spawn(async move {
             match call
@@ -749,7 +746,7 @@ impl Call {
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     {
-        self.stats().bypassed.fetch_add(1, Ordering::Relaxed);
+        self.stats().bump(Event::Bypassed);
         let safe = matches!(*request.method(), Method::OPTIONS | Method::TRACE);
         let (parts, body) = request.into_parts();
         if parts.method.as_str() == "PURGE"
@@ -878,7 +875,7 @@ impl Call {
         why: &'static str,
     ) -> Response<CacheBody<B>> {
         self.cache.hit(tier);
-        self.stats().stale_served.fetch_add(1, Ordering::Relaxed);
+        self.stats().bump(Event::StaleServed);
         let status = CacheStatus::hit(timing.ttl_seconds()).detail(why);
         self.respond_from(entry, parts, timing, status)
     }

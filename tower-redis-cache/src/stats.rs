@@ -13,39 +13,181 @@ pub(crate) enum Tier {
     Redis,
 }
 
+/// Something the cache counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    MemoryLookups,
+    RedisLookups,
+    Misses,
+    StaleServed,
+    Revalidations,
+    NotModified,
+    BackgroundRefreshes,
+    Collapsed,
+    Bypassed,
+    Stores,
+    NotStored,
+    OriginErrors,
+    Invalidations,
+    Undecodable,
+    RedisErrors,
+    RedisTimeouts,
+    RedisSkipped,
+}
+
+impl Event {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    const ALL: [Self; 17] = [
+        Self::MemoryLookups,
+        Self::RedisLookups,
+        Self::Misses,
+        Self::StaleServed,
+        Self::Revalidations,
+        Self::NotModified,
+        Self::BackgroundRefreshes,
+        Self::Collapsed,
+        Self::Bypassed,
+        Self::Stores,
+        Self::NotStored,
+        Self::OriginErrors,
+        Self::Invalidations,
+        Self::Undecodable,
+        Self::RedisErrors,
+        Self::RedisTimeouts,
+        Self::RedisSkipped,
+    ];
+
+    /// The `event` label of the `metrics` counter.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::MemoryLookups => "memory_lookups",
+            Self::RedisLookups => "redis_lookups",
+            Self::Misses => "misses",
+            Self::StaleServed => "stale_served",
+            Self::Revalidations => "revalidations",
+            Self::NotModified => "not_modified",
+            Self::BackgroundRefreshes => "background_refreshes",
+            Self::Collapsed => "collapsed",
+            Self::Bypassed => "bypassed",
+            Self::Stores => "stores",
+            Self::NotStored => "not_stored",
+            Self::OriginErrors => "origin_errors",
+            Self::Invalidations => "invalidations",
+            Self::Undecodable => "undecodable",
+            Self::RedisErrors => "redis_errors",
+            Self::RedisTimeouts => "redis_timeouts",
+            Self::RedisSkipped => "redis_skipped",
+        }
+    }
+}
+
+/// The `metrics` handles, registered once when the cache is built.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+struct Handles {
+    events: Vec<metrics::Counter>,
+    memory_hits: metrics::Counter,
+    redis_hits: metrics::Counter,
+    redis_seconds: metrics::Histogram,
+}
+
+#[cfg(feature = "metrics")]
+impl Handles {
+    fn new(name: &str) -> Self {
+        let counter = |event: &'static str| metrics::counter!("tower_redis_cache_events_total", "cache" => name.to_owned(), "event" => event);
+        Self {
+            events: Event::ALL
+                .iter()
+                .map(|event| counter(event.name()))
+                .collect(),
+            memory_hits: counter("memory_hits"),
+            redis_hits: counter("redis_hits"),
+            redis_seconds: metrics::histogram!("tower_redis_cache_redis_seconds", "cache" => name.to_owned()),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    #[cfg(feature = "metrics")]
+    handles: Option<Handles>,
     pub(crate) memory_hits: AtomicU64,
     pub(crate) redis_hits: AtomicU64,
-    pub(crate) memory_lookups: AtomicU64,
-    pub(crate) redis_lookups: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) stale_served: AtomicU64,
-    pub(crate) revalidations: AtomicU64,
-    pub(crate) not_modified: AtomicU64,
-    pub(crate) background_refreshes: AtomicU64,
-    pub(crate) collapsed: AtomicU64,
-    pub(crate) bypassed: AtomicU64,
-    pub(crate) stores: AtomicU64,
-    pub(crate) not_stored: AtomicU64,
-    pub(crate) origin_errors: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) undecodable: AtomicU64,
-    pub(crate) redis_errors: AtomicU64,
-    pub(crate) redis_timeouts: AtomicU64,
-    pub(crate) redis_skipped: AtomicU64,
+    memory_lookups: AtomicU64,
+    redis_lookups: AtomicU64,
+    misses: AtomicU64,
+    stale_served: AtomicU64,
+    revalidations: AtomicU64,
+    not_modified: AtomicU64,
+    background_refreshes: AtomicU64,
+    collapsed: AtomicU64,
+    bypassed: AtomicU64,
+    stores: AtomicU64,
+    not_stored: AtomicU64,
+    origin_errors: AtomicU64,
+    invalidations: AtomicU64,
+    undecodable: AtomicU64,
+    redis_errors: AtomicU64,
+    redis_timeouts: AtomicU64,
+    redis_skipped: AtomicU64,
     redis_calls: AtomicU64,
     redis_micros: AtomicU64,
     redis_max_micros: AtomicU64,
 }
 
 impl Stats {
+    pub(crate) fn named(name: &str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = name;
+        Self {
+            #[cfg(feature = "metrics")]
+            handles: Some(Handles::new(name)),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn bump(&self, event: Event) {
+        let counter = match event {
+            Event::MemoryLookups => &self.memory_lookups,
+            Event::RedisLookups => &self.redis_lookups,
+            Event::Misses => &self.misses,
+            Event::StaleServed => &self.stale_served,
+            Event::Revalidations => &self.revalidations,
+            Event::NotModified => &self.not_modified,
+            Event::BackgroundRefreshes => &self.background_refreshes,
+            Event::Collapsed => &self.collapsed,
+            Event::Bypassed => &self.bypassed,
+            Event::Stores => &self.stores,
+            Event::NotStored => &self.not_stored,
+            Event::OriginErrors => &self.origin_errors,
+            Event::Invalidations => &self.invalidations,
+            Event::Undecodable => &self.undecodable,
+            Event::RedisErrors => &self.redis_errors,
+            Event::RedisTimeouts => &self.redis_timeouts,
+            Event::RedisSkipped => &self.redis_skipped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(handles) = &self.handles {
+            handles.events[event as usize].increment(1);
+        }
+    }
+
     pub(crate) fn hit(&self, tier: Tier) {
         match tier {
             Tier::Memory => &self.memory_hits,
             Tier::Redis => &self.redis_hits,
         }
         .fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(handles) = &self.handles {
+            match tier {
+                Tier::Memory => &handles.memory_hits,
+                Tier::Redis => &handles.redis_hits,
+            }
+            .increment(1);
+        }
     }
 
     pub(crate) fn redis_latency(&self, latency: Duration) {
@@ -53,6 +195,10 @@ impl Stats {
         self.redis_calls.fetch_add(1, Ordering::Relaxed);
         self.redis_micros.fetch_add(micros, Ordering::Relaxed);
         self.redis_max_micros.fetch_max(micros, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(handles) = &self.handles {
+            handles.redis_seconds.record(latency.as_secs_f64());
+        }
     }
 
     pub(crate) fn snapshot(
