@@ -40,6 +40,12 @@ impl fmt::Display for NoEndpoints {
 
 impl std::error::Error for NoEndpoints {}
 
+impl NoEndpoints {
+    pub(crate) fn new() -> Self {
+        Self(())
+    }
+}
+
 /// Instances are known, but none became ready within the fail-fast timeout: the request was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable(());
@@ -51,6 +57,12 @@ impl fmt::Display for Unavailable {
 }
 
 impl std::error::Error for Unavailable {}
+
+impl Unavailable {
+    pub(crate) fn new() -> Self {
+        Self(())
+    }
+}
 
 /// How to balance.
 #[derive(Debug, Clone, Copy)]

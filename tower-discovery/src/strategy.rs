@@ -1,0 +1,350 @@
+//! The HazelJS load-balancing strategies (round robin, random, least connections, weighted by
+//! `metadata.weight`, hash of a request key, zone preference) over discovered instances, with the same fail-fast
+//! and readiness handling as [`balance`](crate::balance).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use rand::Rng;
+use tower::BoxError;
+use tower::buffer::Buffer;
+use tower::discover::Change;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use crate::balance::{BalanceOptions, Balanced, NoEndpoints, Unavailable};
+use crate::discover::Discovery;
+use crate::instance::Instance;
+
+/// Extracts the key a [`Strategy::Hash`] routes by (a client IP, a user id, a tenant).
+pub type HashKey<Req> = Arc<dyn Fn(&Req) -> Option<u64> + Send + Sync>;
+
+/// How [`balance_with`] chooses an instance for each request.
+pub enum Strategy<Req> {
+    /// Each instance in turn.
+    RoundRobin,
+    /// An instance at random.
+    Random,
+    /// The instance with the fewest requests in flight (ties go round robin).
+    LeastConnections,
+    /// Smooth weighted round robin by each instance's `metadata.weight` (1 when absent or not a positive number).
+    Weighted,
+    /// The same key always goes to the same instance while it is there (rendezvous hashing: when an instance
+    /// leaves, only its keys move). Requests without a key go round robin.
+    Hash(HashKey<Req>),
+    /// Instances in `zone` first (by `then`); instances elsewhere only when none in the zone is ready.
+    ZonePreference {
+        /// The preferred zone (usually the caller's own).
+        zone: String,
+        /// The strategy among the preferred instances, and among the others when it falls back.
+        then: Box<Self>,
+    },
+}
+
+impl<Req> fmt::Debug for Strategy<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RoundRobin => f.write_str("RoundRobin"),
+            Self::Random => f.write_str("Random"),
+            Self::LeastConnections => f.write_str("LeastConnections"),
+            Self::Weighted => f.write_str("Weighted"),
+            Self::Hash(_) => f.write_str("Hash"),
+            Self::ZonePreference { zone, then } => f
+                .debug_struct("ZonePreference")
+                .field("zone", zone)
+                .field("then", then)
+                .finish(),
+        }
+    }
+}
+
+impl<Req> Strategy<Req> {
+    /// Routes by a key taken from the request; hash it with any stable hash (the key itself can be the hash).
+    pub fn hash_by(key: impl Fn(&Req) -> Option<u64> + Send + Sync + 'static) -> Self {
+        Self::Hash(Arc::new(key))
+    }
+
+    /// Prefers instances in `zone`, choosing among them with `then`.
+    pub fn zone_preference(zone: impl Into<String>, then: Self) -> Self {
+        Self::ZonePreference {
+            zone: zone.into(),
+            then: Box::new(then),
+        }
+    }
+}
+
+impl<B> Strategy<http::Request<B>> {
+    /// Routes by the value of a request header (for example `x-user-id`, or `x-forwarded-for` for the client IP
+    /// behind a proxy); requests without it go round robin.
+    pub fn hash_header(name: http::HeaderName) -> Self {
+        Self::hash_by(move |request: &http::Request<B>| {
+            request
+                .headers()
+                .get(&name)
+                .map(|value| fnv(value.as_bytes()))
+        })
+    }
+}
+
+/// FNV-1a: stable across processes and versions, so every instance of the caller routes a key alike.
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// A 64-bit mix (splitmix64's finaliser) for rendezvous scores.
+fn mix(mut value: u64) -> u64 {
+    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    value ^ (value >> 31)
+}
+
+struct Endpoint<S> {
+    id: String,
+    id_hash: u64,
+    zone: Option<String>,
+    weight: f64,
+    current: f64,
+    service: S,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Chooses endpoints by a [`Strategy`]; driven by a [`Buffer`] so it can be shared.
+struct Picker<Req, S, F> {
+    discovery: Pin<Box<Discovery>>,
+    make: F,
+    endpoints: Vec<Endpoint<S>>,
+    strategy: Strategy<Req>,
+    cursor: usize,
+    options: BalanceOptions,
+}
+
+impl<Req, S, F> Picker<Req, S, F>
+where
+    F: Fn(&Instance) -> S,
+{
+    fn apply(&mut self, change: Change<String, Instance>) {
+        match change {
+            Change::Insert(id, instance) => {
+                let endpoint = Endpoint {
+                    id_hash: fnv(id.as_bytes()),
+                    zone: instance.zone.clone(),
+                    weight: instance.weight(),
+                    current: 0.0,
+                    service: (self.make)(&instance),
+                    in_flight: Arc::new(AtomicUsize::new(0)),
+                    id,
+                };
+                match self
+                    .endpoints
+                    .iter_mut()
+                    .find(|known| known.id == endpoint.id)
+                {
+                    Some(known) => *known = endpoint,
+                    None => self.endpoints.push(endpoint),
+                }
+            }
+            Change::Remove(id) => self.endpoints.retain(|known| known.id != id),
+        }
+    }
+
+    /// Every endpoint index, the strategy's choice first and the fallbacks after it.
+    fn rank(&mut self, request: &Req) -> Vec<usize> {
+        let all: Vec<usize> = (0..self.endpoints.len()).collect();
+        let mut cursor = self.cursor;
+        let ranked = rank(
+            &self.strategy,
+            &mut self.endpoints,
+            &all,
+            request,
+            &mut cursor,
+        );
+        self.cursor = cursor.wrapping_add(1);
+        ranked
+    }
+}
+
+fn rank<Req, S>(
+    strategy: &Strategy<Req>,
+    endpoints: &mut [Endpoint<S>],
+    among: &[usize],
+    request: &Req,
+    cursor: &mut usize,
+) -> Vec<usize> {
+    let rotate = |start: usize| -> Vec<usize> {
+        let start = start % among.len().max(1);
+        among[start..]
+            .iter()
+            .chain(&among[..start])
+            .copied()
+            .collect()
+    };
+    if among.is_empty() {
+        return Vec::new();
+    }
+    match strategy {
+        Strategy::RoundRobin => rotate(*cursor),
+        Strategy::Random => rotate(rand::rng().random_range(0..among.len())),
+        Strategy::LeastConnections => {
+            let mut ranked = rotate(*cursor);
+            // Stable: among equals, the round-robin order stays.
+            ranked.sort_by_key(|index| endpoints[*index].in_flight.load(Ordering::Relaxed));
+            ranked
+        }
+        Strategy::Weighted => {
+            // Smooth weighted round robin (as nginx): every endpoint gains its weight, the richest is chosen
+            // and pays the total. The rest follow by their standing.
+            let total: f64 = among.iter().map(|index| endpoints[*index].weight).sum();
+            for index in among {
+                let endpoint = &mut endpoints[*index];
+                endpoint.current += endpoint.weight;
+            }
+            let mut ranked = among.to_vec();
+            ranked.sort_by(|a, b| endpoints[*b].current.total_cmp(&endpoints[*a].current));
+            endpoints[ranked[0]].current -= total;
+            ranked
+        }
+        Strategy::Hash(key) => match key(request) {
+            Some(key) => {
+                let mut scored: Vec<(u64, usize)> = among
+                    .iter()
+                    .map(|index| (mix(key ^ endpoints[*index].id_hash), *index))
+                    .collect();
+                scored.sort_by_key(|(score, _)| std::cmp::Reverse(*score));
+                scored.into_iter().map(|(_, index)| index).collect()
+            }
+            None => rotate(*cursor),
+        },
+        Strategy::ZonePreference { zone, then } => {
+            let (near, far): (Vec<usize>, Vec<usize>) = among
+                .iter()
+                .partition(|index| endpoints[**index].zone.as_deref() == Some(zone.as_str()));
+            let mut ranked = rank(then, endpoints, &near, request, cursor);
+            ranked.extend(rank(then, endpoints, &far, request, cursor));
+            ranked
+        }
+    }
+}
+
+impl<Req, S, F> Service<Req> for Picker<Req, S, F>
+where
+    F: Fn(&Instance) -> S,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Take every change discovery has: readiness of the chosen endpoint is awaited in the call, so the picker
+        // itself is always ready (and fails a call without endpoints at once).
+        while let Poll::Ready(Some(Ok(change))) = self.discovery.as_mut().poll_next(cx) {
+            self.apply(change);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if self.endpoints.is_empty() {
+            return Box::pin(async { Err(NoEndpoints::new().into()) });
+        }
+        let ranked = self.rank(&request);
+        let candidates: Vec<(S, Arc<AtomicUsize>)> = ranked
+            .iter()
+            .map(|index| {
+                let endpoint = &self.endpoints[*index];
+                (endpoint.service.clone(), endpoint.in_flight.clone())
+            })
+            .collect();
+        let failfast = self.options.failfast;
+        Box::pin(async move {
+            let chosen = first_ready(candidates, failfast).await?;
+            let (mut service, in_flight) = chosen;
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let _done = InFlight(in_flight);
+            service.call(request).await.map_err(Into::into)
+        })
+    }
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The first candidate, in rank order, that is ready now; otherwise the first to become ready within `failfast`.
+async fn first_ready<Req, S>(
+    mut candidates: Vec<(S, Arc<AtomicUsize>)>,
+    failfast: std::time::Duration,
+) -> Result<(S, Arc<AtomicUsize>), BoxError>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    let ready = std::future::poll_fn(|cx| {
+        let mut alive = false;
+        for (index, (service, _)) in candidates.iter_mut().enumerate() {
+            match service.poll_ready(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Some(index)),
+                // A failed endpoint is skipped (passive health reports it this way).
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => alive = true,
+            }
+        }
+        if alive {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    });
+    match tokio::time::timeout(failfast, ready).await {
+        Ok(Some(index)) => Ok(candidates.swap_remove(index)),
+        Ok(None) | Err(_) => Err(Unavailable::new().into()),
+    }
+}
+
+/// Balances requests over the instances `discovery` finds with `strategy`, making one endpoint service per
+/// instance with `make` (it must be `Clone`, as HTTP clients and tonic channels are). Fail-fast as in
+/// [`balance`](crate::balance): no instance is an immediate [`NoEndpoints`], no ready instance within
+/// `options.failfast` is [`Unavailable`]. Must be called inside a Tokio runtime.
+pub fn balance_with<Req, S, F>(
+    discovery: Discovery,
+    make: F,
+    strategy: Strategy<Req>,
+    options: BalanceOptions,
+) -> Balanced<Req, S::Response>
+where
+    Req: Send + 'static,
+    F: Fn(&Instance) -> S + Send + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Error: Into<BoxError> + Send + Sync,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    Strategy<Req>: Send,
+{
+    let picker = Picker {
+        discovery: Box::pin(discovery),
+        make,
+        endpoints: Vec::new(),
+        strategy,
+        cursor: 0,
+        options,
+    };
+    let buffered = Buffer::new(picker, options.buffer.max(1));
+    BoxCloneSyncService::new(buffered.map_err(Into::into))
+}
