@@ -19,6 +19,8 @@ pub enum DecisionSource {
     FailClosed,
     /// Redis failed or its breaker is open, and the local fallback limiter decided.
     LocalFallback,
+    /// A local-only limiter ([`crate::RateLimiter::local`], no Redis) decided.
+    Local,
     /// The request is on the allow-list (no limit, no Redis call).
     AllowList,
     /// No key could be extracted and the layer lets such requests through.
@@ -27,13 +29,14 @@ pub enum DecisionSource {
 
 impl DecisionSource {
     /// Every source, in a fixed order (stats and metrics index by it).
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Redis,
         Self::DenyCache,
         Self::PreLimiter,
         Self::FailOpen,
         Self::FailClosed,
         Self::LocalFallback,
+        Self::Local,
         Self::AllowList,
         Self::NoKey,
     ];
@@ -55,6 +58,7 @@ impl DecisionSource {
             Self::FailOpen => "fail_open",
             Self::FailClosed => "fail_closed",
             Self::LocalFallback => "local_fallback",
+            Self::Local => "local",
             Self::AllowList => "allow_list",
             Self::NoKey => "no_key",
         }

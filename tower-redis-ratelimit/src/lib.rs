@@ -31,6 +31,7 @@ mod limiter;
 mod local;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod offline;
 mod policy;
 mod script;
 mod service;
@@ -41,6 +42,7 @@ pub use error::ConfigError;
 pub use headers::HeaderStyle;
 pub use layer::{DefaultRejection, RateLimitLayer, RateLimitLayerBuilder, Rejection, Selection};
 pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimiterBuilder};
+pub use offline::Offline;
 pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};
 pub use service::{RateLimit, ResponseFuture};
 pub use stats::{LimiterStats, SourceStats};

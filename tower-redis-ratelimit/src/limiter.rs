@@ -11,6 +11,7 @@ use tower_breaker::CircuitBreaker;
 use crate::decision::{Decision, DecisionSource, PolicyState};
 use crate::error::ConfigError;
 use crate::local::{DenyCache, LocalLimiter};
+use crate::offline::Offline;
 use crate::policy::{Policy, PolicySet};
 use crate::script::{DECIDE, Reply};
 use crate::stats::{LimiterStats, Stats};
@@ -47,6 +48,7 @@ struct Inner<C> {
     tiers: Vec<Tier>,
     timeout: Duration,
     failure: FailurePolicy,
+    local_only: bool,
     breaker: CircuitBreaker,
     deny_cache: Option<DenyCache>,
     stats: Stats,
@@ -97,6 +99,7 @@ pub struct RateLimiterBuilder<C> {
     pre_limiter: Option<(u64, Duration)>,
     breaker: Option<CircuitBreaker>,
     name: Cow<'static, str>,
+    local_only: bool,
 }
 
 impl<C> fmt::Debug for RateLimiterBuilder<C> {
@@ -106,6 +109,7 @@ impl<C> fmt::Debug for RateLimiterBuilder<C> {
             .field("tiers", &self.tiers)
             .field("timeout", &self.timeout)
             .field("failure", &self.failure)
+            .field("local_only", &self.local_only)
             .finish_non_exhaustive()
     }
 }
@@ -218,6 +222,13 @@ impl<C> RateLimiterBuilder<C> {
                 "the local share must be at least 1",
             ));
         }
+        if self.local_only && !matches!(self.failure, FailurePolicy::Local { .. }) {
+            return Err(ConfigError::new(
+                "on_redis_failure",
+                "a local-only limiter has no Redis: it decides with its local limiter, so the failure policy \
+                 must be `FailurePolicy::Local`",
+            ));
+        }
         let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
         for (name, policies) in self.tiers {
             if tiers.iter().any(|tier| tier.name == name) {
@@ -266,6 +277,7 @@ impl<C> RateLimiterBuilder<C> {
                 tiers,
                 timeout: self.timeout,
                 failure: self.failure,
+                local_only: self.local_only,
                 breaker,
                 deny_cache: self.deny_cache.map(DenyCache::new),
                 stats: Stats::default(),
@@ -331,7 +343,13 @@ where
             pre_limiter: None,
             breaker: None,
             name: Cow::Borrowed("ratelimit"),
+            local_only: false,
         }
+    }
+
+    /// Whether this limiter is local-only (built with [`RateLimiter::local`]): it never calls Redis.
+    pub fn is_local_only(&self) -> bool {
+        self.inner.local_only
     }
 
     /// The breaker guarding Redis.
@@ -393,6 +411,9 @@ where
             && let Err(wait) = pre.check(key, cost)
         {
             return Decision::without_state(false, DecisionSource::PreLimiter, Some(wait));
+        }
+        if inner.local_only {
+            return Self::decide_locally(tier, key, cost);
         }
         let Ok(permit) = inner.breaker.try_acquire() else {
             return self.on_failure(tier, key, cost);
@@ -461,6 +482,14 @@ where
                 "the rate limit script returned an unexpected reply",
             ))
         })
+    }
+
+    /// A local-only limiter's decision: its `governor` limiter (always built, as the failure policy is `Local`).
+    fn decide_locally(tier: &Tier, key: &str, cost: u32) -> Decision {
+        match tier.fallback.as_ref().map(|local| local.check(key, cost)) {
+            Some(Ok(())) | None => Decision::without_state(true, DecisionSource::Local, None),
+            Some(Err(wait)) => Decision::without_state(false, DecisionSource::Local, Some(wait)),
+        }
     }
 
     fn on_failure(&self, tier: &Tier, key: &str, cost: u32) -> Decision {
@@ -597,6 +626,33 @@ where
     }
 }
 
+impl RateLimiter<Offline> {
+    /// A builder for a local-only limiter, for a single instance or a run without Redis: every decision is made
+    /// in this process by a `governor` limiter per policy (the same one [`FailurePolicy::Local`] uses), with
+    /// source [`DecisionSource::Local`]. No Redis call is ever made and no breaker is involved; the admin calls
+    /// (`inspect`, `reset`, `block`) need Redis and return an error. The failure policy is
+    /// `FailurePolicy::Local { share: 1 }`; any other is a [`ConfigError`] at build time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_ratelimit::{DecisionSource, Policy, RateLimiter};
+    ///
+    /// let limiter = RateLimiter::local().policy(Policy::per_second("burst", 2)?).build()?;
+    /// assert!(limiter.check("k").await.allowed);
+    /// assert!(limiter.check("k").await.allowed);
+    /// let third = limiter.check("k").await;
+    /// assert!(!third.allowed);
+    /// assert_eq!(third.source, DecisionSource::Local);
+    /// # Ok(()) }
+    /// ```
+    pub fn local() -> RateLimiterBuilder<Offline> {
+        let mut builder =
+            Self::builder(Offline).on_redis_failure(FailurePolicy::Local { share: 1 });
+        builder.local_only = true;
+        builder
+    }
+}
+
 fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
     policies
         .iter()
@@ -609,4 +665,78 @@ fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
             reset: Duration::from_millis(*reset_ms),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_local_only_limiter_decides_in_process_and_never_touches_redis_or_its_breaker() {
+        let limiter = RateLimiter::local()
+            .policy(Policy::per_minute("writes", 3).unwrap())
+            .build()
+            .unwrap();
+        assert!(limiter.is_local_only());
+        let mut decisions = Vec::new();
+        for _ in 0..4 {
+            decisions.push(limiter.check("ip:127.0.0.1").await);
+        }
+        let allowed: Vec<bool> = decisions.iter().map(|decision| decision.allowed).collect();
+        assert_eq!(allowed, [true, true, true, false]);
+        assert!(
+            decisions
+                .iter()
+                .all(|decision| decision.source == DecisionSource::Local)
+        );
+        assert!(
+            decisions[3]
+                .retry_after
+                .is_some_and(|wait| wait > Duration::ZERO)
+        );
+        // Another key has its own quota.
+        assert!(limiter.check("ip:127.0.0.2").await.allowed);
+
+        let stats = limiter.stats();
+        assert_eq!((stats.allowed, stats.denied), (4, 1));
+        assert_eq!((stats.redis_calls, stats.redis_errors), (0, 0));
+        assert_eq!(limiter.breaker().stats().requests, 0);
+    }
+
+    #[tokio::test]
+    async fn a_local_only_limiter_answers_admin_calls_with_an_error_at_once() {
+        let limiter = RateLimiter::local()
+            .policy(Policy::per_second("burst", 1).unwrap())
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        assert!(matches!(
+            limiter.reset("k").await,
+            Err(AdminError::Redis(_))
+        ));
+        assert!(matches!(
+            limiter.inspect("k", None).await,
+            Err(AdminError::Redis(_))
+        ));
+        assert!(started.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_local_only_limiter_with_another_failure_policy_does_not_build() {
+        let error = RateLimiter::local()
+            .policy(Policy::per_second("burst", 1).unwrap())
+            .on_redis_failure(FailurePolicy::FailOpen)
+            .build()
+            .unwrap_err();
+        assert_eq!(error.field(), "on_redis_failure");
+    }
+
+    #[test]
+    fn a_limiter_on_a_connection_is_not_local_only() {
+        let limiter = RateLimiter::builder(Offline)
+            .policy(Policy::per_second("burst", 1).unwrap())
+            .build()
+            .unwrap();
+        assert!(!limiter.is_local_only());
+    }
 }
