@@ -22,6 +22,7 @@ use tower::discover::Change;
 
 use crate::instance::{Instance, Status};
 use crate::registry::Registry;
+use crate::stats::WatchHandle;
 
 /// Which instances discovery keeps (HazelJS's filter semantics).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -85,6 +86,7 @@ impl Default for WatchOptions {
 pub struct Discovery {
     changes: mpsc::UnboundedReceiver<Change<String, Instance>>,
     task: JoinHandle<()>,
+    handle: WatchHandle,
 }
 
 impl Drop for Discovery {
@@ -115,8 +117,16 @@ impl Discovery {
     ) -> Self {
         let (sender, changes) = mpsc::unbounded_channel();
         let hint = Arc::new(Notify::new());
-        let task = tokio::spawn(poll_loop(registry, service.into(), options, sender, hint));
-        Self { changes, task }
+        let handle = WatchHandle {
+            service: service.into(),
+            counters: Arc::default(),
+        };
+        let task = tokio::spawn(poll_loop(registry, handle.clone(), options, sender, hint));
+        Self {
+            changes,
+            task,
+            handle,
+        }
     }
 
     /// Like [`Discovery::watch`], and also listens on `channel` (a [`crate::RedisRegistry::events_channel`])
@@ -129,15 +139,28 @@ impl Discovery {
         subscriber: redis::Client,
         channel: String,
     ) -> Self {
-        let service = service.into();
+        let handle = WatchHandle {
+            service: service.into(),
+            counters: Arc::default(),
+        };
         let (sender, changes) = mpsc::unbounded_channel();
         let hint = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(subscriber, channel, service.clone(), hint.clone()));
+        let listener = tokio::spawn(listen(subscriber, channel, handle.clone(), hint.clone()));
+        let watch = handle.clone();
         let task = tokio::spawn(async move {
             let _listener = AbortOnDrop(listener);
-            poll_loop(registry, service, options, sender, hint).await;
+            poll_loop(registry, watch, options, sender, hint).await;
         });
-        Self { changes, task }
+        Self {
+            changes,
+            task,
+            handle,
+        }
+    }
+
+    /// A handle on this watch's counters, usable after the stream has moved into a balancer.
+    pub fn handle(&self) -> WatchHandle {
+        self.handle.clone()
     }
 }
 
@@ -150,7 +173,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn listen(client: redis::Client, channel: String, service: String, hint: Arc<Notify>) {
+async fn listen(client: redis::Client, channel: String, watch: WatchHandle, hint: Arc<Notify>) {
+    let service = &watch.service;
     let mut delay = Duration::from_millis(100);
     loop {
         let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
@@ -166,6 +190,7 @@ async fn listen(client: redis::Client, channel: String, service: String, hint: A
             let mut messages = pubsub.into_on_message();
             while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
                 if message.get_payload_bytes() == service.as_bytes() {
+                    watch.counters.hint();
                     hint.notify_one();
                 }
             }
@@ -225,15 +250,18 @@ fn same_routing(a: &Instance, b: &Instance) -> bool {
 
 async fn poll_loop<R: Registry>(
     registry: R,
-    service: String,
+    watch: WatchHandle,
     options: WatchOptions,
     sender: mpsc::UnboundedSender<Change<String, Instance>>,
     hint: Arc<Notify>,
 ) {
+    let service = &watch.service;
     let mut known: HashMap<String, Instance> = HashMap::new();
     let mut failing = false;
     loop {
-        match registry.instances(&service).await {
+        let read = registry.instances(service).await;
+        watch.counters.poll(service, read.is_ok());
+        match read {
             Ok(instances) => {
                 if failing {
                     tracing::info!(%service, "registry reachable again");
@@ -243,7 +271,18 @@ async fn poll_loop<R: Registry>(
                     .into_iter()
                     .filter(|i| options.filter.matches(i))
                     .collect();
-                for change in diff(&mut known, kept) {
+                let changes = diff(&mut known, kept);
+                let inserts = changes
+                    .iter()
+                    .filter(|change| matches!(change, Change::Insert(..)))
+                    .count();
+                watch.counters.changes(
+                    service,
+                    inserts as u64,
+                    (changes.len() - inserts) as u64,
+                    known.len(),
+                );
+                for change in changes {
                     if sender.send(change).is_err() {
                         return; // the stream was dropped
                     }

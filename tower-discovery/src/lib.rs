@@ -37,6 +37,7 @@ mod instance;
 mod listing;
 mod registration;
 mod registry;
+mod stats;
 mod strategy;
 
 pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
@@ -46,6 +47,7 @@ pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
 pub use registration::Registration;
 pub use registry::{MemoryRegistry, RedisRegistry, Registry, RegistryError};
+pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};
 
 /// The README's examples, compiled as doctests so they cannot rot.

@@ -11,10 +11,12 @@ use tokio::task::JoinHandle;
 
 use crate::instance::{Instance, Status};
 use crate::registry::Registry;
+use crate::stats::{RegistrationCounters, RegistrationStats};
 
 struct Shared {
     status: Mutex<Status>,
     wake: Notify,
+    counters: RegistrationCounters,
 }
 
 impl Shared {
@@ -65,6 +67,7 @@ impl<R: Registry> Registration<R> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::Starting),
             wake: Notify::new(),
+            counters: RegistrationCounters::default(),
         });
         let task = tokio::spawn(heartbeat_loop(
             registry.clone(),
@@ -87,6 +90,13 @@ impl<R: Registry> Registration<R> {
     /// The status the heartbeats report.
     pub fn status(&self) -> Status {
         self.shared.status()
+    }
+
+    /// Heartbeats and failures so far.
+    pub fn stats(&self) -> RegistrationStats {
+        self.shared
+            .counters
+            .snapshot(&self.instance.id, self.shared.status())
     }
 
     /// The service is ready: report `UP` now and from then on.
@@ -144,6 +154,7 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
             first.status = status;
             registry.register(&first).await
         };
+        shared.counters.heartbeat(&instance.name, result.is_ok());
         if result.is_ok() && announced != Some(status) {
             // A new instance or a new status: let watchers look now (best effort).
             if registry.announce(&instance.name).await.is_ok() {

@@ -351,3 +351,79 @@ async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_r
     assert!(failed <= 20, "{failed} failures");
     drop(registrations);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_longer_than_the_ttl_keeps_the_last_set_and_registrations_come_back_by_themselves()
+ {
+    let mut server = RedisServer::start();
+    let registry = RedisRegistry::new(server.connection_manager().await)
+        .ttl(Duration::from_secs(1))
+        .timeout(Duration::from_millis(100));
+    let ports = [serve_port().await, serve_port().await];
+    let registrations: Vec<_> = ports
+        .iter()
+        .map(|port| {
+            let registration =
+                Registration::start(registry.clone(), Instance::new("svc", "127.0.0.1", *port));
+            registration.ready();
+            registration
+        })
+        .collect();
+    let discovery = Discovery::watch(
+        registry.clone(),
+        "svc",
+        WatchOptions {
+            interval: Duration::from_millis(50),
+            ..WatchOptions::default()
+        },
+    );
+    let watch = discovery.handle();
+    let mut service = balanced(discovery);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watch.stats().instances < 2 {
+        assert!(Instant::now() < deadline, "both instances discovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Down for two and a half TTLs: every entry would have expired.
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stats = watch.stats();
+    assert!(!stats.registry_reachable);
+    assert!(stats.poll_failures > 0);
+    assert_eq!(stats.instances, 2, "the last good set is kept");
+    for _ in 0..20 {
+        let response = whoami(&mut service).await;
+        assert!(
+            response.is_ok(),
+            "requests keep flowing to the known instances"
+        );
+    }
+    assert!(
+        registrations
+            .iter()
+            .all(|registration| registration.stats().consecutive_failures > 0)
+    );
+
+    // Redis comes back empty: the registrations re-create their entries, discovery finds them again.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = watch.stats();
+        let healthy = registrations
+            .iter()
+            .all(|registration| registration.stats().consecutive_failures == 0);
+        if stats.registry_reachable && stats.instances == 2 && healthy {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovered: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut connection = server.connection_manager().await;
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(registry.service_key("svc"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 2, "both entries re-created");
+}

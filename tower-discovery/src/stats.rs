@@ -1,0 +1,164 @@
+//! Counters for watches and registrations, their [`WatchStats`] and [`RegistrationStats`] snapshots, and their
+//! export through the `metrics` facade (feature `metrics`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::instance::Status;
+
+#[derive(Debug, Default)]
+pub(crate) struct WatchCounters {
+    polls: AtomicU64,
+    poll_failures: AtomicU64,
+    inserts: AtomicU64,
+    removes: AtomicU64,
+    instances: AtomicU64,
+    hints: AtomicU64,
+    reachable: AtomicBool,
+}
+
+impl WatchCounters {
+    pub(crate) fn poll(&self, service: &str, ok: bool) {
+        if ok {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.poll_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.reachable.store(ok, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "tower_discovery_polls_total",
+            "service" => service.to_owned(),
+            "outcome" => if ok { "ok" } else { "error" }
+        )
+        .increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+    }
+
+    pub(crate) fn changes(&self, service: &str, inserts: u64, removes: u64, instances: usize) {
+        self.inserts.fetch_add(inserts, Ordering::Relaxed);
+        self.removes.fetch_add(removes, Ordering::Relaxed);
+        self.instances.store(instances as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            let service = service.to_owned();
+            metrics::counter!("tower_discovery_changes_total", "service" => service.clone(), "kind" => "insert")
+                .increment(inserts);
+            metrics::counter!("tower_discovery_changes_total", "service" => service.clone(), "kind" => "remove")
+                .increment(removes);
+            metrics::gauge!("tower_discovery_instances", "service" => service)
+                .set(instances as f64);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+    }
+
+    pub(crate) fn hint(&self) {
+        self.hints.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads the counters of one [`Discovery`](crate::Discovery), also after the stream has moved into a balancer.
+#[derive(Debug, Clone)]
+pub struct WatchHandle {
+    pub(crate) service: String,
+    pub(crate) counters: Arc<WatchCounters>,
+}
+
+impl WatchHandle {
+    /// A snapshot of the watch's counters.
+    pub fn stats(&self) -> WatchStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let counters = &self.counters;
+        WatchStats {
+            service: self.service.clone(),
+            polls: load(&counters.polls),
+            poll_failures: load(&counters.poll_failures),
+            inserts: load(&counters.inserts),
+            removes: load(&counters.removes),
+            instances: load(&counters.instances),
+            hints: load(&counters.hints),
+            registry_reachable: counters.reachable.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one watch has seen.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct WatchStats {
+    /// The watched service.
+    pub service: String,
+    /// Successful reads of the registry.
+    pub polls: u64,
+    /// Failed reads (the last good set was kept).
+    pub poll_failures: u64,
+    /// Instances that appeared (or changed where they listen).
+    pub inserts: u64,
+    /// Instances that went away (or stopped matching the filter).
+    pub removes: u64,
+    /// Instances known now.
+    pub instances: u64,
+    /// Change hints received through pub/sub.
+    pub hints: u64,
+    /// Whether the last read of the registry succeeded.
+    pub registry_reachable: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RegistrationCounters {
+    heartbeats: AtomicU64,
+    failures: AtomicU64,
+    consecutive_failures: AtomicU64,
+}
+
+impl RegistrationCounters {
+    pub(crate) fn heartbeat(&self, service: &str, ok: bool) {
+        if ok {
+            self.heartbeats.fetch_add(1, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "tower_discovery_heartbeats_total",
+            "service" => service.to_owned(),
+            "outcome" => if ok { "ok" } else { "error" }
+        )
+        .increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+    }
+
+    pub(crate) fn snapshot(&self, id: &str, status: Status) -> RegistrationStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RegistrationStats {
+            id: id.to_owned(),
+            status,
+            heartbeats: load(&self.heartbeats),
+            failures: load(&self.failures),
+            consecutive_failures: load(&self.consecutive_failures),
+        }
+    }
+}
+
+/// How one [`Registration`](crate::Registration) is doing.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct RegistrationStats {
+    /// The instance id.
+    pub id: String,
+    /// The status the heartbeats report.
+    pub status: Status,
+    /// Successful writes (the registration and every heartbeat).
+    pub heartbeats: u64,
+    /// Failed writes.
+    pub failures: u64,
+    /// Failed writes since the last success (0 when registered and healthy).
+    pub consecutive_failures: u64,
+}
