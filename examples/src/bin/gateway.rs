@@ -1,0 +1,14 @@
+//! The gateway on :3003: the public API, with rate limiting on writes, caching on reads, a breaker with a fallback
+//! around each service, and balancing across the instances discovery finds; plus `/services`, `/health`,
+//! `/health/redis` and `/metrics`.
+//!
+//! ```text
+//! PORT=3003 cargo run -p examples --bin gateway
+//! ```
+//!
+//! Environment: see `examples::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, `RATE_LIMIT_WRITES`, ...).
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    examples::roles::run_process(examples::roles::Role::Gateway).await
+}

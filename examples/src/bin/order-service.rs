@@ -1,0 +1,15 @@
+//! The order service: `POST /orders` (checks the user with the user service, found through discovery),
+//! `GET /orders/{id}`, `PATCH /orders/{id}`, `GET /health`, registered in Redis as `order-service`. Start a second
+//! one on another port and the gateway balances across both.
+//!
+//! ```text
+//! PORT=3012 cargo run -p examples --bin order-service
+//! ```
+//!
+//! Environment: see `examples::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on
+//! in-memory backends and says so.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    examples::roles::run_process(examples::roles::Role::Orders).await
+}

@@ -1,0 +1,14 @@
+//! The user service: `POST /users`, `GET /users/{id}`, `PUT /users/{id}`, `GET /health`, registered in Redis as
+//! `user-service`.
+//!
+//! ```text
+//! PORT=3001 cargo run -p examples --bin user-service
+//! ```
+//!
+//! Environment: see `examples::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on
+//! in-memory backends and says so.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    examples::roles::run_process(examples::roles::Role::Users).await
+}

@@ -1,0 +1,617 @@
+//! Configuration from the environment. Every value is checked at start-up; a bad one is an error that names its
+//! variable, never a silent default.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `REDIS_URL` | `redis://127.0.0.1:6379` | `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS |
+//! | `REDIS_CLUSTER_NODES` | unset | comma-separated node URLs: connect to a Redis Cluster instead of `REDIS_URL` |
+//! | `REDIS_CA_FILE` | unset | PEM file of the CA that signed the Redis server's certificate (`rediss://` only; default: the system's roots) |
+//! | `REDIS_PREFIX` | `demo:` | namespace of every key and channel the demo writes |
+//! | `REDIS_CONNECT_TIMEOUT_MS` | `1000` | how long to wait for Redis at start-up before going single-instance |
+//! | `REDIS_COMMAND_TIMEOUT_MS` | `250` | the deadline of every Redis command |
+//! | `HOST` | `127.0.0.1` | the address to listen on |
+//! | `ADVERTISE_HOST` | `HOST` (`127.0.0.1` when `HOST` is unspecified) | the address registered for peers to call |
+//! | `PORT` | per binary | the port to listen on (0: any free port) |
+//! | `RATE_LIMIT_WRITES` | `10/1s` | the gateway's limit on writes per API key (else per client IP): `N/<duration>` |
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// A bad environment value: the variable and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The environment variable.
+    pub variable: &'static str,
+    /// What is wrong, and what would be right.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            variable,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where Redis is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (or a Sentinel-managed or managed endpoint), by URL.
+    Node(String),
+    /// A Redis Cluster, by the URLs of some of its nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// The URLs with their passwords hidden, for logs.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Node(url) => redact(url),
+            Self::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(|url| redact(url)).collect();
+                format!("cluster {}", nodes.join(","))
+            }
+        }
+    }
+
+    /// Whether the connection uses TLS (`rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            Self::Node(url) => url.starts_with("rediss://"),
+            Self::Cluster(nodes) => nodes.iter().any(|url| url.starts_with("rediss://")),
+        }
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The server or cluster.
+    pub target: RedisTarget,
+    /// A CA certificate (PEM) to trust for `rediss://`, instead of the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The namespace of every key and channel (`REDIS_PREFIX`).
+    pub prefix: String,
+    /// How long to wait for the first connection.
+    pub connect_timeout: Duration,
+    /// The deadline of each command.
+    pub command_timeout: Duration,
+}
+
+/// A rate-limit policy: `limit` requests per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    /// Requests allowed per window.
+    pub limit: u64,
+    /// The window.
+    pub window: Duration,
+}
+
+/// Everything a demo process reads from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Redis.
+    pub redis: RedisConfig,
+    /// The address to listen on.
+    pub host: IpAddr,
+    /// The address registered for peers.
+    pub advertise_host: String,
+    /// The port (`PORT`, or the binary's default).
+    pub port: u16,
+    /// The gateway's limit on writes.
+    pub write_limit: RateSpec,
+}
+
+/// The default Redis URL.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+impl Config {
+    /// Reads the process environment; `default_port` is used when `PORT` is unset.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the first variable with a bad value.
+    pub fn from_env(default_port: u16) -> Result<Self, ConfigError> {
+        Self::from_lookup(default_port, |name| match std::env::var(name) {
+            Ok(value) => Ok(Some(value)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(()),
+        })
+    }
+
+    /// Reads the configuration through `lookup` (`Ok(None)`: unset; `Err(())`: not valid Unicode). An empty value
+    /// counts as unset.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the first variable with a bad value.
+    pub fn from_lookup(
+        default_port: u16,
+        lookup: impl Fn(&str) -> Result<Option<String>, ()>,
+    ) -> Result<Self, ConfigError> {
+        let get = |variable: &'static str| -> Result<Option<String>, ConfigError> {
+            match lookup(variable) {
+                Ok(Some(value)) if value.trim().is_empty() => Ok(None),
+                Ok(value) => Ok(value.map(|value| value.trim().to_owned())),
+                Err(()) => Err(ConfigError::new(variable, "is not valid UTF-8")),
+            }
+        };
+
+        let target = match get("REDIS_CLUSTER_NODES")? {
+            Some(nodes) => RedisTarget::Cluster(parse_cluster_nodes(&nodes)?),
+            None => {
+                let url = get("REDIS_URL")?.unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
+                parse_redis_url("REDIS_URL", &url)?;
+                RedisTarget::Node(url)
+            }
+        };
+        let ca_file = get("REDIS_CA_FILE")?.map(std::path::PathBuf::from);
+        if let Some(path) = &ca_file {
+            if !target.uses_tls() {
+                return Err(ConfigError::new(
+                    "REDIS_CA_FILE",
+                    "is only used with rediss:// URLs; REDIS_URL (or REDIS_CLUSTER_NODES) is not TLS",
+                ));
+            }
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "REDIS_CA_FILE",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        let prefix = match get("REDIS_PREFIX")? {
+            Some(prefix) => parse_prefix(&prefix)?,
+            None => "demo:".to_owned(),
+        };
+        let connect_timeout = match get("REDIS_CONNECT_TIMEOUT_MS")? {
+            Some(value) => parse_millis("REDIS_CONNECT_TIMEOUT_MS", &value)?,
+            None => Duration::from_millis(1000),
+        };
+        let command_timeout = match get("REDIS_COMMAND_TIMEOUT_MS")? {
+            Some(value) => parse_millis("REDIS_COMMAND_TIMEOUT_MS", &value)?,
+            None => Duration::from_millis(250),
+        };
+        let host = match get("HOST")? {
+            Some(host) => host.parse::<IpAddr>().map_err(|_| {
+                ConfigError::new(
+                    "HOST",
+                    format!("{host:?} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)"),
+                )
+            })?,
+            None => IpAddr::from([127, 0, 0, 1]),
+        };
+        let advertise_host = match get("ADVERTISE_HOST")? {
+            Some(advertise) => {
+                if advertise.contains(['/', ' ', '@']) {
+                    return Err(ConfigError::new(
+                        "ADVERTISE_HOST",
+                        format!("{advertise:?} is not a host name or address"),
+                    ));
+                }
+                advertise
+            }
+            None if host.is_unspecified() => "127.0.0.1".to_owned(),
+            None => host.to_string(),
+        };
+        let port = match get("PORT")? {
+            Some(port) => port.parse::<u16>().map_err(|_| {
+                ConfigError::new(
+                    "PORT",
+                    format!("{port:?} is not a port number (0 to 65535)"),
+                )
+            })?,
+            None => default_port,
+        };
+        let write_limit = match get("RATE_LIMIT_WRITES")? {
+            Some(value) => parse_rate("RATE_LIMIT_WRITES", &value)?,
+            None => RateSpec {
+                limit: 10,
+                window: Duration::from_secs(1),
+            },
+        };
+        Ok(Self {
+            redis: RedisConfig {
+                target,
+                ca_file,
+                prefix,
+                connect_timeout,
+                command_timeout,
+            },
+            host,
+            advertise_host,
+            port,
+            write_limit,
+        })
+    }
+}
+
+/// The ports of the three services the `demo` launcher starts: `USER_SERVICE_PORT` (3001), `ORDER_SERVICE_PORT`
+/// (3002) and `GATEWAY_PORT` (3003); 0 picks a free port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoPorts {
+    /// The user service's port.
+    pub users: u16,
+    /// The order service's port.
+    pub orders: u16,
+    /// The gateway's port.
+    pub gateway: u16,
+}
+
+impl DemoPorts {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the variable whose value is not a port.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the ports through `lookup` (`None`: unset).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the variable whose value is not a port.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let port = |variable: &'static str, default: u16| -> Result<u16, ConfigError> {
+            match lookup(variable).map(|value| value.trim().to_owned()) {
+                Some(value) if !value.is_empty() => value.parse().map_err(|_| {
+                    ConfigError::new(
+                        variable,
+                        format!("{value:?} is not a port number (0 to 65535)"),
+                    )
+                }),
+                _ => Ok(default),
+            }
+        };
+        Ok(Self {
+            users: port("USER_SERVICE_PORT", 3001)?,
+            orders: port("ORDER_SERVICE_PORT", 3002)?,
+            gateway: port("GATEWAY_PORT", 3003)?,
+        })
+    }
+}
+
+/// Checks a Redis URL without connecting: scheme, host, port, database.
+fn parse_redis_url(variable: &'static str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(ConfigError::new(
+            variable,
+            format!(
+                "{:?} must start with redis:// or rediss:// (e.g. redis://:password@127.0.0.1:6379/0)",
+                redact(url)
+            ),
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(url).map_err(|error| {
+        ConfigError::new(
+            variable,
+            format!("{:?} is not a valid Redis URL: {error}", redact(url)),
+        )
+    })?;
+    Ok(())
+}
+
+fn parse_cluster_nodes(value: &str) -> Result<Vec<String>, ConfigError> {
+    let nodes: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if nodes.is_empty() {
+        return Err(ConfigError::new(
+            "REDIS_CLUSTER_NODES",
+            "lists no node; give comma-separated URLs such as redis://10.0.0.1:7000,redis://10.0.0.2:7000",
+        ));
+    }
+    for node in &nodes {
+        parse_redis_url("REDIS_CLUSTER_NODES", node)?;
+    }
+    Ok(nodes)
+}
+
+fn parse_prefix(prefix: &str) -> Result<String, ConfigError> {
+    if prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "REDIS_PREFIX",
+            format!(
+                "{prefix:?} must not contain braces or spaces (the layers put keys in Cluster hash tags)"
+            ),
+        ));
+    }
+    if prefix.len() > 64 {
+        return Err(ConfigError::new(
+            "REDIS_PREFIX",
+            "is longer than 64 characters",
+        ));
+    }
+    Ok(prefix.to_owned())
+}
+
+fn parse_millis(variable: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(0) => Err(ConfigError::new(variable, "must be above 0 milliseconds")),
+        Ok(millis) if millis > 600_000 => Err(ConfigError::new(
+            variable,
+            format!("{millis} ms is more than 10 minutes"),
+        )),
+        Ok(millis) => Ok(Duration::from_millis(millis)),
+        Err(_) => Err(ConfigError::new(
+            variable,
+            format!("{value:?} is not a whole number of milliseconds"),
+        )),
+    }
+}
+
+/// Parses `N/<duration>`, the duration as `500ms`, `1s`, `10s`, `1m` or `1h` (`N/s` means `N/1s`).
+fn parse_rate(variable: &'static str, value: &str) -> Result<RateSpec, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            variable,
+            format!("{value:?} is not a rate such as 10/1s, 100/1m or 5/500ms"),
+        )
+    };
+    let (limit, window) = value.split_once('/').ok_or_else(bad)?;
+    let limit: u64 = limit.trim().parse().map_err(|_| bad())?;
+    if limit == 0 {
+        return Err(ConfigError::new(variable, "the limit must be at least 1"));
+    }
+    let window = window.trim();
+    let split = window.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (amount, unit) = window.split_at(split);
+    let amount: u64 = if amount.is_empty() {
+        1
+    } else {
+        amount.parse().map_err(|_| bad())?
+    };
+    let window = match unit {
+        "ms" => Duration::from_millis(amount),
+        "s" => Duration::from_secs(amount),
+        "m" => Duration::from_secs(amount.saturating_mul(60)),
+        "h" => Duration::from_secs(amount.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if window.is_zero() {
+        return Err(ConfigError::new(variable, "the window must be above zero"));
+    }
+    Ok(RateSpec { limit, window })
+}
+
+/// `url` with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials
+                .split_once(':')
+                .map_or(credentials, |(user, _)| user);
+            let hidden = if credentials.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{hidden}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        Config::from_lookup(3001, |name| Ok(vars.get(name).cloned()))
+    }
+
+    fn error_variable(vars: &[(&str, &str)]) -> &'static str {
+        match config(vars) {
+            Ok(config) => panic!("{vars:?} was accepted: {config:?}"),
+            Err(error) => error.variable,
+        }
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_documented_defaults() {
+        let config = config(&[]).unwrap();
+        assert_eq!(
+            config.redis.target,
+            RedisTarget::Node("redis://127.0.0.1:6379".to_owned())
+        );
+        assert_eq!(config.redis.prefix, "demo:");
+        assert_eq!(config.redis.connect_timeout, Duration::from_millis(1000));
+        assert_eq!(config.redis.command_timeout, Duration::from_millis(250));
+        assert_eq!(config.port, 3001);
+        assert_eq!(config.host, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(config.advertise_host, "127.0.0.1");
+        assert_eq!(
+            config.write_limit,
+            RateSpec {
+                limit: 10,
+                window: Duration::from_secs(1)
+            }
+        );
+    }
+
+    #[test]
+    fn urls_with_user_password_database_and_tls_are_accepted() {
+        for url in [
+            "redis://:secret@10.0.0.5:6380/2",
+            "redis://app:secret@redis.internal:6379",
+            "rediss://default:secret@cache.example.com:6380",
+            "rediss://cache.example.com/#insecure",
+        ] {
+            let config = config(&[("REDIS_URL", url)]).unwrap();
+            assert_eq!(config.redis.target, RedisTarget::Node(url.to_owned()));
+        }
+    }
+
+    #[test]
+    fn cluster_nodes_take_the_place_of_the_url() {
+        let config = config(&[
+            ("REDIS_URL", "redis://ignored:1"),
+            (
+                "REDIS_CLUSTER_NODES",
+                "redis://10.0.0.1:7000, redis://10.0.0.2:7000,",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.redis.target,
+            RedisTarget::Cluster(vec![
+                "redis://10.0.0.1:7000".to_owned(),
+                "redis://10.0.0.2:7000".to_owned()
+            ])
+        );
+    }
+
+    #[test]
+    fn each_bad_value_is_an_error_naming_its_variable() {
+        let cases: [(&str, &str); 17] = [
+            ("REDIS_URL", "http://127.0.0.1:6379"),
+            ("REDIS_URL", "127.0.0.1:6379"),
+            ("REDIS_URL", "redis://127.0.0.1:notaport"),
+            ("REDIS_CLUSTER_NODES", " , ,"),
+            ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000,10.0.0.2:7000"),
+            ("REDIS_PREFIX", "a{b}:"),
+            ("REDIS_PREFIX", "two words"),
+            ("REDIS_CONNECT_TIMEOUT_MS", "1s"),
+            ("REDIS_CONNECT_TIMEOUT_MS", "0"),
+            ("REDIS_COMMAND_TIMEOUT_MS", "-5"),
+            ("HOST", "localhost"),
+            ("ADVERTISE_HOST", "http://x"),
+            ("PORT", "70000"),
+            ("PORT", "http"),
+            ("RATE_LIMIT_WRITES", "10"),
+            ("RATE_LIMIT_WRITES", "0/1s"),
+            ("RATE_LIMIT_WRITES", "5/1d"),
+        ];
+        for (variable, value) in cases {
+            assert_eq!(
+                error_variable(&[(variable, value)]),
+                variable,
+                "{variable}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_message_names_the_variable_and_hides_the_password() {
+        let error = config(&[("REDIS_URL", "redis://app:hunter2@h:bad")]).unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("REDIS_URL: "), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn a_ca_file_needs_a_tls_url_and_an_existing_file() {
+        assert_eq!(
+            error_variable(&[("REDIS_CA_FILE", "/etc/hostname")]),
+            "REDIS_CA_FILE"
+        );
+        assert_eq!(
+            error_variable(&[
+                ("REDIS_URL", "rediss://127.0.0.1:6380"),
+                ("REDIS_CA_FILE", "/no/such/ca.pem")
+            ]),
+            "REDIS_CA_FILE"
+        );
+    }
+
+    #[test]
+    fn timeouts_ports_and_rates_parse() {
+        let config = config(&[
+            ("REDIS_CONNECT_TIMEOUT_MS", "300"),
+            ("REDIS_COMMAND_TIMEOUT_MS", "75"),
+            ("REDIS_PREFIX", "shop:"),
+            ("PORT", "0"),
+            ("HOST", "0.0.0.0"),
+            ("RATE_LIMIT_WRITES", "100/1m"),
+        ])
+        .unwrap();
+        assert_eq!(config.redis.connect_timeout, Duration::from_millis(300));
+        assert_eq!(config.redis.command_timeout, Duration::from_millis(75));
+        assert_eq!(config.redis.prefix, "shop:");
+        assert_eq!(config.port, 0);
+        assert_eq!(config.advertise_host, "127.0.0.1");
+        assert_eq!(
+            config.write_limit,
+            RateSpec {
+                limit: 100,
+                window: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            parse_rate("X", "5/500ms").unwrap().window,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_rate("X", "5/s").unwrap().window,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_value_that_is_not_unicode_is_named() {
+        let error = Config::from_lookup(1, |name| {
+            if name == "REDIS_PREFIX" {
+                Err(())
+            } else {
+                Ok(None)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(error.variable, "REDIS_PREFIX");
+    }
+
+    #[test]
+    fn demo_ports_default_to_3001_3002_3003_and_name_a_bad_variable() {
+        let none = DemoPorts::from_lookup(|_| None).unwrap();
+        assert_eq!((none.users, none.orders, none.gateway), (3001, 3002, 3003));
+        let set = DemoPorts::from_lookup(|name| (name == "GATEWAY_PORT").then(|| "0".to_owned()))
+            .unwrap();
+        assert_eq!(set.gateway, 0);
+        let error =
+            DemoPorts::from_lookup(|name| (name == "ORDER_SERVICE_PORT").then(|| "x".to_owned()))
+                .unwrap_err();
+        assert_eq!(error.variable, "ORDER_SERVICE_PORT");
+    }
+
+    #[test]
+    fn redaction_hides_passwords_only() {
+        assert_eq!(redact("redis://app:pw@h:1/0"), "redis://app:***@h:1/0");
+        assert_eq!(redact("rediss://:pw@h:1"), "rediss://:***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,224 @@
+//! The Redis connection: one server through a `ConnectionManager` (reconnects by itself) or a Redis Cluster, behind
+//! one type every layer accepts.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::config::{RedisConfig, RedisTarget};
+
+/// A connection to one Redis server or to a Redis Cluster. Cloning is cheap (both are multiplexed handles).
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// One server.
+    Node(ConnectionManager),
+    /// A cluster.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(_) => f.write_str("RedisConnection::Node"),
+            Self::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+        }
+    }
+}
+
+impl RedisConnection {
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// A live Redis: the command connection and a client for pub/sub subscriptions (a cluster's first node: PUBLISH
+/// reaches subscribers on every node).
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// Commands.
+    pub connection: RedisConnection,
+    /// Subscriptions (discovery hints, cache invalidations).
+    pub subscriber: redis::Client,
+    /// The deadline of each command.
+    pub command_timeout: Duration,
+}
+
+/// Why Redis could not be used.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The configuration cannot work (a CA file that does not read, a URL redis-rs refuses): stop.
+    Config(String),
+    /// Redis did not answer in time or refused: go single-instance.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Config(message) | Self::Unreachable(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Installs rustls' `ring` crypto provider once; redis-rs does not pick one, and the first TLS connection panics
+/// without one.
+pub fn install_crypto_provider() {
+    // `Err` means one is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn client_for(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, ConnectError> {
+    let client = match ca {
+        Some(root) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    };
+    client.map_err(|error| {
+        ConnectError::Config(format!(
+            "cannot use {}: {error}",
+            crate::config::redact(url)
+        ))
+    })
+}
+
+/// Connects with the configured deadlines and checks the connection with a `PING`.
+///
+/// # Errors
+///
+/// [`ConnectError::Config`] when the settings cannot work, [`ConnectError::Unreachable`] when Redis does not answer
+/// within the connect timeout.
+pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
+    if config.target.uses_tls() {
+        install_crypto_provider();
+    }
+    let ca = match &config.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|error| {
+            ConnectError::Config(format!(
+                "REDIS_CA_FILE: cannot read {}: {error}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let deadline = config.connect_timeout;
+    let unreachable = |error: String| {
+        ConnectError::Unreachable(format!(
+            "Redis at {} is not reachable: {error}",
+            config.target.redacted()
+        ))
+    };
+    let (connection, subscriber) = match &config.target {
+        RedisTarget::Node(url) => {
+            let client = client_for(url, ca.as_deref())?;
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(deadline))
+                .set_response_timeout(Some(config.command_timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_secs(2));
+            let connected = tokio::time::timeout(
+                deadline * 2,
+                client.get_connection_manager_with_config(manager),
+            )
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
+            .map_err(|error| unreachable(error.to_string()))?;
+            (RedisConnection::Node(connected), client)
+        }
+        RedisTarget::Cluster(nodes) => {
+            let mut builder =
+                redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(deadline)
+                    .response_timeout(config.command_timeout)
+                    .retries(2);
+            if let Some(root) = &ca {
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root.clone()),
+                });
+            }
+            let cluster = builder
+                .build()
+                .map_err(|error| ConnectError::Config(format!("REDIS_CLUSTER_NODES: {error}")))?;
+            let connected = tokio::time::timeout(deadline * 2, cluster.get_async_connection())
+                .await
+                .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
+                .map_err(|error| unreachable(error.to_string()))?;
+            let first = nodes.first().map_or("", String::as_str);
+            (
+                RedisConnection::Cluster(connected),
+                client_for(first, ca.as_deref())?,
+            )
+        }
+    };
+    let redis = Redis {
+        connection,
+        subscriber,
+        command_timeout: config.command_timeout,
+    };
+    redis.ping().await.map_err(unreachable)?;
+    Ok(redis)
+}
+
+impl Redis {
+    /// One `PING` within the command timeout; the round trip on success.
+    ///
+    /// # Errors
+    ///
+    /// The Redis error, or a timeout, as text.
+    pub async fn ping(&self) -> Result<Duration, String> {
+        let mut connection = self.connection.clone();
+        let started = Instant::now();
+        let reply = tokio::time::timeout(
+            self.command_timeout,
+            redis::cmd("PING").query_async::<String>(&mut connection),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                self.command_timeout.as_millis()
+            )),
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The code behind the example binaries: the product brief's demo (a gateway, a user service and an order service
+//! that find each other through Redis), composed from the workspace's four layers.
+//!
+//! - [`config`]: configuration from the environment (`REDIS_URL`, `REDIS_CLUSTER_NODES`, `REDIS_PREFIX`,
+//!   timeouts, `PORT`, ...), checked at start-up with errors that name the variable.
+//! - [`connection`]: one Redis server or a Redis Cluster behind one connection type, connected with a deadline.
+//! - [`env`](mod@env): what a service runs on: the Redis registry and connection, or in-memory backends in single-instance
+//!   mode.
+//! - [`lifecycle`]: bind, register, report ready, and on a stop signal drain, deregister and stop.
+//! - [`downstream`]: a client for another service: discovery, balancing, passive health, retries of requests that
+//!   were never sent, and a circuit breaker with a JSON fallback.
+//! - [`users`], [`orders`], [`gateway`]: the three services; [`roles`] runs them, one per process or all in one.
+//!
+//! ```no_run
+//! # async fn demo() -> std::process::ExitCode {
+//! // What the `user-service` binary does:
+//! examples::roles::run_process(examples::roles::Role::Users).await
+//! # }
+//! ```
+
+pub mod config;
+pub mod connection;
+pub mod downstream;
+pub mod env;
+pub mod gateway;
+mod ids;
+mod json;
+pub mod lifecycle;
+pub mod orders;
+mod peers;
+pub mod roles;
+pub mod telemetry;
+pub mod users;
