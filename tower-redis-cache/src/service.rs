@@ -372,17 +372,9 @@ impl Call {
                 Ok(response)
             }
             Fetched::ServerError(response) => {
-                if let Some(entry) = &candidate {
-                    let timing = Timing::of(entry, rules, now_ms());
-                    if policy::stale_if_error(entry, timing, &request_cc, rules) {
-                        return Ok(self.stale(
-                            entry,
-                            Tier::Memory,
-                            &client,
-                            timing,
-                            "stale-if-error",
-                        ));
-                    }
+                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
+                {
+                    return Ok(stale);
                 }
                 status.fwd_status = Some(response.status().as_u16());
                 let mut response = response.map(CacheBody::stream);
@@ -392,32 +384,16 @@ impl Call {
                 Ok(response)
             }
             Fetched::Failed(error) => {
-                if let Some(entry) = &candidate {
-                    let timing = Timing::of(entry, rules, now_ms());
-                    if policy::stale_if_error(entry, timing, &request_cc, rules) {
-                        return Ok(self.stale(
-                            entry,
-                            Tier::Memory,
-                            &client,
-                            timing,
-                            "stale-if-error",
-                        ));
-                    }
+                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
+                {
+                    return Ok(stale);
                 }
                 Err(error)
             }
             Fetched::TimedOut => {
-                if let Some(entry) = &candidate {
-                    let timing = Timing::of(entry, rules, now_ms());
-                    if policy::stale_if_error(entry, timing, &request_cc, rules) {
-                        return Ok(self.stale(
-                            entry,
-                            Tier::Memory,
-                            &client,
-                            timing,
-                            "stale-if-error",
-                        ));
-                    }
+                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
+                {
+                    return Ok(stale);
                 }
                 status.detail = Some("origin-timeout");
                 let mut response = Response::new(CacheBody::default());
@@ -428,6 +404,20 @@ impl Call {
                 Ok(response)
             }
         }
+    }
+
+    /// The stale entry in place of an origin failure, when stale-if-error allows it.
+    fn stale_on_error<B>(
+        &self,
+        candidate: Option<&Entry>,
+        parts: &Parts,
+        request_cc: &CacheControl,
+    ) -> Option<Response<CacheBody<B>>> {
+        let entry = candidate?;
+        let rules = &self.route.rules;
+        let timing = Timing::of(entry, rules, now_ms());
+        policy::stale_if_error(entry, timing, request_cc, rules)
+            .then(|| self.stale(entry, Tier::Memory, parts, timing, "stale-if-error"))
     }
 
     fn key(&self, parts: &Parts) -> Option<String> {

@@ -13,7 +13,7 @@ use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get as get_route;
 use redis_fixtures::RedisCluster;
-use support::{Calls, eventually, get, send, serve};
+use support::{Calls, eventually, get, send, serve, stored_in_redis};
 use tower_redis_cache::Cache;
 
 fn origin(calls: &Calls) -> Router {
@@ -142,21 +142,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     }
     for n in 3..6 {
         let redis_key = one.redis_key(&format!("http://test/items/{n}")).unwrap();
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                let mut connection = connection.clone();
-                let redis_key = redis_key.clone();
-                async move {
-                    redis::cmd("EXISTS")
-                        .arg(&redis_key)
-                        .query_async::<u64>(&mut connection)
-                        .await
-                        .unwrap()
-                        == 1
-                }
-            })
-            .await
-        );
+        assert!(stored_in_redis(&connection, &redis_key).await);
     }
     // Those three, and /items/7 and /items/8 filled again by the checks above.
     assert_eq!(

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
-use support::{Calls, eventually, get, send, serve};
+use support::{Calls, eventually, get, send, serve, stored_in_redis};
 use tower_redis_cache::Cache;
 
 async fn redis_cache(server: &RedisServer) -> Cache {
@@ -77,6 +77,8 @@ async fn a_fresh_response_is_stored_then_served_from_memory_and_from_redis_with_
     );
     assert!(second.headers.contains_key("age"));
     assert_eq!(cache.stats().memory_hits, 1);
+    let connection = server.connection_manager().await;
+    assert!(stored_in_redis(&connection, &cache.redis_key("http://test/r/a").unwrap()).await);
 
     // Another instance with an empty memory tier finds it in Redis, every header line intact.
     let elsewhere = redis_cache(&server).await;
@@ -494,21 +496,7 @@ async fn an_unsafe_method_the_origin_accepts_invalidates_in_redis_for_every_inst
     // The write to Redis happens in the background once the body has streamed: wait for it.
     let redis_key = first.redis_key("http://test/r/u").unwrap();
     let connection = server.connection_manager().await;
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let mut connection = connection.clone();
-            let redis_key = redis_key.clone();
-            async move {
-                redis::cmd("EXISTS")
-                    .arg(&redis_key)
-                    .query_async::<u64>(&mut connection)
-                    .await
-                    .unwrap()
-                    == 1
-            }
-        })
-        .await
-    );
+    assert!(stored_in_redis(&connection, &redis_key).await);
     send(b, "PUT", "/r/u", &[]).await;
     let again = get(a, "/r/u").await;
     // The first instance still has it in memory (no subscription here), but Redis lost it:

@@ -115,3 +115,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until Redis holds `redis_key` (the cache writes to Redis in the background, after the body has streamed).
+pub async fn stored_in_redis<C>(connection: &C, redis_key: &str) -> bool
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
+    eventually(Duration::from_secs(5), || {
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(redis_key)
+                .query_async::<u64>(&mut connection)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await
+}
