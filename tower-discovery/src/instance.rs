@@ -53,6 +53,21 @@ fn default_health_check_interval() -> u64 {
     30_000
 }
 
+/// HazelJS takes any positive number of milliseconds (`healthCheckInterval: 750.5` is valid there and is written as
+/// is); read the nearest whole millisecond instead of rejecting the whole entry. Not a non-negative number: the default.
+fn lenient_millis<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    Ok(number
+        .as_u64()
+        .or_else(|| {
+            number
+                .as_f64()
+                .filter(|millis| millis.is_finite() && *millis >= 0.0)
+                .map(|millis| millis.round() as u64)
+        })
+        .unwrap_or_else(default_health_check_interval))
+}
+
 /// One registered instance. Serialized exactly as HazelJS's `ServiceInstance` (field names, types, order,
 /// ISO-8601 timestamps with milliseconds, `zone` left out when unset). Fields this crate does not know are kept in
 /// `extra` and written back unchanged.
@@ -76,8 +91,11 @@ pub struct Instance {
     /// The health endpoint HazelJS probes.
     #[serde(default = "default_health_check_path")]
     pub health_check_path: String,
-    /// The heartbeat period HazelJS uses, in milliseconds.
-    #[serde(default = "default_health_check_interval")]
+    /// The heartbeat period HazelJS uses, in milliseconds (a fractional value HazelJS wrote is rounded).
+    #[serde(
+        default = "default_health_check_interval",
+        deserialize_with = "lenient_millis"
+    )]
     pub health_check_interval: u64,
     /// The zone, if any (left out of the JSON when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,6 +232,20 @@ mod tests {
             !written.contains("zone"),
             "an unset zone is left out: {written}"
         );
+    }
+
+    #[test]
+    fn a_fractional_health_check_interval_from_hazeljs_does_not_reject_the_entry() {
+        let written_by_hazeljs = r#"{"id":"f:127.0.0.1:1:2","name":"f","host":"127.0.0.1","port":1,"protocol":"http","metadata":{},"healthCheckPath":"/health","healthCheckInterval":750.5,"tags":[],"status":"UP","lastHeartbeat":"2026-11-22T04:59:13.975Z","registeredAt":"2026-11-22T04:59:13.191Z"}"#;
+        let instance: Instance = serde_json::from_str(written_by_hazeljs).unwrap();
+        assert_eq!(instance.health_check_interval, 751);
+        assert_eq!(instance.status, Status::Up);
+        let negative = written_by_hazeljs.replace("750.5", "-1");
+        let instance: Instance = serde_json::from_str(&negative).unwrap();
+        assert_eq!(instance.health_check_interval, 30_000);
+        let huge = written_by_hazeljs.replace("750.5", "18446744073709551615");
+        let instance: Instance = serde_json::from_str(&huge).unwrap();
+        assert_eq!(instance.health_check_interval, u64::MAX);
     }
 
     #[test]

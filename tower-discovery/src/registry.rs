@@ -187,7 +187,7 @@ impl Registry for MemoryRegistry {
 /// | key | type | TTL | content |
 /// |---|---|---|---|
 /// | `{prefix}instance:{id}` | string | `ttl` (default 90 s) | the instance JSON |
-/// | `{prefix}service:{name}` | set | `2 × ttl` | instance ids |
+/// | `{prefix}service:{name}` | set | `2 × ttl`, never shortened | instance ids |
 ///
 /// The prefix defaults to `hazeljs:discovery:` and is used exactly as given (end it with `:`). On a single node (the
 /// default) a write is one MULTI/EXEC pipeline and a read is `SMEMBERS` then one pipeline of `GET`s. HazelJS's
@@ -311,7 +311,9 @@ where
         self.run::<()>(pipe).await
     }
 
-    fn write(&self, instance: &Instance) -> Vec<redis::Cmd> {
+    /// The commands that write `instance`; `set_pttl` is the service set's current `PTTL` (negative: no TTL, or
+    /// no set).
+    fn write(&self, instance: &Instance, set_pttl: i64) -> Vec<redis::Cmd> {
         let ttl = self.ttl.as_secs().max(1);
         let json = serde_json::to_string(instance).unwrap_or_default();
         let mut set = redis::cmd("SET");
@@ -321,9 +323,21 @@ where
             .arg(ttl);
         let mut add = redis::cmd("SADD");
         add.arg(self.service_key(&instance.name)).arg(&instance.id);
-        let mut expire = redis::cmd("EXPIRE");
-        expire.arg(self.service_key(&instance.name)).arg(ttl * 2);
-        vec![set, add, expire]
+        let mut commands = vec![set, add];
+        if extends_set_ttl(set_pttl, ttl * 2) {
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(self.service_key(&instance.name)).arg(ttl * 2);
+            commands.push(expire);
+        }
+        commands
+    }
+
+    /// The service set's `PTTL` (negative: no TTL, or no set).
+    async fn set_pttl(&self, service: &str) -> Result<i64, RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PTTL").arg(self.service_key(service));
+        let (pttl,): (i64,) = self.run(pipe).await?;
+        Ok(pttl)
     }
 
     /// `GET`s of many keys: one pipeline on a single node, concurrent commands on a cluster.
@@ -386,6 +400,14 @@ where
     }
 }
 
+/// Whether to (re)set a service set's TTL to `wanted_secs`, given its `PTTL` now: only to lengthen it. HazelJS's
+/// heartbeat refreshes the set's TTL but never re-adds its id, so an instance with a shorter TTL than the others in
+/// its service must not shorten the set's: once it stopped, the set would expire and take the other (HazelJS)
+/// instances with it for good.
+fn extends_set_ttl(pttl: i64, wanted_secs: u64) -> bool {
+    u64::try_from(pttl).map_or(true, |pttl| pttl < wanted_secs.saturating_mul(1_000))
+}
+
 impl<C> Registry for RedisRegistry<C>
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
@@ -395,22 +417,36 @@ where
     }
 
     async fn register(&self, instance: &Instance) -> Result<(), RegistryError> {
-        self.write_all(self.write(instance)).await
+        let set_pttl = self.set_pttl(&instance.name).await?;
+        self.write_all(self.write(instance, set_pttl)).await
     }
 
     async fn heartbeat(&self, instance: &Instance, status: Status) -> Result<(), RegistryError> {
         // Read what is stored, so fields written by others (HazelJS keeps unknown fields too) survive; re-create
         // the entry from our own copy if it expired (HazelJS's heartbeat never does, and its instance vanishes).
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.instance_key(&instance.id));
-        let (stored,): (Option<String>,) = self.run(pipe).await?;
+        let (stored, set_pttl): (Option<String>, i64) = if self.cluster {
+            // Two slots: two single-key reads.
+            let mut get = redis::pipe();
+            get.cmd("GET").arg(self.instance_key(&instance.id));
+            let ((stored,), set_pttl) =
+                futures_util::future::try_join(self.run(get), self.set_pttl(&instance.name))
+                    .await?;
+            (stored, set_pttl)
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET")
+                .arg(self.instance_key(&instance.id))
+                .cmd("PTTL")
+                .arg(self.service_key(&instance.name));
+            self.run(pipe).await?
+        };
         let mut current = stored
             .and_then(|json| serde_json::from_str::<Instance>(&json).ok())
             .filter(|stored| stored.id == instance.id)
             .unwrap_or_else(|| instance.clone());
         current.status = status;
         current.last_heartbeat = iso8601(std::time::SystemTime::now());
-        self.write_all(self.write(&current)).await
+        self.write_all(self.write(&current, set_pttl)).await
     }
 
     async fn deregister(&self, instance: &Instance) -> Result<(), RegistryError> {
@@ -482,5 +518,23 @@ where
             cursor = next;
         }
         Ok(names.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extends_set_ttl;
+
+    #[test]
+    fn the_service_set_ttl_is_only_ever_lengthened() {
+        // A new set (-2) or one without a TTL (-1) gets one.
+        assert!(extends_set_ttl(-2, 4));
+        assert!(extends_set_ttl(-1, 4));
+        // Our own set, some time after our last heartbeat: refreshed.
+        assert!(extends_set_ttl(3_400, 4));
+        assert!(!extends_set_ttl(4_000, 4));
+        // A HazelJS instance's set (2 x 90 s): not shortened to our 2 x 2 s.
+        assert!(!extends_set_ttl(179_000, 4));
+        assert!(extends_set_ttl(179_000, 180));
     }
 }

@@ -273,3 +273,29 @@ async fn the_memory_registry_behaves_like_the_redis_one_and_expires_entries() {
     registry.deregister(&one).await.unwrap();
     assert!(registry.instances("a").await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn heartbeats_lengthen_the_service_set_ttl_but_never_shorten_it() {
+    let server = RedisServer::start();
+    let mut con = server.multiplexed().await;
+    let registry =
+        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(1));
+    // Our own service: the set gets 2 x ttl, refreshed by each heartbeat.
+    let ours = instance("ours", 3001);
+    registry.register(&ours).await.unwrap();
+    registry.heartbeat(&ours, Status::Up).await.unwrap();
+    let pttl: i64 = con.pttl("hazeljs:discovery:service:ours").await.unwrap();
+    assert!((1_500..=2_000).contains(&pttl), "{pttl}");
+    // A service whose set a HazelJS instance keeps for 180 s (ttl 90): our short-TTL writes leave that alone.
+    con.sadd::<_, _, ()>("hazeljs:discovery:service:shared", "hazel-id")
+        .await
+        .unwrap();
+    con.expire::<_, ()>("hazeljs:discovery:service:shared", 180)
+        .await
+        .unwrap();
+    let shared = instance("shared", 3002);
+    registry.register(&shared).await.unwrap();
+    registry.heartbeat(&shared, Status::Up).await.unwrap();
+    let ttl: i64 = con.ttl("hazeljs:discovery:service:shared").await.unwrap();
+    assert!(ttl > 170, "the set's TTL was shortened to {ttl} s");
+}
