@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use tower::{Service, ServiceExt, service_fn};
 use tower_discovery::{
-    BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, WatchOptions, balance,
+    BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, Strategy, WatchOptions,
+    balance, balance_with,
 };
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -43,50 +44,79 @@ fn watch(registry: MemoryRegistry) -> Discovery {
 async fn overhead(runtime_name: &str) {
     const CALLS: usize = 20_000;
     let mut direct = service_fn(|(): ()| async { Ok::<_, Infallible>(()) });
-    let registry = registry_with(&[1, 2, 3]).await;
-    let mut balanced = balance(
-        watch(registry),
-        |_: &Instance| service_fn(|(): ()| async { Ok::<_, Infallible>(()) }),
-        BalanceOptions::default(),
-    );
+    let make = |_: &Instance| service_fn(|(): ()| async { Ok::<_, Infallible>(()) });
+    let mut balanced = [
+        balance(
+            watch(registry_with(&[1, 2, 3]).await),
+            make,
+            BalanceOptions::default(),
+        ),
+        balance_with(
+            watch(registry_with(&[1, 2, 3]).await),
+            make,
+            Strategy::PeakEwma,
+            BalanceOptions::default(),
+        ),
+        balance_with(
+            watch(registry_with(&[1, 2, 3]).await),
+            make,
+            Strategy::RoundRobin,
+            BalanceOptions::default(),
+        ),
+    ];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut measure = async |balanced_path: bool| {
+    let names = [
+        "balance (tower P2C + peak-EWMA + buffer)",
+        "balance_with(PeakEwma) (P2C + peak-EWMA, no buffer)",
+        "balance_with(RoundRobin)",
+    ];
+    let mut measure = async |path: Option<usize>| {
         let mut times = Vec::with_capacity(CALLS);
         for _ in 0..CALLS {
             let started = Instant::now();
-            if balanced_path {
-                balanced.ready().await.unwrap().call(()).await.unwrap();
-            } else {
-                direct.ready().await.unwrap().call(()).await.unwrap();
+            match path {
+                Some(index) => balanced[index]
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(())
+                    .await
+                    .unwrap(),
+                None => direct.ready().await.unwrap().call(()).await.unwrap(),
             }
             times.push(started.elapsed());
         }
         times.sort();
         times
     };
-    let _warm = measure(true).await;
-    let direct_times = measure(false).await;
-    let balanced_times = measure(true).await;
-    println!(
-        "## Overhead per request ({runtime_name} runtime, sequential, {CALLS} calls, 3 in-process endpoints)\n"
-    );
-    println!("| path | p50 µs | p99 µs |\n|---|---:|---:|");
-    for (name, times) in [
-        ("direct service", &direct_times),
-        ("balance (P2C + peak-EWMA + buffer)", &balanced_times),
-    ] {
-        println!(
-            "| {name} | {:.2} | {:.2} |",
-            percentile(times, 0.5).as_secs_f64() * 1e6,
-            percentile(times, 0.99).as_secs_f64() * 1e6
-        );
+    for index in 0..names.len() {
+        let _warm = measure(Some(index)).await;
+    }
+    // Interleaved rounds, so machine noise hits every path alike.
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len() + 1];
+    for _ in 0..3 {
+        samples[0].extend(measure(None).await);
+        for index in 0..names.len() {
+            samples[index + 1].extend(measure(Some(index)).await);
+        }
+    }
+    for times in &mut samples {
+        times.sort();
     }
     println!(
-        "\nadded at p50: {:.2} µs\n",
-        (percentile(&balanced_times, 0.5).as_secs_f64()
-            - percentile(&direct_times, 0.5).as_secs_f64())
-            * 1e6
+        "## Overhead per request ({runtime_name} runtime, sequential, 3 × {CALLS} calls per path, 3 in-process endpoints)\n"
     );
+    println!("| path | p50 µs | p99 µs | added at p50 µs |\n|---|---:|---:|---:|");
+    let direct_p50 = percentile(&samples[0], 0.5).as_secs_f64() * 1e6;
+    for (name, times) in std::iter::once("direct service").chain(names).zip(&samples) {
+        let p50 = percentile(times, 0.5).as_secs_f64() * 1e6;
+        println!(
+            "| {name} | {p50:.2} | {:.2} | {:+.2} |",
+            percentile(times, 0.99).as_secs_f64() * 1e6,
+            p50 - direct_p50
+        );
+    }
+    println!();
 }
 
 /// Five endpoints: four answer in 10 ms, one in 200 ms; each counts its requests.
@@ -114,18 +144,34 @@ async fn slow_instance() {
     println!(
         "| balancer | p50 ms | p90 ms | p99 ms | share to the slow one |\n|---|---:|---:|---:|---:|"
     );
-    for strategy in ["round robin", "P2C + peak-EWMA (tower-discovery)"] {
+    for strategy in [
+        "round robin",
+        "balance (tower P2C + peak-EWMA)",
+        "balance_with(PeakEwma)",
+        "balance_with(LeastConnections)",
+    ] {
         let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..5).map(|_| AtomicUsize::new(0)).collect());
         let next = Arc::new(AtomicUsize::new(0));
         let issued = Arc::new(AtomicUsize::new(0));
         let registry = registry_with(&[1, 2, 3, 4, 5]).await;
         let balanced = {
             let counts = counts.clone();
-            balance(
-                watch(registry),
-                move |instance: &Instance| endpoint(instance.port, counts.clone()),
-                BalanceOptions::default(),
-            )
+            let make = move |instance: &Instance| endpoint(instance.port, counts.clone());
+            match strategy {
+                "balance_with(PeakEwma)" => balance_with(
+                    watch(registry),
+                    make,
+                    Strategy::PeakEwma,
+                    BalanceOptions::default(),
+                ),
+                "balance_with(LeastConnections)" => balance_with(
+                    watch(registry),
+                    make,
+                    Strategy::LeastConnections,
+                    BalanceOptions::default(),
+                ),
+                _ => balance(watch(registry), make, BalanceOptions::default()),
+            }
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         let endpoints: Vec<_> = (1..=5).map(|port| endpoint(port, counts.clone())).collect();

@@ -7,15 +7,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures_core::Stream;
 use rand::Rng;
 use tower::BoxError;
-use tower::buffer::Buffer;
+use tower::Service;
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceExt};
 
 use crate::balance::{BalanceOptions, Balanced, NoEndpoints, Unavailable};
 use crate::discover::Discovery;
@@ -26,6 +27,10 @@ pub type HashKey<Req> = Arc<dyn Fn(&Req) -> Option<u64> + Send + Sync>;
 
 /// How [`balance_with`] chooses an instance for each request.
 pub enum Strategy<Req> {
+    /// Power of two choices over peak-EWMA latency (as linkerd): two instances at random, the one with the lower
+    /// `latency estimate × (requests in flight + 1)` wins. The estimate jumps to any slower answer at once and
+    /// decays toward faster ones (and toward zero while idle) over `BalanceOptions::decay`. The default.
+    PeakEwma,
     /// Each instance in turn.
     RoundRobin,
     /// An instance at random.
@@ -49,6 +54,7 @@ pub enum Strategy<Req> {
 impl<Req> fmt::Debug for Strategy<Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::PeakEwma => f.write_str("PeakEwma"),
             Self::RoundRobin => f.write_str("RoundRobin"),
             Self::Random => f.write_str("Random"),
             Self::LeastConnections => f.write_str("LeastConnections"),
@@ -60,6 +66,14 @@ impl<Req> fmt::Debug for Strategy<Req> {
                 .field("then", then)
                 .finish(),
         }
+    }
+}
+
+// Not derived: a derive would demand `Req: Default`.
+#[allow(clippy::derivable_impls)]
+impl<Req> Default for Strategy<Req> {
+    fn default() -> Self {
+        Self::PeakEwma
     }
 }
 
@@ -115,10 +129,57 @@ struct Endpoint<S> {
     weight: f64,
     current: f64,
     service: S,
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<Load>,
 }
 
-/// Chooses endpoints by a [`Strategy`]; driven by a [`Buffer`] so it can be shared.
+/// What an endpoint carries: requests in flight and a peak-EWMA latency estimate.
+struct Load {
+    in_flight: AtomicUsize,
+    /// (estimate in ns, when it was last brought up to date)
+    estimate: Mutex<(f64, Instant)>,
+    decay_ns: f64,
+}
+
+impl Load {
+    fn new(options: &BalanceOptions) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            estimate: Mutex::new((options.default_rtt.as_nanos() as f64, Instant::now())),
+            decay_ns: options.decay.as_nanos().max(1) as f64,
+        }
+    }
+
+    /// The estimate decayed to `now`: an idle endpoint slowly looks faster, so a once-slow one is tried again.
+    fn decayed(&self, state: &mut (f64, Instant), now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(state.1).as_nanos() as f64;
+        state.0 *= (-elapsed / self.decay_ns).exp();
+        state.1 = now;
+        state.0
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let mut state = self.estimate.lock().unwrap_or_else(PoisonError::into_inner);
+        let estimate = self.decayed(&mut state, now);
+        estimate * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    }
+
+    fn observe(&self, rtt: std::time::Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let now = Instant::now();
+        let mut state = self.estimate.lock().unwrap_or_else(PoisonError::into_inner);
+        let elapsed = now.saturating_duration_since(state.1).as_nanos() as f64;
+        let kept = (-elapsed / self.decay_ns).exp();
+        // Peak: a slower answer counts in full at once; faster ones pull the estimate down with recency.
+        state.0 = if rtt > state.0 {
+            rtt
+        } else {
+            state.0 * kept + rtt * (1.0 - kept)
+        };
+        state.1 = now;
+    }
+}
+
+/// Chooses endpoints by a [`Strategy`]; shared by every clone of the balanced service behind a mutex.
 struct Picker<Req, S, F> {
     discovery: Pin<Box<Discovery>>,
     make: F,
@@ -141,7 +202,7 @@ where
                     weight: instance.weight(),
                     current: 0.0,
                     service: (self.make)(&instance),
-                    in_flight: Arc::new(AtomicUsize::new(0)),
+                    load: Arc::new(Load::new(&self.options)),
                     id,
                 };
                 match self
@@ -192,12 +253,24 @@ fn rank<Req, S>(
         return Vec::new();
     }
     match strategy {
+        Strategy::PeakEwma => {
+            let mut ranked = rotate(rand::rng().random_range(0..among.len()));
+            if ranked.len() > 1 {
+                let other = rand::rng().random_range(1..ranked.len());
+                ranked.swap(1, other);
+                let now = Instant::now();
+                if endpoints[ranked[1]].load.cost(now) < endpoints[ranked[0]].load.cost(now) {
+                    ranked.swap(0, 1);
+                }
+            }
+            ranked
+        }
         Strategy::RoundRobin => rotate(*cursor),
         Strategy::Random => rotate(rand::rng().random_range(0..among.len())),
         Strategy::LeastConnections => {
             let mut ranked = rotate(*cursor);
             // Stable: among equals, the round-robin order stays.
-            ranked.sort_by_key(|index| endpoints[*index].in_flight.load(Ordering::Relaxed));
+            ranked.sort_by_key(|index| endpoints[*index].load.in_flight.load(Ordering::Relaxed));
             ranked
         }
         Strategy::Weighted => {
@@ -235,7 +308,45 @@ fn rank<Req, S>(
     }
 }
 
-impl<Req, S, F> Service<Req> for Picker<Req, S, F>
+impl<Req, S, F> Picker<Req, S, F>
+where
+    F: Fn(&Instance) -> S,
+    S: Clone,
+{
+    /// Takes every change discovery has queued, then ranks the endpoints for `request`.
+    fn candidates(&mut self, request: &Req) -> Vec<(S, Arc<Load>)> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Polled on every call rather than woken: changes wait in the channel until the next request needs them.
+        while let Poll::Ready(Some(Ok(change))) = self.discovery.as_mut().poll_next(&mut cx) {
+            self.apply(change);
+        }
+        self.rank(request)
+            .into_iter()
+            .map(|index| {
+                let endpoint = &self.endpoints[index];
+                (endpoint.service.clone(), endpoint.load.clone())
+            })
+            .collect()
+    }
+}
+
+/// The shared picker: every clone of the balanced service ranks under one short lock and then awaits its chosen
+/// endpoint on its own task, with no hop through a buffer task.
+struct Shared<Req, S, F> {
+    picker: Arc<Mutex<Picker<Req, S, F>>>,
+    failfast: std::time::Duration,
+}
+
+impl<Req, S, F> Clone for Shared<Req, S, F> {
+    fn clone(&self) -> Self {
+        Self {
+            picker: self.picker.clone(),
+            failfast: self.failfast,
+        }
+    }
+}
+
+impl<Req, S, F> Service<Req> for Shared<Req, S, F>
 where
     F: Fn(&Instance) -> S,
     S: Service<Req> + Clone + Send + 'static,
@@ -247,51 +358,47 @@ where
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Take every change discovery has: readiness of the chosen endpoint is awaited in the call, so the picker
-        // itself is always ready (and fails a call without endpoints at once).
-        while let Poll::Ready(Some(Ok(change))) = self.discovery.as_mut().poll_next(cx) {
-            self.apply(change);
-        }
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness belongs to the chosen endpoint and is awaited in the call, under the fail-fast timeout.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if self.endpoints.is_empty() {
-            return Box::pin(async { Err(NoEndpoints::new().into()) });
-        }
-        let ranked = self.rank(&request);
-        let candidates: Vec<(S, Arc<AtomicUsize>)> = ranked
-            .iter()
-            .map(|index| {
-                let endpoint = &self.endpoints[*index];
-                (endpoint.service.clone(), endpoint.in_flight.clone())
-            })
-            .collect();
-        let failfast = self.options.failfast;
+        let candidates = self
+            .picker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .candidates(&request);
+        let failfast = self.failfast;
         Box::pin(async move {
-            let chosen = first_ready(candidates, failfast).await?;
-            let (mut service, in_flight) = chosen;
-            in_flight.fetch_add(1, Ordering::Relaxed);
-            let _done = InFlight(in_flight);
-            service.call(request).await.map_err(Into::into)
+            if candidates.is_empty() {
+                return Err(NoEndpoints::new().into());
+            }
+            let (mut service, load) = first_ready(candidates, failfast).await?;
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            let _done = InFlight(load.clone());
+            let sent = Instant::now();
+            let response = service.call(request).await.map_err(Into::into);
+            // Failures count too: an endpoint that fails slowly is slow.
+            load.observe(sent.elapsed());
+            response
         })
     }
 }
 
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<Load>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// The first candidate, in rank order, that is ready now; otherwise the first to become ready within `failfast`.
-async fn first_ready<Req, S>(
-    mut candidates: Vec<(S, Arc<AtomicUsize>)>,
+async fn first_ready<Req, S, T>(
+    mut candidates: Vec<(S, T)>,
     failfast: std::time::Duration,
-) -> Result<(S, Arc<AtomicUsize>), BoxError>
+) -> Result<(S, T), BoxError>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
@@ -345,6 +452,8 @@ where
         cursor: 0,
         options,
     };
-    let buffered = Buffer::new(picker, options.buffer.max(1));
-    BoxCloneSyncService::new(buffered.map_err(Into::into))
+    BoxCloneSyncService::new(Shared {
+        picker: Arc::new(Mutex::new(picker)),
+        failfast: options.failfast,
+    })
 }

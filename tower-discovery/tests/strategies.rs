@@ -73,8 +73,12 @@ async fn wait_for(service: &Balanced<u64, u16>, count: usize) {
     let mut key = 0;
     while seen.len() < count && tokio::time::Instant::now() < deadline {
         key += 1;
-        if let Ok(port) = service.clone().oneshot(key).await {
-            seen.insert(port);
+        match service.clone().oneshot(key).await {
+            Ok(port) => {
+                seen.insert(port);
+            }
+            // NoEndpoints comes back at once: let discovery's task run.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
     assert_eq!(seen.len(), count, "every instance discovered");
@@ -97,8 +101,9 @@ async fn spread(
 async fn spread_ok(service: &Balanced<u64, u16>, requests: usize) -> HashMap<u16, usize> {
     let mut counts = HashMap::new();
     for _ in 0..requests {
-        if let Ok(port) = service.clone().oneshot(0).await {
-            *counts.entry(port).or_default() += 1;
+        match service.clone().oneshot(0).await {
+            Ok(port) => *counts.entry(port).or_default() += 1,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
     counts
