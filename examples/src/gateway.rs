@@ -28,7 +28,9 @@ use axum::routing::{get, patch, post, put};
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use tower_discovery::{Registry, list_services};
+use tower_discovery::{
+    Registry, RegistryError, ServiceEntry, ServiceListing, Status, list_services,
+};
 use tower_redis_cache::{Cache, InvalidateError};
 use tower_redis_ratelimit::key::{Header, KeyExtractor, PeerIp};
 use tower_redis_ratelimit::{Decision, LimiterStats, RateLimitLayer, RateLimiter};
@@ -412,13 +414,49 @@ impl<R: Registry> Gateway<R> {
 }
 
 async fn services<R: Registry>(State(state): State<Arc<Gateway<R>>>) -> Response<Body> {
-    match list_services(&state.env.registry).await {
+    let on_cluster = state
+        .env
+        .redis
+        .as_ref()
+        .is_some_and(|redis| redis.connection.is_cluster());
+    let listing = if on_cluster {
+        // `Registry::services` SCANs one Cluster node only, so on a Cluster the demo lists its own services by name.
+        known_services(&state.env.registry).await
+    } else {
+        list_services(&state.env.registry).await
+    };
+    match listing {
         Ok(listing) => json::reply(StatusCode::OK, &listing),
         Err(error) => json::error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the registry is unavailable: {error}"),
         ),
     }
+}
+
+/// The listing of the demo's three services, read service by service.
+async fn known_services<R: Registry>(registry: &R) -> Result<ServiceListing, RegistryError> {
+    let mut services = Vec::new();
+    for name in [
+        crate::gateway::NAME,
+        crate::orders::NAME,
+        crate::users::NAME,
+    ] {
+        let instances = registry.instances(name).await?;
+        if instances.is_empty() {
+            continue;
+        }
+        let up = instances
+            .iter()
+            .filter(|instance| instance.status == Status::Up)
+            .count();
+        services.push(ServiceEntry {
+            name: name.to_owned(),
+            up,
+            instances,
+        });
+    }
+    Ok(ServiceListing { services })
 }
 
 async fn health<R: Registry>(State(state): State<Arc<Gateway<R>>>) -> Response<Body> {

@@ -20,6 +20,14 @@ use serde_json::{Value, json};
 // ---------------------------------------------------------------------------------------------------------------
 // Building and running the binaries.
 
+/// The variable through which the dynamic loader finds libraries.
+#[cfg(target_os = "macos")]
+const LIBRARY_PATH: &str = "DYLD_FALLBACK_LIBRARY_PATH";
+#[cfg(windows)]
+const LIBRARY_PATH: &str = "PATH";
+#[cfg(not(any(target_os = "macos", windows)))]
+const LIBRARY_PATH: &str = "LD_LIBRARY_PATH";
+
 /// The directory holding the freshly built example binaries.
 fn binaries() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -28,15 +36,50 @@ fn binaries() -> &'static Path {
             .parent()
             .expect("the tests package sits in the workspace")
             .to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "examples", "--bins", "--manifest-path"])
-            .arg(root.join("Cargo.toml"))
-            .status()
-            .expect("cannot run cargo");
-        assert!(status.success(), "cargo build -p examples --bins failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .map_or_else(|| root.join("target"), |dir| root.join(dir));
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "-p", "examples", "--bins", "--manifest-path"])
+            .arg(root.join("Cargo.toml"));
+        // `cargo test` gives the tests variables of their own package (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...) and
+        // puts the target directory and the toolchain's libraries on the library path. Build scripts that watch
+        // such variables (ring's, rustls') would see them change and rebuild, here and in every later plain build:
+        // hand the inner cargo the environment the outer one was given.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name)
+            {
+                cargo.env_remove(name);
+            }
+        }
+        if let Some(paths) = std::env::var_os(LIBRARY_PATH) {
+            let toolchain = Path::new(env!("CARGO")).parent().and_then(Path::parent);
+            let kept: Vec<PathBuf> = std::env::split_paths(&paths)
+                .filter(|path| {
+                    !path.starts_with(&target)
+                        && !toolchain.is_some_and(|toolchain| path.starts_with(toolchain))
+                })
+                .collect();
+            if kept.is_empty() {
+                cargo.env_remove(LIBRARY_PATH);
+            } else if let Ok(joined) = std::env::join_paths(kept) {
+                cargo.env(LIBRARY_PATH, joined);
+            }
+        }
+        let status = cargo.status().expect("cannot run cargo");
+        assert!(status.success(), "cargo build -p examples --bins failed");
         target.join("debug")
     })
 }
@@ -789,4 +832,55 @@ fn rediss_with_a_password_and_a_private_ca_is_shared_mode() {
         registered.is_some(),
         "the user service never registered over TLS"
     );
+}
+
+#[test]
+fn on_a_redis_cluster_the_services_find_each_other_and_share_limits() {
+    let cluster = redis_fixtures::RedisCluster::start();
+    let prefix = prefix("cluster");
+    let env = vec![
+        ("REDIS_CLUSTER_NODES", cluster.urls().join(",")),
+        ("REDIS_PREFIX", prefix),
+        ("PORT", "0".to_owned()),
+        ("RATE_LIMIT_WRITES", "3/1m".to_owned()),
+    ];
+    let _users = start("user-service", &env);
+    let _orders = start("order-service", &env);
+    let gateway_proc = start("gateway", &env);
+    let gateway = gateway_proc.address();
+    services_when(gateway, all_three_up);
+
+    let user = create_user(gateway, "Leslie");
+    let order = send(
+        gateway,
+        "POST",
+        "/orders",
+        &json!({"user_id": user, "item": "clock"}),
+    );
+    assert_eq!(order.status, 201, "{order:?}");
+    let order_id = order.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(gateway, &format!("/orders/{order_id}")).json()["user"]["name"],
+        "Leslie"
+    );
+    assert!(
+        get(gateway, &format!("/orders/{order_id}"))
+            .header("cache-status")
+            .contains("hit")
+    );
+    let third = send(
+        gateway,
+        "POST",
+        "/users",
+        &json!({"name": "X", "email": "x@example.com"}),
+    );
+    assert_eq!(third.status, 201);
+    let fourth = send(
+        gateway,
+        "POST",
+        "/users",
+        &json!({"name": "X", "email": "x@example.com"}),
+    );
+    assert_eq!(fourth.status, 429, "{fourth:?}");
+    assert_eq!(fourth.json()["decided_by"], "redis");
 }
