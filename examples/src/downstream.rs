@@ -93,6 +93,9 @@ impl Downstream {
             },
             BalanceOptions {
                 failfast: Duration::from_secs(2),
+                // A new instance looks faster than any measured one until it has answered, so an instance that
+                // joins gets a request at once, whatever the others' latency.
+                default_rtt: Duration::from_micros(1),
                 ..BalanceOptions::default()
             },
         );
