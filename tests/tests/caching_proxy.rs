@@ -435,8 +435,6 @@ async fn a_response_without_freshness_is_not_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cache-layer bug: a response that is stale on arrival and has no validators (max-age=0) is kept for 0 ms, \
-            so never stored, yet Cache-Status says `stored` (RFC 9211 §2.4)"]
 async fn a_response_stale_on_arrival_without_validators_is_not_reported_stored() {
     let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=0")], "zero")).await;
     let proxy = Proxy::start(&origin.url(), &[]).await;
@@ -569,22 +567,22 @@ async fn after_a_revalidation_whose_304_carries(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cache-layer bug: a 304's headers are merged into the stored entry without checking that the result may \
-            still be stored, so a Set-Cookie on a 304 is served to every later client"]
 async fn a_set_cookie_on_a_304_never_reaches_another_client() {
     let (second_client, _) =
         after_a_revalidation_whose_304_carries(("set-cookie", "session=alice")).await;
-    assert_eq!(
-        second_client.header("set-cookie"),
-        None,
-        "the first client's cookie was served from the cache: {}",
-        second_client.cache_status()
-    );
+    // The origin sends its cookie with every 304, so a client whose own request was revalidated gets one from the
+    // origin; what must never happen is a cookie served from the cache.
+    if second_client.header("set-cookie").is_some() {
+        assert!(
+            second_client.cache_status().contains("fwd-status=304")
+                && !second_client.cache_status().contains("; hit"),
+            "the first client's cookie was served from the cache: {}",
+            second_client.cache_status()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cache-layer bug: a 304's headers are merged into the stored entry without checking that the result may \
-            still be stored, so a response made private by its 304 is still served from the shared cache"]
 async fn a_304_that_makes_the_response_private_stops_its_reuse() {
     let (second_client, calls) =
         after_a_revalidation_whose_304_carries(("cache-control", "private")).await;
@@ -723,8 +721,6 @@ async fn a_response_within_stale_while_revalidate_is_served_stale_while_one_requ
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cache-layer bug: Cache-Status ttl is floor(lifetime) - floor(age) in seconds, so a response less than \
-            a second stale reports ttl=0 instead of a negative value (RFC 9211 §2.5)"]
 async fn a_response_served_stale_reports_a_negative_ttl() {
     let origin = Origin::start(|_| {
         reply(

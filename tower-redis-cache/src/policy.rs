@@ -152,16 +152,20 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 
 /// The current age in ms (RFC 9111 §4.2.3).
 pub(crate) fn current_age(entry: &Entry, now: u64) -> u64 {
-    let date = entry.facts.date.unwrap_or(entry.response_time);
-    let apparent_age = entry.response_time.saturating_sub(date);
-    let response_delay = entry.response_time.saturating_sub(entry.request_time);
-    let corrected_age_value = entry
-        .facts
+    age_at(&entry.facts, entry.request_time, entry.response_time, now)
+}
+
+/// The age at `now` of a response with these facts, requested at `request_time` and received at `response_time`.
+pub(crate) fn age_at(facts: &Facts, request_time: u64, response_time: u64, now: u64) -> u64 {
+    let date = facts.date.unwrap_or(response_time);
+    let apparent_age = response_time.saturating_sub(date);
+    let response_delay = response_time.saturating_sub(request_time);
+    let corrected_age_value = facts
         .age
         .saturating_mul(1000)
         .saturating_add(response_delay);
     let corrected_initial_age = apparent_age.max(corrected_age_value);
-    let resident_time = now.saturating_sub(entry.response_time);
+    let resident_time = now.saturating_sub(response_time);
     corrected_initial_age.saturating_add(resident_time)
 }
 
@@ -197,11 +201,12 @@ impl Timing {
         self.age.saturating_sub(self.lifetime)
     }
 
-    /// Remaining freshness in whole seconds, negative once stale (`Cache-Status: ttl`).
+    /// Remaining freshness in whole seconds, rounded down, so negative as soon as it is stale (`Cache-Status:
+    /// ttl`, RFC 9211 §2.5).
     pub(crate) fn ttl_seconds(self) -> i64 {
-        let lifetime = i64::try_from(self.lifetime / 1000).unwrap_or(i64::MAX);
-        let age = i64::try_from(self.age / 1000).unwrap_or(i64::MAX);
-        lifetime.saturating_sub(age)
+        let lifetime = i64::try_from(self.lifetime).unwrap_or(i64::MAX);
+        let age = i64::try_from(self.age).unwrap_or(i64::MAX);
+        lifetime.saturating_sub(age).div_euclid(1000)
     }
 }
 
@@ -287,16 +292,36 @@ fn window(directive: Option<Seconds>, configured: Option<Duration>) -> u64 {
 /// How long, in ms from now, an entry should be kept in the tiers: its freshness plus what it may still be used for
 /// once stale.
 pub(crate) fn storage_ttl(entry: &Entry, rules: &Rules, now: u64) -> u64 {
-    let timing = Timing::of(entry, rules, now);
+    keep_for(
+        entry.status,
+        &entry.facts,
+        rules,
+        (entry.request_time, entry.response_time),
+        now,
+    )
+}
+
+/// [`storage_ttl`] for a response not yet made into an entry; `times` are its request and response times.
+pub(crate) fn keep_for(
+    status: StatusCode,
+    facts: &Facts,
+    rules: &Rules,
+    times: (u64, u64),
+    now: u64,
+) -> u64 {
+    let timing = Timing {
+        age: age_at(facts, times.0, times.1, now),
+        lifetime: freshness_lifetime(status, facts, rules, times.1),
+    };
     let remaining = timing.lifetime.saturating_sub(timing.age);
-    let cc = &entry.facts.cc;
-    let mut extra = if must_revalidate(&entry.facts) {
+    let cc = &facts.cc;
+    let mut extra = if must_revalidate(facts) {
         0
     } else {
         window(cc.stale_while_revalidate, rules.stale_while_revalidate)
             .max(window(cc.stale_if_error, rules.stale_if_error))
     };
-    if has_validators(&entry.facts) {
+    if has_validators(facts) {
         extra = extra.max(millis(rules.keep_for_revalidation));
     }
     remaining.saturating_add(extra)
@@ -518,6 +543,15 @@ mod tests {
             "max-age wins over Expires"
         );
         assert_eq!(check(&[("cache-control", "max-age=oops")], &[]), Ok(0));
+    }
+
+    #[test]
+    fn cache_status_ttl_is_negative_as_soon_as_the_response_is_stale() {
+        let timing = |age, lifetime| Timing { age, lifetime };
+        assert_eq!(timing(500, 60_000).ttl_seconds(), 59);
+        assert_eq!(timing(1_300, 1_000).ttl_seconds(), -1);
+        assert_eq!(timing(1_000, 1_000).ttl_seconds(), 0);
+        assert_eq!(timing(3_000, 1_000).ttl_seconds(), -2);
     }
 
     #[test]

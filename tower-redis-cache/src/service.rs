@@ -96,8 +96,13 @@ struct Call {
 
 /// What asking the origin produced.
 enum Fetched<B, E> {
-    /// The origin confirmed the stored entry with a 304; the refreshed entry is stored.
-    Revalidated(Arc<Entry>),
+    /// The origin confirmed the stored entry with a 304; the refreshed entry is stored again unless the 304's
+    /// fields forbid it (`detail` says why).
+    Revalidated {
+        entry: Arc<Entry>,
+        stored: bool,
+        detail: Option<&'static str>,
+    },
     /// A response to pass on, being copied into the cache when `stored`.
     Response {
         response: Box<Response<CacheBody<B>>>,
@@ -322,9 +327,16 @@ impl Call {
             status.detail = Some("redis-unavailable");
         }
         match fetched {
-            Fetched::Revalidated(entry) => {
+            Fetched::Revalidated {
+                entry,
+                stored,
+                detail,
+            } => {
                 status.fwd_status = Some(304);
-                status.stored = true;
+                status.stored = stored;
+                if status.detail.is_none() {
+                    status.detail = detail;
+                }
                 let timing = Timing::of(&entry, rules, now_ms());
                 status.ttl = Some(timing.ttl_seconds());
                 Ok(self.respond_from(&entry, &client, timing, status))
@@ -339,14 +351,18 @@ impl Call {
                 status.fwd_status = Some(response.status().as_u16());
                 status.stored = stored;
                 if stored {
-                    let lifetime =
-                        policy::freshness_lifetime(response.status(), &facts, rules, now_ms())
-                            / 1000;
-                    status.ttl = Some(
-                        i64::try_from(lifetime)
-                            .unwrap_or(i64::MAX)
-                            .saturating_sub(i64::try_from(facts.age).unwrap_or(i64::MAX)),
-                    );
+                    // As the origin sent it: its lifetime less its `Age` (the second-granular `Date` would
+                    // otherwise take up to a second off a response that just arrived).
+                    let timing = Timing {
+                        age: facts.age.saturating_mul(1000),
+                        lifetime: policy::freshness_lifetime(
+                            response.status(),
+                            &facts,
+                            rules,
+                            now_ms(),
+                        ),
+                    };
+                    status.ttl = Some(timing.ttl_seconds());
                 }
                 if status.detail.is_none() {
                     status.detail = detail;
@@ -584,12 +600,36 @@ impl Call {
                 response_time,
                 entry.selecting.clone(),
             ));
+            // The 304's fields now describe the response: they may forbid storing it (a `Set-Cookie`, `private`,
+            // `no-store`). This client still gets the updated response; nobody else will.
+            let verdict = policy::storable(
+                &request_headers,
+                &request_cc,
+                refreshed.status,
+                &refreshed.headers,
+                &refreshed.facts,
+                rules,
+                response_time,
+            );
+            if let Err(reason) = verdict {
+                self.stats().bump(Event::NotStored);
+                drop(guard);
+                return Fetched::Revalidated {
+                    entry: refreshed,
+                    stored: false,
+                    detail: Some(reason),
+                };
+            }
             let vary = vary_spec(&refreshed.headers);
             let keep = policy::storage_ttl(&refreshed, rules, now_ms());
             let tags = self.tags(key, &request_headers, &head, &refreshed.headers);
             self.cache.store(key, &vary, &refreshed, keep, tags, lock);
             publish(guard.as_ref(), &refreshed);
-            return Fetched::Revalidated(refreshed);
+            return Fetched::Revalidated {
+                entry: refreshed,
+                stored: keep > 0,
+                detail: None,
+            };
         }
 
         let facts = Facts::read(response.headers());
@@ -602,8 +642,23 @@ impl Call {
             rules,
             response_time,
         )
+        .and_then(|_| {
+            // Stale on arrival with nothing to revalidate or serve stale with: nothing worth keeping.
+            let keep = policy::keep_for(
+                status,
+                &facts,
+                rules,
+                (request_time, response_time),
+                now_ms(),
+            );
+            if keep == 0 {
+                Err("stale-on-arrival")
+            } else {
+                Ok(())
+            }
+        })
         .and_then(
-            |_| match http_body::Body::size_hint(response.body()).upper() {
+            |()| match http_body::Body::size_hint(response.body()).upper() {
                 Some(size) if size > self.route.max_body as u64 => Err("too-large"),
                 _ => Ok(()),
             },
@@ -718,7 +773,7 @@ impl Call {
                 .await
             {
                 Fetched::Response { response, .. } => drain(response.into_body()).await,
-                Fetched::Revalidated(_)
+                Fetched::Revalidated { .. }
                 | Fetched::ServerError(_)
                 | Fetched::Failed(_)
                 | Fetched::TimedOut => {}
