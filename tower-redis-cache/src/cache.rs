@@ -297,6 +297,7 @@ impl Drop for FlightGuard {
 /// How an invalidation is described on the channel.
 enum Message<'a> {
     Keys(&'a [String]),
+    Tag(&'a str),
     Prefix(&'a str),
     All,
 }
@@ -389,14 +390,21 @@ impl Cache {
     }
 
     /// Removes every entry stored with this tag (from the `Surrogate-Key` response header or the route's tag
-    /// function), here and on every instance. Returns how many Redis entries were deleted.
+    /// function), here and on every instance. Returns how many entries were removed: from Redis when there is a
+    /// Redis tier, otherwise from memory.
     ///
     /// # Errors
     ///
-    /// As for [`invalidate`](Self::invalidate). Without Redis, tags are not tracked and this is an error.
+    /// As for [`invalidate`](Self::invalidate); the memory tier is cleared of the tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
+        self.inner.stats.bump(Event::Invalidations);
+        let in_memory = self
+            .inner
+            .memory
+            .as_ref()
+            .map_or(0, |memory| memory.remove_tag(tag));
         let Some(redis) = &self.inner.redis else {
-            return Err(InvalidateError::NoRedis);
+            return Ok(in_memory as u64);
         };
         let keys = admin(redis, redis.store.tagged(tag)).await?;
         if let Some(memory) = &self.inner.memory {
@@ -404,10 +412,10 @@ impl Cache {
                 memory.remove(key);
             }
         }
-        self.inner.stats.bump(Event::Invalidations);
         let deleted = admin(redis, redis.store.delete(&keys)).await?;
         admin(redis, redis.store.forget_tag(tag)).await?;
         self.announce(redis, Message::Keys(&keys)).await;
+        self.announce(redis, Message::Tag(tag)).await;
         Ok(deleted)
     }
 
@@ -436,6 +444,10 @@ impl Cache {
             Message::Prefix(prefix) => {
                 text.push_str("p\n");
                 text.push_str(prefix);
+            }
+            Message::Tag(tag) => {
+                text.push_str("t\n");
+                text.push_str(tag);
             }
             Message::All => text.push('*'),
         }
@@ -496,7 +508,7 @@ impl Cache {
         self.inner.stats.bump(Event::Stores);
         let keep = Duration::from_millis(keep_ms);
         if let Some(memory) = &self.inner.memory {
-            memory.insert(key, vary, entry, keep);
+            memory.insert(key, vary, entry, keep, &tags);
         }
         if self.inner.redis.is_none() || keep_ms == 0 {
             if let Some(token) = lock {
@@ -597,7 +609,8 @@ impl Cache {
         if let Some(memory) = &self.inner.memory {
             // Promote for as long as it stays useful; the Redis TTL already bounds it.
             let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
-            memory.insert(key, &vary, &entry, Duration::from_millis(keep));
+            // Tags live in Redis for this entry; a tag invalidation reaches it through the keys it resolves to.
+            memory.insert(key, &vary, &entry, Duration::from_millis(keep), &[]);
         }
         Ok(Some(entry))
     }
@@ -783,6 +796,10 @@ fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>) {
         Some("p") => {
             let prefix = lines.collect::<Vec<_>>().join("\n");
             memory.remove_prefix(&prefix);
+        }
+        Some("t") => {
+            let tag = lines.collect::<Vec<_>>().join("\n");
+            memory.remove_tag(&tag);
         }
         Some("*") => memory.clear(),
         _ => tracing::debug!("ignoring an invalidation message in an unknown format"),

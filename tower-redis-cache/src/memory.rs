@@ -16,6 +16,8 @@ pub(crate) const MAX_VARIANTS: usize = 16;
 pub(crate) struct Slot {
     pub(crate) vary: Arc<str>,
     pub(crate) variants: Vec<Arc<Entry>>,
+    /// The tags of every variant, so a tag can be invalidated without Redis.
+    tags: Vec<String>,
     expires_at: Instant,
     weight: u32,
 }
@@ -75,7 +77,14 @@ impl MemoryTier {
     }
 
     /// Stores `entry` as a variant of `key` for `keep` from now. A different `Vary` replaces every variant.
-    pub(crate) fn insert(&self, key: &str, vary: &str, entry: &Arc<Entry>, keep: Duration) {
+    pub(crate) fn insert(
+        &self,
+        key: &str,
+        vary: &str,
+        entry: &Arc<Entry>,
+        keep: Duration,
+        tags: &[String],
+    ) {
         let weight = entry.weight();
         if keep.is_zero() || weight as u64 + key.len() as u64 > self.capacity / 2 {
             // Too large to share the tier sensibly; Redis still holds it.
@@ -87,6 +96,7 @@ impl MemoryTier {
         self.cache.entry(key).and_upsert_with(|existing| {
             let mut variants = vec![entry.clone()];
             let mut expires = expires_at;
+            let mut all_tags = tags.to_vec();
             if let Some(existing) = existing.map(|existing| existing.into_value())
                 && *existing.vary == *vary
             {
@@ -99,7 +109,10 @@ impl MemoryTier {
                         .cloned(),
                 );
                 expires = expires.max(existing.expires_at);
+                all_tags.extend(existing.tags.iter().cloned());
             }
+            all_tags.sort();
+            all_tags.dedup();
             let weight = variants
                 .iter()
                 .map(|variant| variant.weight())
@@ -109,6 +122,7 @@ impl MemoryTier {
                 variants,
                 expires_at: expires,
                 weight: u32::try_from(weight).unwrap_or(u32::MAX),
+                tags: all_tags,
             })
         });
     }
@@ -118,16 +132,25 @@ impl MemoryTier {
     }
 
     pub(crate) fn remove_prefix(&self, prefix: &str) -> usize {
-        let doomed: Vec<Arc<Arc<str>>> = self
+        self.remove_where(|key, _| key.starts_with(prefix))
+    }
+
+    pub(crate) fn remove_tag(&self, tag: &str) -> usize {
+        self.remove_where(|_, slot| slot.tags.iter().any(|own| own == tag))
+    }
+
+    /// Removes every key `doomed` selects (a scan of the tier: invalidations are rare next to lookups).
+    fn remove_where(&self, doomed: impl Fn(&str, &Slot) -> bool) -> usize {
+        let keys: Vec<Arc<Arc<str>>> = self
             .cache
             .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
+            .filter(|(key, slot)| doomed(key, slot))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
+        for key in &keys {
             self.cache.invalidate(&**key);
         }
-        doomed.len()
+        keys.len()
     }
 
     pub(crate) fn clear(&self) {

@@ -592,3 +592,21 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     );
     assert!(server.keys_without_ttl().is_empty());
 }
+
+#[tokio::test]
+async fn tags_work_without_redis() {
+    let calls = Calls::default();
+    let cache = Cache::builder().build().unwrap();
+    let headers: &'static [_] = &[
+        ("cache-control", "max-age=60"),
+        ("surrogate-key", "user:1 orders"),
+    ];
+    let address = serve(origin(&calls, headers).layer(cache.layer())).await;
+    get(address, "/r/1").await;
+    get(address, "/r/2").await;
+    assert!(get(address, "/r/1").await.is_hit());
+    assert_eq!(cache.invalidate_tag("user:1").await.unwrap(), 2);
+    assert!(!get(address, "/r/1").await.is_hit());
+    assert!(!get(address, "/r/2").await.is_hit());
+    assert_eq!(cache.invalidate_tag("nobody").await.unwrap(), 0);
+}
