@@ -193,7 +193,8 @@ impl Registry for MemoryRegistry {
 /// default) a write is one MULTI/EXEC pipeline and a read is `SMEMBERS` then one pipeline of `GET`s. HazelJS's
 /// layout has no hash tag, so the keys of one write live in different Cluster slots: with
 /// [`RedisRegistry::cluster_mode`] each command is sent on its own (the reads concurrently) and a write is not
-/// atomic. Every call has a timeout.
+/// atomic, and [`Registry::services`] uses `KEYS` (sent to every primary) instead of `SCAN` (one node). Every call
+/// has a timeout.
 #[derive(Clone)]
 pub struct RedisRegistry<C> {
     connection: C,
@@ -497,8 +498,26 @@ where
     async fn services(&self) -> Result<Vec<String>, RegistryError> {
         let service_prefix = format!("{}service:", self.prefix);
         let pattern = format!("{service_prefix}*");
-        let mut cursor: u64 = 0;
         let mut names = BTreeSet::new();
+        if self.cluster {
+            // SCAN walks one node only; the cluster client sends KEYS to every primary and joins the answers. KEYS
+            // walks the whole keyspace, so this is for an occasional listing, not a hot path.
+            let mut connection = self.connection.clone();
+            let keys: Vec<String> = tokio::time::timeout(
+                self.timeout,
+                redis::cmd("KEYS")
+                    .arg(&pattern)
+                    .query_async(&mut connection),
+            )
+            .await
+            .map_err(|_| RegistryError::Timeout)??;
+            names.extend(
+                keys.iter()
+                    .filter_map(|key| key.strip_prefix(&service_prefix).map(str::to_owned)),
+            );
+            return Ok(names.into_iter().collect());
+        }
+        let mut cursor: u64 = 0;
         loop {
             let mut pipe = redis::pipe();
             pipe.cmd("SCAN")

@@ -249,6 +249,14 @@ async fn on_a_cluster_writes_and_reads_span_slots() {
     registry.heartbeat(&expected[0], Status::Up).await.unwrap();
     registry.deregister(&expected[1]).await.unwrap();
     assert_eq!(registry.instances("payments").await.unwrap().len(), 4);
+    // Service sets land on different nodes; the listing sees every one.
+    let names: Vec<String> = (0..12).map(|n| format!("svc-{n:02}")).collect();
+    for (port, name) in (10..).zip(&names) {
+        registry.register(&instance(name, port)).await.unwrap();
+    }
+    let mut listed = registry.services().await.unwrap();
+    listed.retain(|name| name.starts_with("svc-"));
+    assert_eq!(listed, names);
 }
 
 #[tokio::test]
