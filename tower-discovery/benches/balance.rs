@@ -15,6 +15,35 @@ use tower_discovery::{
     balance, balance_with,
 };
 
+/// The peer: tower's own P2C over peak-EWMA behind a `Buffer` (what `balance` was built on before), fed by the same
+/// discovery.
+fn tower_p2c<S>(
+    discovery: Discovery,
+    make: impl Fn(&Instance) -> S + Send + 'static,
+) -> tower::util::BoxCloneSyncService<(), (), tower::BoxError>
+where
+    S: Service<(), Response = (), Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    use futures_util::StreamExt;
+    use tower::discover::Change;
+    use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+    let changes = discovery.map(move |change| {
+        change.map(|change| match change {
+            Change::Insert(id, instance) => Change::Insert(id, make(&instance)),
+            Change::Remove(id) => Change::Remove(id),
+        })
+    });
+    let loaded = PeakEwmaDiscover::new::<()>(
+        Box::pin(changes),
+        Duration::from_millis(1),
+        Duration::from_secs(10),
+        CompleteOnResponse::default(),
+    );
+    let buffered = tower::buffer::Buffer::new(tower::balance::p2c::Balance::new(loaded), 1024);
+    tower::util::BoxCloneSyncService::new(buffered)
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -46,15 +75,10 @@ async fn overhead(runtime_name: &str) {
     let mut direct = service_fn(|(): ()| async { Ok::<_, Infallible>(()) });
     let make = |_: &Instance| service_fn(|(): ()| async { Ok::<_, Infallible>(()) });
     let mut balanced = [
+        tower_p2c(watch(registry_with(&[1, 2, 3]).await), make),
         balance(
             watch(registry_with(&[1, 2, 3]).await),
             make,
-            BalanceOptions::default(),
-        ),
-        balance_with(
-            watch(registry_with(&[1, 2, 3]).await),
-            make,
-            Strategy::PeakEwma,
             BalanceOptions::default(),
         ),
         balance_with(
@@ -66,8 +90,8 @@ async fn overhead(runtime_name: &str) {
     ];
     tokio::time::sleep(Duration::from_millis(100)).await;
     let names = [
-        "balance (tower P2C + peak-EWMA + buffer)",
-        "balance_with(PeakEwma) (P2C + peak-EWMA, no buffer)",
+        "tower::balance::p2c + peak-EWMA + Buffer (the peer)",
+        "balance (P2C + peak-EWMA, no buffer task)",
         "balance_with(RoundRobin)",
     ];
     let mut measure = async |path: Option<usize>| {
@@ -146,8 +170,8 @@ async fn slow_instance() {
     );
     for strategy in [
         "round robin",
-        "balance (tower P2C + peak-EWMA)",
-        "balance_with(PeakEwma)",
+        "tower::balance::p2c + peak-EWMA + Buffer (the peer)",
+        "balance (P2C + peak-EWMA)",
         "balance_with(LeastConnections)",
     ] {
         let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..5).map(|_| AtomicUsize::new(0)).collect());
@@ -158,19 +182,16 @@ async fn slow_instance() {
             let counts = counts.clone();
             let make = move |instance: &Instance| endpoint(instance.port, counts.clone());
             match strategy {
-                "balance_with(PeakEwma)" => balance_with(
-                    watch(registry),
-                    make,
-                    Strategy::PeakEwma,
-                    BalanceOptions::default(),
-                ),
+                "balance (P2C + peak-EWMA)" => {
+                    balance(watch(registry), make, BalanceOptions::default())
+                }
                 "balance_with(LeastConnections)" => balance_with(
                     watch(registry),
                     make,
                     Strategy::LeastConnections,
                     BalanceOptions::default(),
                 ),
-                _ => balance(watch(registry), make, BalanceOptions::default()),
+                _ => tower_p2c(watch(registry), make),
             }
         };
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -27,9 +27,11 @@ pub type HashKey<Req> = Arc<dyn Fn(&Req) -> Option<u64> + Send + Sync>;
 
 /// How [`balance_with`] chooses an instance for each request.
 pub enum Strategy<Req> {
-    /// Power of two choices over peak-EWMA latency (as linkerd): two instances at random, the one with the lower
-    /// `latency estimate × (requests in flight + 1)` wins. The estimate jumps to any slower answer at once and
-    /// decays toward faster ones (and toward zero while idle) over `BalanceOptions::decay`. The default.
+    /// Power of two choices over peak-EWMA latency (as linkerd): two instances at random, and the one with the
+    /// lower `latency estimate × (requests in flight + 1)` is chosen (by a chance that grows with the gap, so two
+    /// equally fast instances share the traffic even one request at a time). The estimate jumps to any slower
+    /// answer at once, decays toward faster ones (and toward zero while idle) over `BalanceOptions::decay`, and is
+    /// at least the time a busy instance has gone without answering. The default.
     PeakEwma,
     /// Each instance in turn.
     RoundRobin,
@@ -135,48 +137,85 @@ struct Endpoint<S> {
 /// What an endpoint carries: requests in flight and a peak-EWMA latency estimate.
 struct Load {
     in_flight: AtomicUsize,
-    /// (estimate in ns, when it was last brought up to date)
-    estimate: Mutex<(f64, Instant)>,
+    state: Mutex<Estimate>,
     decay_ns: f64,
+}
+
+struct Estimate {
+    /// The latency estimate in ns.
+    rtt: f64,
+    /// When `rtt` was last brought up to date.
+    updated: Instant,
+    /// When the endpoint last answered, or last went from idle to busy: while requests are in flight, the time
+    /// since then is a lower bound on its latency.
+    quiet_since: Instant,
 }
 
 impl Load {
     fn new(options: &BalanceOptions) -> Self {
+        let now = Instant::now();
         Self {
             in_flight: AtomicUsize::new(0),
-            estimate: Mutex::new((options.default_rtt.as_nanos() as f64, Instant::now())),
+            state: Mutex::new(Estimate {
+                rtt: options.default_rtt.as_nanos() as f64,
+                updated: now,
+                quiet_since: now,
+            }),
             decay_ns: options.decay.as_nanos().max(1) as f64,
         }
     }
 
-    /// The estimate decayed to `now`: an idle endpoint slowly looks faster, so a once-slow one is tried again.
-    fn decayed(&self, state: &mut (f64, Instant), now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(state.1).as_nanos() as f64;
-        state.0 *= (-elapsed / self.decay_ns).exp();
-        state.1 = now;
-        state.0
+    fn lock(&self) -> std::sync::MutexGuard<'_, Estimate> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `estimate × (in flight + 1)`. The estimate decays toward zero while nothing updates it, so an endpoint that
+    /// was slow is tried again in time; and it is at least the time a busy endpoint has gone without answering, so
+    /// a new endpoint that turns out slow is avoided before its first answer arrives.
     fn cost(&self, now: Instant) -> f64 {
-        let mut state = self.estimate.lock().unwrap_or_else(PoisonError::into_inner);
-        let estimate = self.decayed(&mut state, now);
-        estimate * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let mut state = self.lock();
+        let elapsed = now.saturating_duration_since(state.updated).as_nanos() as f64;
+        state.rtt *= (-elapsed / self.decay_ns).exp();
+        state.updated = now;
+        let mut rtt = state.rtt;
+        if in_flight > 0 {
+            rtt = rtt.max(now.saturating_duration_since(state.quiet_since).as_nanos() as f64);
+        }
+        rtt * (in_flight as f64 + 1.0)
+    }
+
+    fn dispatched(&self) {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.lock().quiet_since = Instant::now();
+        }
     }
 
     fn observe(&self, rtt: std::time::Duration) {
         let rtt = rtt.as_nanos() as f64;
         let now = Instant::now();
-        let mut state = self.estimate.lock().unwrap_or_else(PoisonError::into_inner);
-        let elapsed = now.saturating_duration_since(state.1).as_nanos() as f64;
+        let mut state = self.lock();
+        let elapsed = now.saturating_duration_since(state.updated).as_nanos() as f64;
         let kept = (-elapsed / self.decay_ns).exp();
         // Peak: a slower answer counts in full at once; faster ones pull the estimate down with recency.
-        state.0 = if rtt > state.0 {
+        state.rtt = if rtt > state.rtt {
             rtt
         } else {
-            state.0 * kept + rtt * (1.0 - kept)
+            state.rtt * kept + rtt * (1.0 - kept)
         };
-        state.1 = now;
+        state.updated = now;
+        state.quiet_since = now;
     }
+}
+
+/// Of two costs, the index (0 or 1) to use: the cheaper one, by a chance that grows with the gap. Costs within
+/// noise of each other split the traffic instead of sending all of it to whichever measured a hair faster; a cost
+/// twice the other is chosen one time in seventeen, twenty times the other practically never.
+fn softer_choice(costs: [f64; 2], draw: f64) -> usize {
+    let [a, b] = costs.map(|cost| cost.max(1.0));
+    // Weights cost^-4, normalised: the chance of choosing `a` is b^4 / (a^4 + b^4).
+    let ratio = (a / b).powi(4);
+    usize::from(draw >= 1.0 / (1.0 + ratio))
 }
 
 /// Chooses endpoints by a [`Strategy`]; shared by every clone of the balanced service behind a mutex.
@@ -259,7 +298,11 @@ fn rank<Req, S>(
                 let other = rand::rng().random_range(1..ranked.len());
                 ranked.swap(1, other);
                 let now = Instant::now();
-                if endpoints[ranked[1]].load.cost(now) < endpoints[ranked[0]].load.cost(now) {
+                let costs = [
+                    endpoints[ranked[0]].load.cost(now),
+                    endpoints[ranked[1]].load.cost(now),
+                ];
+                if softer_choice(costs, rand::rng().random::<f64>()) == 1 {
                     ranked.swap(0, 1);
                 }
             }
@@ -372,10 +415,13 @@ where
         let failfast = self.failfast;
         Box::pin(async move {
             if candidates.is_empty() {
+                // Let discovery's task run before the caller tries again: a caller that retries at once on a
+                // current-thread runtime would otherwise never let the first poll of the registry happen.
+                tokio::task::yield_now().await;
                 return Err(NoEndpoints::new().into());
             }
             let (mut service, load) = first_ready(candidates, failfast).await?;
-            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            load.dispatched();
             let _done = InFlight(load.clone());
             let sent = Instant::now();
             let response = service.call(request).await.map_err(Into::into);
@@ -456,4 +502,25 @@ where
         picker: Arc::new(Mutex::new(picker)),
         failfast: options.failfast,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::softer_choice;
+
+    fn share_of_first(costs: [f64; 2]) -> f64 {
+        let draws = 10_000;
+        let first = (0..draws)
+            .filter(|i| softer_choice(costs, (f64::from(*i) + 0.5) / f64::from(draws)) == 0)
+            .count();
+        first as f64 / f64::from(draws)
+    }
+
+    #[test]
+    fn the_cheaper_endpoint_wins_by_a_margin_that_grows_with_the_gap() {
+        assert!((share_of_first([1e6, 1e6]) - 0.5).abs() < 0.01);
+        assert!((share_of_first([1e6, 2e6]) - 16.0 / 17.0).abs() < 0.01);
+        assert!(share_of_first([1e6, 20e6]) > 0.9999);
+        assert!(share_of_first([20e6, 1e6]) < 0.0001);
+    }
 }
