@@ -1,11 +1,10 @@
 //! A service registry on Redis (wire-compatible with HazelJS's discovery registry) or in memory, with heartbeats
 //! and TTLs, for Tower load balancing.
 //!
-//! **Status: in progress** (issue 6). Available now: the HazelJS instance model ([`Instance`]), the [`Registry`]
-//! trait with [`MemoryRegistry`] and [`RedisRegistry`], [`Registration`] (heartbeats, readiness, graceful
-//! deregistration) and [`Discovery`] (a `tower::discover` stream of a service's instances, by polling plus a pub/sub
-//! hint, that never fails), and [`balance`] (P2C over peak-EWMA with fail-fast) with [`HttpEndpoint`]. Also [`Ejecting`] (passive health) and
-//! [`list_services`] for a gateway's `/services`. Still to come: the HazelJS-style strategies, stats and metrics.
+//! Register an instance with [`Registration`] (heartbeats, readiness, graceful deregistration) in a [`RedisRegistry`]
+//! (HazelJS's layout) or a [`MemoryRegistry`]; watch a service with [`Discovery`] (a `tower::discover` stream that
+//! never fails); balance over it with [`balance`] (power of two choices over peak-EWMA, fail-fast) or
+//! [`balance_with`] and a [`Strategy`]; add passive health with [`Ejecting`]; list services with [`list_services`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,6 +24,7 @@
 //!
 //! | feature | enables |
 //! |---|---|
+//! | `metrics` | export through the `metrics` facade |
 //! | `cluster` | Redis Cluster connections (redis `cluster-async`) |
 //! | `tls-rustls` | `rediss://` through rustls (redis `tokio-rustls-comp`) |
 //! | `sentinel` | Sentinel-managed primaries (redis `sentinel`) |
