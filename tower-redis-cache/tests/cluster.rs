@@ -13,6 +13,7 @@ use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get as get_route;
 use redis_fixtures::RedisCluster;
+use support::scenarios::{self, Backend};
 use support::{Calls, eventually, get, send, serve, stored_in_redis};
 use tower_redis_cache::Cache;
 
@@ -149,4 +150,16 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
         one.invalidate_prefix("http://test/items/").await.unwrap(),
         5
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_herd_swr_never_stored_and_garbage_scenarios_pass_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let backend = Backend {
+        connection: cluster.connection().await,
+    };
+    scenarios::cold_herd(&backend).await;
+    scenarios::stale_while_revalidate(&backend).await;
+    scenarios::never_stored(&backend).await;
+    scenarios::garbage_is_a_miss(&backend).await;
 }

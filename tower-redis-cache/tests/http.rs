@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
+use support::scenarios::{self, Backend};
 use support::{Calls, eventually, get, send, serve, stored_in_redis};
 use tower_redis_cache::Cache;
 
@@ -117,113 +118,19 @@ async fn the_query_is_part_of_the_key_and_head_is_answered_from_the_stored_get()
 #[tokio::test]
 async fn private_no_store_authorization_and_set_cookie_responses_are_never_stored() {
     let server = RedisServer::start();
-    let cases: [(
-        &'static [(&'static str, &'static str)],
-        &[(&str, &str)],
-        &str,
-    ); 5] = [
-        (&[("cache-control", "private, max-age=60")], &[], "private"),
-        (
-            &[("cache-control", "no-store, max-age=60")],
-            &[],
-            "no-store",
-        ),
-        (
-            &[("cache-control", "max-age=60")],
-            &[("authorization", "Bearer x")],
-            "authorization",
-        ),
-        (
-            &[
-                ("cache-control", "public, max-age=60"),
-                ("set-cookie", "session=1"),
-            ],
-            &[],
-            "set-cookie",
-        ),
-        (&[], &[], "no-freshness"),
-    ];
-    for (response_headers, request_headers, reason) in cases {
-        let calls = Calls::default();
-        let cache = redis_cache(&server).await;
-        let address = serve(origin(&calls, response_headers).layer(cache.layer())).await;
-        let first = send(address, "GET", "/r/x", request_headers).await;
-        assert_eq!(
-            first.cache_status(),
-            format!("tower-redis-cache; fwd=uri-miss; fwd-status=200; detail={reason}")
-        );
-        let second = send(address, "GET", "/r/x", request_headers).await;
-        assert!(!second.is_hit(), "{reason}");
-        assert_eq!(calls.get(), 2, "{reason}");
-        assert_eq!(cache.stats().stores, 0, "{reason}");
-    }
-    let mut connection = server.connection_manager().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert!(keys.is_empty(), "nothing reached Redis: {keys:?}");
+    scenarios::never_stored(&Backend {
+        connection: server.connection_manager().await,
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn garbage_under_an_entry_key_is_a_miss_and_is_replaced() {
     let server = RedisServer::start();
-    let calls = Calls::default();
-    let cache = Cache::builder()
-        .redis(server.connection_manager().await)
-        .prefix("garbage:")
-        .memory_capacity(0)
-        .build()
-        .unwrap();
-    let address =
-        serve(origin(&calls, &[("cache-control", "max-age=60")]).layer(cache.layer())).await;
-    let redis_key = cache.redis_key("http://test/r/g").unwrap();
-    let mut connection = server.connection_manager().await;
-
-    // A string where a hash belongs.
-    let _: () = redis::cmd("SET")
-        .arg(&redis_key)
-        .arg(b"\x00\xffnot an entry")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let first = get(address, "/r/g").await;
-    assert_eq!(first.status, StatusCode::OK);
-    assert!(first.cache_status().contains("fwd=uri-miss"));
-    // The right type but bytes that are no entry.
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let mut connection = connection.clone();
-            let redis_key = redis_key.clone();
-            async move {
-                redis::cmd("TYPE")
-                    .arg(&redis_key)
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .unwrap()
-                    == "hash"
-            }
-        })
-        .await
-    );
-    let _: () = redis::cmd("HSET")
-        .arg(&redis_key)
-        .arg("~")
-        .arg("TRC\x01garbage")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let second = get(address, "/r/g").await;
-    assert_eq!(second.status, StatusCode::OK);
-    assert_eq!(second.body, "g call 2");
-    assert!(!second.is_hit());
-    assert_eq!(cache.stats().undecodable, 1);
-    assert_eq!(
-        cache.stats().redis_errors,
-        0,
-        "a bad value is not a Redis failure"
-    );
+    scenarios::garbage_is_a_miss(&Backend {
+        connection: server.connection_manager().await,
+    })
+    .await;
 }
 
 #[tokio::test]

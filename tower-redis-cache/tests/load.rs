@@ -15,108 +15,26 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
+use support::scenarios::{self, Backend, slow_origin};
 use support::{Calls, eventually, get, serve};
 use tower_redis_cache::Cache;
 
-/// `/slow/{n}`: answers after `delay` with `max-age=60`, the body naming the call.
-fn slow_origin(calls: &Calls, delay: Duration, cache_control: &'static str) -> Router {
-    let calls = calls.clone();
-    Router::new().route(
-        "/slow/{n}",
-        get_route(move |Path(n): Path<String>| {
-            let calls = calls.clone();
-            async move {
-                let call = calls.bump();
-                tokio::time::sleep(delay).await;
-                (
-                    [("cache-control", cache_control)],
-                    format!("{n} call {call}"),
-                )
-            }
-        }),
-    )
+async fn backend(server: &RedisServer) -> Backend<redis::aio::ConnectionManager> {
+    Backend {
+        connection: server.connection_manager().await,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_requests_for_a_cold_key_make_one_origin_call() {
     let server = RedisServer::start();
-    let calls = Calls::default();
-    let cache = Cache::builder()
-        .redis(server.connection_manager().await)
-        .prefix("herd:")
-        .build()
-        .unwrap();
-    let address =
-        serve(slow_origin(&calls, Duration::from_millis(300), "max-age=60").layer(cache.layer()))
-            .await;
-
-    let replies =
-        futures_util::future::join_all((0..100).map(|_| get(address, "/slow/cold"))).await;
-    assert_eq!(calls.get(), 1);
-    let bodies: HashSet<_> = replies.iter().map(|reply| reply.body.clone()).collect();
-    assert_eq!(bodies.len(), 1, "identical responses: {bodies:?}");
-    assert!(replies.iter().all(|reply| reply.status == StatusCode::OK));
-    let collapsed = replies
-        .iter()
-        .filter(|reply| reply.cache_status().contains("collapsed"))
-        .count();
-    let misses = replies
-        .iter()
-        .filter(|reply| reply.cache_status().contains("fwd=uri-miss"))
-        .count();
-    assert_eq!(misses, 1);
-    assert_eq!(
-        collapsed
-            + misses
-            + replies
-                .iter()
-                .filter(|reply| reply.is_hit() && !reply.cache_status().contains("collapsed"))
-                .count(),
-        100
-    );
+    scenarios::cold_herd(&backend(&server).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_serves_a_hundred_stale_responses_and_refreshes_once() {
     let server = RedisServer::start();
-    let calls = Calls::default();
-    let cache = Cache::builder()
-        .redis(server.connection_manager().await)
-        .prefix("swr:")
-        .build()
-        .unwrap();
-    let address = serve(
-        slow_origin(
-            &calls,
-            Duration::from_millis(500),
-            "max-age=1, stale-while-revalidate=30",
-        )
-        .layer(cache.layer()),
-    )
-    .await;
-    // The first fill takes 500 ms too; then the entry goes stale after 1 s.
-    assert_eq!(get(address, "/slow/s").await.body, "s call 1");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-
-    let replies = futures_util::future::join_all((0..100).map(|_| get(address, "/slow/s"))).await;
-    // Any request that had waited for the refresh would have its body ("call 2").
-    assert!(
-        replies.iter().all(|reply| reply.body == "s call 1"),
-        "no request waited on the origin"
-    );
-    assert!(replies.iter().all(|reply| {
-        reply
-            .cache_status()
-            .contains("detail=stale-while-revalidate")
-    }));
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            get(address, "/slow/s").await.body == "s call 2"
-        })
-        .await
-    );
-    assert_eq!(calls.get(), 2, "exactly one background refresh");
-    assert_eq!(cache.stats().background_refreshes, 1);
+    scenarios::stale_while_revalidate(&backend(&server).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
