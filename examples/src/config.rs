@@ -104,6 +104,28 @@ pub struct RateSpec {
     pub window: Duration,
 }
 
+impl RateSpec {
+    /// The window as written in a rate: `500ms`, `1s`, `10m`, `1h`.
+    pub fn window_label(&self) -> String {
+        let millis = self.window.as_millis();
+        if millis.is_multiple_of(3_600_000) {
+            format!("{}h", millis / 3_600_000)
+        } else if millis.is_multiple_of(60_000) {
+            format!("{}m", millis / 60_000)
+        } else if millis.is_multiple_of(1000) {
+            format!("{}s", millis / 1000)
+        } else {
+            format!("{millis}ms")
+        }
+    }
+}
+
+impl fmt::Display for RateSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.limit, self.window_label())
+    }
+}
+
 /// Everything a demo process reads from the environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -241,6 +263,63 @@ impl Config {
             write_limit,
         })
     }
+}
+
+/// Reads one variable from the process environment, trimmed; `None` when it is unset or empty.
+///
+/// # Errors
+///
+/// [`ConfigError`] when the value is not valid UTF-8.
+pub fn var(variable: &'static str) -> Result<Option<String>, ConfigError> {
+    match std::env::var(variable) {
+        Ok(value) if value.trim().is_empty() => Ok(None),
+        Ok(value) => Ok(Some(value.trim().to_owned())),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(ConfigError::new(variable, "is not valid UTF-8"))
+        }
+    }
+}
+
+/// Reads `variable` from the process environment as one or more rates, comma-separated (`10/1s,300/1m`: every
+/// one applies), or parses `default` when it is unset.
+///
+/// # Errors
+///
+/// [`ConfigError`] naming `variable` when a rate does not parse or two share a window.
+pub fn rates_from_env(variable: &'static str, default: &str) -> Result<Vec<RateSpec>, ConfigError> {
+    let value = var(variable)?;
+    parse_rates(variable, value.as_deref().unwrap_or(default))
+}
+
+/// Parses comma-separated rates (see [`rates_from_env`]); `variable` names the source in errors.
+///
+/// # Errors
+///
+/// [`ConfigError`] naming `variable` when a rate does not parse, none is given, or two share a window.
+pub fn parse_rates(variable: &'static str, value: &str) -> Result<Vec<RateSpec>, ConfigError> {
+    let mut rates: Vec<RateSpec> = Vec::new();
+    for part in value
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let rate = parse_rate(variable, part)?;
+        if rates.iter().any(|other| other.window == rate.window) {
+            return Err(ConfigError::new(
+                variable,
+                format!("{value:?} has two rates over {}", rate.window_label()),
+            ));
+        }
+        rates.push(rate);
+    }
+    if rates.is_empty() {
+        return Err(ConfigError::new(
+            variable,
+            format!("{value:?} is not a rate such as 10/1s, or a list such as 10/1s,300/1m"),
+        ));
+    }
+    Ok(rates)
 }
 
 /// The ports of the three services the `demo` launcher starts: `USER_SERVICE_PORT` (3001), `ORDER_SERVICE_PORT`
@@ -580,6 +659,17 @@ mod tests {
             parse_rate("X", "5/s").unwrap().window,
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn rate_lists_parse_in_order_and_print_as_written() {
+        let rates = parse_rates("X", "10/1s, 300/1m,5/500ms").unwrap();
+        let printed: Vec<String> = rates.iter().map(ToString::to_string).collect();
+        assert_eq!(printed, ["10/1s", "300/1m", "5/500ms"]);
+        assert_eq!(parse_rates("X", "2/1h").unwrap()[0].window_label(), "1h");
+        assert_eq!(parse_rates("X", "1/s,2/1s").unwrap_err().variable, "X");
+        assert!(parse_rates("X", " , ").is_err());
+        assert!(parse_rates("X", "10/1s,ten/1m").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`downstream`]: a client for another service: discovery, balancing, passive health, retries of requests that
 //!   were never sent, and a circuit breaker with a JSON fallback.
 //! - [`users`], [`orders`], [`gateway`]: the three services; [`roles`] runs them, one per process or all in one.
+//! - [`echo`]: what the tonic example's server and client agree on.
 //!
 //! ```no_run
 //! # async fn demo() -> std::process::ExitCode {
@@ -21,6 +22,7 @@
 pub mod config;
 pub mod connection;
 pub mod downstream;
+pub mod echo;
 pub mod env;
 pub mod gateway;
 mod ids;

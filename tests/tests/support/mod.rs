@@ -1,0 +1,320 @@
+//! What the end-to-end tests of the example binaries share: building the binaries once per test run, running them
+//! as child processes that are killed when dropped (even on a panic), polling with a deadline, and a tiny HTTP/1.1
+//! client. Each test binary (`demo.rs`, `examples.rs`) uses a part of it.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Building and running the binaries.
+
+/// The variable through which the dynamic loader finds libraries.
+#[cfg(target_os = "macos")]
+const LIBRARY_PATH: &str = "DYLD_FALLBACK_LIBRARY_PATH";
+#[cfg(windows)]
+const LIBRARY_PATH: &str = "PATH";
+#[cfg(not(any(target_os = "macos", windows)))]
+const LIBRARY_PATH: &str = "LD_LIBRARY_PATH";
+
+/// The directory holding the freshly built example binaries.
+pub(crate) fn binaries() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the tests package sits in the workspace")
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .map_or_else(|| root.join("target"), |dir| root.join(dir));
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "-p", "examples", "--bins", "--manifest-path"])
+            .arg(root.join("Cargo.toml"));
+        // `cargo test` gives the tests variables of their own package (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...) and
+        // puts the target directory and the toolchain's libraries on the library path. Build scripts that watch
+        // such variables (ring's, rustls') would see them change and rebuild, here and in every later plain build:
+        // hand the inner cargo the environment the outer one was given.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name)
+            {
+                cargo.env_remove(name);
+            }
+        }
+        if let Some(paths) = std::env::var_os(LIBRARY_PATH) {
+            let toolchain = Path::new(env!("CARGO")).parent().and_then(Path::parent);
+            let kept: Vec<PathBuf> = std::env::split_paths(&paths)
+                .filter(|path| {
+                    !path.starts_with(&target)
+                        && !toolchain.is_some_and(|toolchain| path.starts_with(toolchain))
+                })
+                .collect();
+            if kept.is_empty() {
+                cargo.env_remove(LIBRARY_PATH);
+            } else if let Ok(joined) = std::env::join_paths(kept) {
+                cargo.env(LIBRARY_PATH, joined);
+            }
+        }
+        let status = cargo.status().expect("cannot run cargo");
+        assert!(status.success(), "cargo build -p examples --bins failed");
+        target.join("debug")
+    })
+}
+
+/// A process started by a test; killed (and waited for) when dropped.
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
+    output: Arc<Mutex<Output>>,
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Vec<String>,
+    /// `(service, address)` for every "<service> listening on http://<address>" line on standard output.
+    listening: Vec<(String, SocketAddr)>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- output of {} ----\n{}", self.name, self.log());
+        }
+    }
+}
+
+fn read_lines(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<Output>>,
+    stdout: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let mut output = output.lock().unwrap();
+            if stdout && let Some(at) = line.find(" listening on http://") {
+                let service = line[..at].rsplit(' ').next().unwrap_or("").to_owned();
+                let address = line[at + " listening on http://".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("");
+                if let Ok(address) = address.parse() {
+                    output.listening.push((service, address));
+                }
+            }
+            output.lines.push(line);
+        }
+    })
+}
+
+/// Starts the example binary `binary` with `env` on top of a clean environment (no REDIS_*, RATE_LIMIT_* or PORT
+/// from outside).
+pub(crate) fn start(binary: &str, env: &[(&str, String)]) -> Proc {
+    start_with_args(binary, &[], env)
+}
+
+/// Like [`start`], with command-line arguments.
+pub(crate) fn start_with_args(binary: &str, args: &[&str], env: &[(&str, String)]) -> Proc {
+    let path = binaries().join(format!("{binary}{}", std::env::consts::EXE_SUFFIX));
+    let mut command = Command::new(&path);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REDIS_")
+            || name.starts_with("RATE_LIMIT_")
+            || name.ends_with("_PORT")
+            || ["PORT", "HOST", "ADVERTISE_HOST", "TRUSTED_PROXIES"].contains(&name.as_str())
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", path.display()));
+    let output = Arc::new(Mutex::new(Output::default()));
+    read_lines(child.stdout.take().unwrap(), output.clone(), true);
+    read_lines(child.stderr.take().unwrap(), output.clone(), false);
+    Proc {
+        name: binary.to_owned(),
+        child,
+        output,
+    }
+}
+
+impl Proc {
+    pub(crate) fn log(&self) -> String {
+        self.output.lock().unwrap().lines.join("\n")
+    }
+
+    /// Every line of output (standard output and error, in the order they were read) so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.output.lock().unwrap().lines.clone()
+    }
+
+    /// The address `service` printed it listens on.
+    pub(crate) fn address_of(&self, service: &str) -> SocketAddr {
+        let found = poll(Duration::from_secs(30), || {
+            self.output
+                .lock()
+                .unwrap()
+                .listening
+                .iter()
+                .find(|(name, _)| name == service)
+                .map(|(_, address)| *address)
+        });
+        found.unwrap_or_else(|| panic!("{service} never said it listens; output:\n{}", self.log()))
+    }
+
+    /// The address of the binary's own service.
+    pub(crate) fn address(&self) -> SocketAddr {
+        self.address_of(&self.name.clone())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}; output:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Polls `check` every 50 ms until it gives a value or `within` runs out.
+pub(crate) fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A key prefix no other test uses.
+pub(crate) fn prefix(test: &str) -> String {
+    format!("e2e-{test}-{}:", std::process::id())
+}
+
+/// A port nothing listens on.
+pub(crate) fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client (one request per connection), so the tests read like the curl walkthrough.
+
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: String,
+}
+
+impl Reply {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {:?}", self.body))
+    }
+
+    pub(crate) fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+}
+
+pub(crate) fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .unwrap_or_else(|error| panic!("cannot connect to {address}: {error}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        head.push_str("content-type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|error| panic!("{method} {path}: cannot read the answer: {error}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status line: {head:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+pub(crate) fn get(address: SocketAddr, path: &str) -> Reply {
+    request(address, "GET", path, None, &[])
+}
