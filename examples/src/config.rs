@@ -292,6 +292,31 @@ pub fn rates_from_env(variable: &'static str, default: &str) -> Result<Vec<RateS
     parse_rates(variable, value.as_deref().unwrap_or(default))
 }
 
+/// Reads `variable` as rates (see [`rates_from_env`]) and makes one sliding-window policy of
+/// `tower-redis-ratelimit` per rate, named `<name>-<window>` (`pro-1s`, `pro-1m`): the names clients see in the
+/// `RateLimit` fields.
+///
+/// # Errors
+///
+/// [`ConfigError`] naming `variable` when a rate does not parse or the limiter refuses it (a limit too large).
+pub fn policies_from_env(
+    variable: &'static str,
+    name: &str,
+    default: &str,
+) -> Result<Vec<tower_redis_ratelimit::Policy>, ConfigError> {
+    rates_from_env(variable, default)?
+        .iter()
+        .map(|rate| {
+            tower_redis_ratelimit::Policy::new(
+                format!("{name}-{}", rate.window_label()),
+                rate.limit,
+                rate.window,
+            )
+            .map_err(|error| ConfigError::new(variable, error.to_string()))
+        })
+        .collect()
+}
+
 /// Parses comma-separated rates (see [`rates_from_env`]); `variable` names the source in errors.
 ///
 /// # Errors

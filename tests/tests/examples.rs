@@ -157,8 +157,8 @@ fn writes_have_a_stricter_policy_and_a_denied_write_costs_nothing_of_the_tier() 
     assert_eq!(create_item(address, "pro_ada").status, 201);
     let denied = create_item(address, "pro_ada");
     assert_eq!(denied.status, 429, "{denied:?}");
-    assert_eq!(denied.header("ratelimit-policy"), "\"writes\";q=2;w=60");
-    assert_eq!(denied.json()["exhausted"], serde_json::json!(["writes"]));
+    assert_eq!(denied.header("ratelimit-policy"), "\"writes-1m\";q=2;w=60");
+    assert_eq!(denied.json()["exhausted"], serde_json::json!(["writes-1m"]));
     // Two writes and no more counted against the tier: three reads are left, then 429.
     assert_eq!(statuses(address, Some("pro_ada"), 4), [200, 200, 200, 429]);
     let listed = items(address, Some("pro_other"));
@@ -235,6 +235,11 @@ fn a_bad_limit_stops_start_up_with_a_message_naming_the_variable() {
         ("rate-limited-api", "RATE_LIMIT_PRO", "fast"),
         ("rate-limited-api", "TRUSTED_PROXIES", "the usual ones"),
         ("rate-limited-api", "RATE_LIMIT_WRITES", "1/1s,10/1m"),
+        (
+            "rate-limited-api",
+            "RATE_LIMIT_FREE",
+            "18446744073709551615/1m",
+        ),
         ("tonic-server", "RATE_LIMIT_CALLS", "0/1s"),
     ];
     for (binary, variable, value) in cases {

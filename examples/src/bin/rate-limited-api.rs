@@ -27,7 +27,7 @@
 //! | `RATE_LIMIT_ANONYMOUS` | `10/1m` | callers without an API key, per client address |
 //! | `RATE_LIMIT_FREE` | `30/1m` | per `free` key |
 //! | `RATE_LIMIT_PRO` | `10/1s,300/1m` | per `pro` key (several rates: all apply) |
-//! | `RATE_LIMIT_WRITES` | `5/1m` | writes per key (else per client address), whatever the tier |
+//! | `RATE_LIMIT_WRITES` | `5/1m` | writes per key (else per client address), whatever the tier (one rate) |
 //! | `TRUSTED_PROXIES` | `0` | how to find the client address: a number of proxies in front (`1`), or their networks (`10.0.0.0/8,192.168.0.0/16`) |
 //!
 //! and the Redis variables every example reads (`REDIS_URL`, `REDIS_PREFIX`, ...; see `examples::config`).
@@ -40,10 +40,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, Response, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use examples::config::{self, Config, ConfigError, RateSpec};
+use examples::config::{self, Config, ConfigError};
 use examples::connection::{ConnectError, Redis, connect};
 use examples::lifecycle::{Stop, stop_on_signals};
 use examples::telemetry;
@@ -76,26 +77,24 @@ const PRO: &str = "pro";
 /// Everything this binary reads from the environment besides the shared [`Config`].
 #[derive(Debug)]
 struct Limits {
-    anonymous: Vec<RateSpec>,
-    free: Vec<RateSpec>,
-    pro: Vec<RateSpec>,
-    writes: RateSpec,
+    anonymous: Vec<Policy>,
+    free: Vec<Policy>,
+    pro: Vec<Policy>,
+    writes: Policy,
     client_ip: ClientIp,
 }
 
 impl Limits {
     fn from_env() -> Result<Self, ConfigError> {
-        let writes = config::rates_from_env("RATE_LIMIT_WRITES", "5/1m")?;
-        let [writes] = writes[..] else {
-            return Err(ConfigError {
-                variable: "RATE_LIMIT_WRITES",
-                message: "takes one rate, such as 5/1m".to_owned(),
-            });
-        };
+        let writes = config::policies_from_env("RATE_LIMIT_WRITES", "writes", "5/1m")?;
+        let [writes] = <[Policy; 1]>::try_from(writes).map_err(|_| ConfigError {
+            variable: "RATE_LIMIT_WRITES",
+            message: "takes one rate, such as 5/1m".to_owned(),
+        })?;
         Ok(Self {
-            anonymous: config::rates_from_env("RATE_LIMIT_ANONYMOUS", "10/1m")?,
-            free: config::rates_from_env("RATE_LIMIT_FREE", "30/1m")?,
-            pro: config::rates_from_env("RATE_LIMIT_PRO", "10/1s,300/1m")?,
+            anonymous: config::policies_from_env("RATE_LIMIT_ANONYMOUS", ANONYMOUS, "10/1m")?,
+            free: config::policies_from_env("RATE_LIMIT_FREE", FREE, "30/1m")?,
+            pro: config::policies_from_env("RATE_LIMIT_PRO", PRO, "10/1s,300/1m")?,
             writes,
             client_ip: parse_trusted_proxies(config::var("TRUSTED_PROXIES")?.as_deref())?,
         })
@@ -127,21 +126,6 @@ fn parse_trusted_proxies(value: Option<&str>) -> Result<ClientIp, ConfigError> {
     Ok(ClientIp::trusted_proxies(networks))
 }
 
-/// One policy per rate, named `<tier>-<window>` (`pro-1s`): the names clients see in the `RateLimit` fields.
-fn policies(tier: &str, rates: &[RateSpec]) -> Result<Vec<Policy>, String> {
-    rates
-        .iter()
-        .map(|rate| {
-            Policy::new(
-                format!("{tier}-{}", rate.window_label()),
-                rate.limit,
-                rate.window,
-            )
-            .map_err(|error| format!("tier {tier}: {error}"))
-        })
-        .collect()
-}
-
 /// The two limiters on one connection (`Redis`) or none (`Offline`), with their common settings.
 fn limiters<C>(
     make: impl Fn() -> RateLimiterBuilder<C>,
@@ -152,16 +136,14 @@ where
 {
     let tiers = make()
         .name("api-tiers")
-        .tier(ANONYMOUS, policies(ANONYMOUS, &limits.anonymous)?)
-        .tier(FREE, policies(FREE, &limits.free)?)
-        .tier(PRO, policies(PRO, &limits.pro)?)
+        .tier(ANONYMOUS, limits.anonymous.clone())
+        .tier(FREE, limits.free.clone())
+        .tier(PRO, limits.pro.clone())
         .build()
         .map_err(|error| format!("tier limiter: {error}"))?;
-    let write_policy = Policy::new("writes", limits.writes.limit, limits.writes.window)
-        .map_err(|error| format!("RATE_LIMIT_WRITES: {error}"))?;
     let writes = make()
         .name("api-writes")
-        .policy(write_policy)
+        .policy(limits.writes.clone())
         .build()
         .map_err(|error| format!("write limiter: {error}"))?;
     Ok((tiers, writes))
@@ -315,13 +297,7 @@ fn too_many(decision: &Decision, _grpc: bool) -> Response<Body> {
         "retry_after_s": decision.retry_after.map(|after| after.as_secs_f64()),
         "decided_by": decision.source.as_str(),
     });
-    let mut response = Response::new(Body::from(body.to_string()));
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
 }
 
 /// Serves `app` until `stop`, then lets the requests in flight finish.
@@ -375,14 +351,7 @@ struct NewItem {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let body = serde_json::json!({ "error": message.into() });
-    let mut response = Response::new(Body::from(body.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
 async fn list_items(State(api): State<Arc<Api>>) -> Json<Vec<Item>> {
@@ -438,16 +407,13 @@ async fn create_item(
         name: name.to_owned(),
     };
     api.items.write().await.insert(item.id, item.clone());
-    let mut response = Response::new(Body::from(serde_json::to_string(&item).unwrap_or_default()));
-    *response.status_mut() = StatusCode::CREATED;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(location) = HeaderValue::from_str(&format!("/items/{}", item.id)) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
+    let location = format!("/items/{}", item.id);
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(item),
+    )
+        .into_response()
 }
 
 async fn delete_item(State(api): State<Arc<Api>>, Path(id): Path<u64>) -> Response<Body> {

@@ -22,7 +22,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use examples::config::{self, Config, ConfigError, RateSpec};
+use examples::config::{self, Config, ConfigError};
 use examples::connection::{ConnectError, connect};
 use examples::echo::{API_KEY, PORT, SERVED_BY, SERVICE};
 use examples::env::{Env, REGISTRY_TTL};
@@ -43,9 +43,9 @@ use tower_redis_ratelimit::{
 /// The name in logs and in the "listening" line.
 const NAME: &str = "tonic-server";
 
-fn main_config() -> Result<(Config, Vec<RateSpec>), ConfigError> {
+fn main_config() -> Result<(Config, Vec<Policy>), ConfigError> {
     let config = Config::from_env(PORT)?;
-    let calls = config::rates_from_env("RATE_LIMIT_CALLS", "50/1s")?;
+    let calls = config::policies_from_env("RATE_LIMIT_CALLS", "calls", "50/1s")?;
     Ok((config, calls))
 }
 
@@ -109,22 +109,16 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The call limit: one policy per rate, named `calls-<window>`.
-fn limiter<C>(builder: RateLimiterBuilder<C>, calls: &[RateSpec]) -> Result<RateLimiter<C>, String>
+/// The call limit.
+fn limiter<C>(builder: RateLimiterBuilder<C>, calls: &[Policy]) -> Result<RateLimiter<C>, String>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let mut builder = builder.name("echo-calls");
-    for rate in calls {
-        let policy = Policy::new(
-            format!("calls-{}", rate.window_label()),
-            rate.limit,
-            rate.window,
-        )
-        .map_err(|error| format!("RATE_LIMIT_CALLS: {error}"))?;
-        builder = builder.policy(policy);
-    }
-    builder
+    calls
+        .iter()
+        .fold(builder.name("echo-calls"), |builder, policy| {
+            builder.policy(policy.clone())
+        })
         .build()
         .map_err(|error| format!("rate limiter: {error}"))
 }
