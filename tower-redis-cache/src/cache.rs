@@ -29,6 +29,7 @@ pub struct Cache {
 pub(crate) struct Inner {
     pub(crate) memory: Option<MemoryTier>,
     pub(crate) redis: Option<RedisTier>,
+    replicas: Vec<RedisTier>,
     flights: DashMap<String, Arc<watch::Sender<Option<Arc<Entry>>>>>,
     pub(crate) stats: Stats,
     pub(crate) name: String,
@@ -66,6 +67,7 @@ impl fmt::Debug for Cache {
 pub struct CacheBuilder {
     memory_capacity: u64,
     redis: Option<Box<dyn FnOnce(Keys) -> Box<dyn Store> + Send>>,
+    replicas: Vec<Box<dyn FnOnce(Keys) -> Box<dyn Store> + Send>>,
     prefix: String,
     timeout: Duration,
     breaker: Option<CircuitBreaker>,
@@ -79,6 +81,7 @@ impl fmt::Debug for CacheBuilder {
         f.debug_struct("CacheBuilder")
             .field("memory_capacity", &self.memory_capacity)
             .field("redis", &self.redis.is_some())
+            .field("replicas", &self.replicas.len())
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("fill_lock", &self.fill_lock)
@@ -101,6 +104,20 @@ impl CacheBuilder {
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
         self.redis = Some(Box::new(move |keys| {
+            Box::new(RedisStore::new(connection, keys))
+        }));
+        self
+    }
+
+    /// Reads from this replica too (call it once per replica): each read goes to one replica at random, and to the
+    /// primary when that replica misses (it may lag), fails, times out or has its breaker open. Writes, invalidations
+    /// and locks always go to the primary. On a Cluster, use the cluster client's own replica routing
+    /// (`ClusterClientBuilder::read_from_replicas`) instead.
+    pub fn read_replica<C>(mut self, connection: C) -> Self
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.replicas.push(Box::new(move |keys| {
             Box::new(RedisStore::new(connection, keys))
         }));
         self
@@ -181,19 +198,28 @@ impl CacheBuilder {
             ));
         }
         let keys = Keys::new(self.prefix);
+        let guard = |name: String| {
+            CircuitBreaker::builder()
+                .name(name)
+                .consecutive_failures(3)
+                .no_failure_rate()
+                .open_for(Duration::from_millis(500))
+                .half_open_permits(1)
+                .half_open_max_wait(Duration::from_secs(2))
+                .build()
+                .map_err(|error| ConfigError::new("breaker", error.to_string()))
+        };
+        if self.redis.is_none() && !self.replicas.is_empty() {
+            return Err(ConfigError::new(
+                "read_replica",
+                "read replicas need a primary: call `redis(connection)` too",
+            ));
+        }
         let redis = match self.redis {
             Some(make) => {
                 let breaker = match self.breaker {
                     Some(breaker) => breaker,
-                    None => CircuitBreaker::builder()
-                        .name(format!("{}-redis", self.name))
-                        .consecutive_failures(3)
-                        .no_failure_rate()
-                        .open_for(Duration::from_millis(500))
-                        .half_open_permits(1)
-                        .half_open_max_wait(Duration::from_secs(2))
-                        .build()
-                        .map_err(|error| ConfigError::new("breaker", error.to_string()))?,
+                    None => guard(format!("{}-redis", self.name))?,
                 };
                 Some(RedisTier {
                     store: make(keys.clone()),
@@ -203,6 +229,14 @@ impl CacheBuilder {
             }
             None => None,
         };
+        let mut replicas = Vec::with_capacity(self.replicas.len());
+        for (index, make) in self.replicas.into_iter().enumerate() {
+            replicas.push(RedisTier {
+                store: make(keys.clone()),
+                breaker: guard(format!("{}-replica-{index}", self.name))?,
+                timeout: self.timeout,
+            });
+        }
         let instance = format!("{:016x}", rand_u64());
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
         let listener = match self.subscriber {
@@ -222,6 +256,7 @@ impl CacheBuilder {
             inner: Arc::new(Inner {
                 memory,
                 redis,
+                replicas,
                 flights: DashMap::new(),
                 stats: Stats::named(&self.name),
                 name: self.name,
@@ -308,6 +343,7 @@ impl Cache {
         CacheBuilder {
             memory_capacity: 100 * 1024 * 1024,
             redis: None,
+            replicas: Vec::new(),
             prefix: "cache:".to_owned(),
             timeout: Duration::from_millis(200),
             breaker: None,
@@ -565,8 +601,8 @@ impl Cache {
         }
     }
 
-    /// Reads the variant for this request from Redis: `Ok(None)` on a miss, `Err(())` when Redis failed, timed out
-    /// or its breaker is open (the caller goes on without it).
+    /// Reads the variant for this request from Redis (a replica first, when there are any): `Ok(None)` on a miss,
+    /// `Err(())` when Redis failed, timed out or its breaker is open (the caller goes on without it).
     pub(crate) async fn redis_lookup(
         &self,
         key: &str,
@@ -576,12 +612,48 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(None);
         };
+        let replicas = &self.inner.replicas;
+        let mut found = None;
+        if !replicas.is_empty() {
+            use rand::Rng;
+            let replica = &replicas[rand::rng().random_range(0..replicas.len())];
+            if let Ok(Some(hit)) = self.read_from(replica, key, request).await {
+                self.inner.stats.bump(Event::ReplicaHits);
+                found = Some(hit);
+            } else {
+                // A miss may only be lag, and a failed replica is the primary's job: ask the primary.
+                self.inner.stats.bump(Event::ReplicaFallbacks);
+            }
+        }
+        let (entry, vary) = match found {
+            Some(hit) => hit,
+            None => match self.read_from(redis, key, request).await? {
+                Some(hit) => hit,
+                None => return Ok(None),
+            },
+        };
+        if let Some(memory) = &self.inner.memory {
+            // Promote for as long as it stays useful; the Redis TTL already bounds it.
+            let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
+            // Tags live in Redis for this entry; a tag invalidation reaches it through the keys it resolves to.
+            memory.insert(key, &vary, &entry, Duration::from_millis(keep), &[]);
+        }
+        Ok(Some(entry))
+    }
+
+    /// One tier's answer: the entry for this request's variant and the `Vary` it was stored with.
+    async fn read_from(
+        &self,
+        tier: &RedisTier,
+        key: &str,
+        request: &HeaderMap,
+    ) -> Result<Option<(Arc<Entry>, String)>, ()> {
         let guess_vary = self.known_vary(key);
         let guess_field = guess_vary
             .as_deref()
             .map_or_else(|| PLAIN_FIELD.to_owned(), |vary| field_for(vary, request));
         let read = self
-            .redis_call(redis, redis.store.read(key, &guess_field))
+            .redis_call(tier, tier.store.read(key, &guess_field))
             .await?;
         let Some(vary) = read.vary else {
             return Ok(None);
@@ -590,7 +662,7 @@ impl Cache {
         let bytes = if field == guess_field {
             read.entry
         } else {
-            self.redis_call(redis, redis.store.read_field(key, &field))
+            self.redis_call(tier, tier.store.read_field(key, &field))
                 .await?
         };
         let Some(bytes) = bytes else { return Ok(None) };
@@ -605,14 +677,7 @@ impl Cache {
         if !variant_matches(&entry, request) {
             return Ok(None);
         }
-        let entry = Arc::new(entry);
-        if let Some(memory) = &self.inner.memory {
-            // Promote for as long as it stays useful; the Redis TTL already bounds it.
-            let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
-            // Tags live in Redis for this entry; a tag invalidation reaches it through the keys it resolves to.
-            memory.insert(key, &vary, &entry, Duration::from_millis(keep), &[]);
-        }
-        Ok(Some(entry))
+        Ok(Some((Arc::new(entry), vary)))
     }
 
     async fn redis_call<T>(

@@ -33,11 +33,13 @@ pub(crate) enum Event {
     RedisErrors,
     RedisTimeouts,
     RedisSkipped,
+    ReplicaHits,
+    ReplicaFallbacks,
 }
 
 impl Event {
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const ALL: [Self; 17] = [
+    const ALL: [Self; 19] = [
         Self::MemoryLookups,
         Self::RedisLookups,
         Self::Misses,
@@ -55,6 +57,8 @@ impl Event {
         Self::RedisErrors,
         Self::RedisTimeouts,
         Self::RedisSkipped,
+        Self::ReplicaHits,
+        Self::ReplicaFallbacks,
     ];
 
     /// The `event` label of the `metrics` counter.
@@ -78,6 +82,8 @@ impl Event {
             Self::RedisErrors => "redis_errors",
             Self::RedisTimeouts => "redis_timeouts",
             Self::RedisSkipped => "redis_skipped",
+            Self::ReplicaHits => "replica_hits",
+            Self::ReplicaFallbacks => "replica_fallbacks",
         }
     }
 }
@@ -131,6 +137,8 @@ pub(crate) struct Stats {
     redis_errors: AtomicU64,
     redis_timeouts: AtomicU64,
     redis_skipped: AtomicU64,
+    replica_hits: AtomicU64,
+    replica_fallbacks: AtomicU64,
     redis_calls: AtomicU64,
     redis_micros: AtomicU64,
     redis_max_micros: AtomicU64,
@@ -166,6 +174,8 @@ impl Stats {
             Event::RedisErrors => &self.redis_errors,
             Event::RedisTimeouts => &self.redis_timeouts,
             Event::RedisSkipped => &self.redis_skipped,
+            Event::ReplicaHits => &self.replica_hits,
+            Event::ReplicaFallbacks => &self.replica_fallbacks,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -236,6 +246,8 @@ impl Stats {
             redis_errors: load(&self.redis_errors),
             redis_timeouts: load(&self.redis_timeouts),
             redis_skipped: load(&self.redis_skipped),
+            replica_hits: load(&self.replica_hits),
+            replica_fallbacks: load(&self.replica_fallbacks),
             redis_mean_micros: self
                 .redis_micros
                 .load(Ordering::Relaxed)
@@ -292,6 +304,10 @@ pub struct CacheStats {
     pub redis_timeouts: u64,
     /// Redis calls skipped because the breaker was open.
     pub redis_skipped: u64,
+    /// Redis hits answered by a read replica.
+    pub replica_hits: u64,
+    /// Replica reads that missed or failed and went to the primary.
+    pub replica_fallbacks: u64,
     /// Mean latency of successful Redis reads, in µs.
     pub redis_mean_micros: u64,
     /// Slowest successful Redis read, in µs.
