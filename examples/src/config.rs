@@ -13,6 +13,10 @@
 //! | `ADVERTISE_HOST` | `HOST` (`127.0.0.1` when `HOST` is unspecified) | the address registered for peers to call |
 //! | `PORT` | per binary | the port to listen on (0: any free port) |
 //! | `RATE_LIMIT_WRITES` | `10/1s` | the gateway's limit on writes per API key (else per client IP): `N/<duration>` |
+//!
+//! Binaries read their own limits with [`rates_from_env`] and [`policies_from_env`] (`rate-limited-api`:
+//! `RATE_LIMIT_ANONYMOUS`, `RATE_LIMIT_FREE`, `RATE_LIMIT_PRO`, and `RATE_LIMIT_WRITES` with a default of its own;
+//! `tonic-server`: `RATE_LIMIT_CALLS`), and any other variable with [`var`].
 
 use std::fmt;
 use std::net::IpAddr;

@@ -94,6 +94,15 @@ fn past_the_limit_the_api_answers_429_with_retry_after_and_the_ratelimit_fields(
     assert_eq!(body["exhausted"], serde_json::json!(["free-1m"]));
     assert_eq!(body["decided_by"], "redis");
 
+    // Every denial is Redis's, with the fields (the example turns the deny cache off).
+    let again = items(address, Some("free_ada"));
+    assert_eq!(again.status, 429);
+    assert!(
+        again.header("ratelimit").starts_with("\"free-1m\";r=0;t="),
+        "{again:?}"
+    );
+    assert_eq!(again.json()["decided_by"], "redis");
+
     // Another key has its own budget; /health is never limited.
     assert_eq!(items(address, Some("free_bob")).status, 200);
     assert!((0..5).all(|_| get(address, "/health").status == 200));

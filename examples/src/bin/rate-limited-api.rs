@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! cargo run --release -p examples --bin rate-limited-api
-//! curl -i localhost:3010/items -H 'x-api-key: free_alice'    # ratelimit: "free-1m";r=29;t=60
-//! curl -i localhost:3010/items -H 'x-api-key: pro_bob'       # ratelimit: "pro-1s";r=9;t=1, "pro-1m";r=299;t=60
+//! curl -i localhost:3010/items -H 'x-api-key: free_alice'    # ratelimit: "free-1m";r=29;t=50
+//! curl -i localhost:3010/items -H 'x-api-key: pro_bob'       # ratelimit: "pro-1s";r=9;t=1, "pro-1m";r=299;t=50
 //! curl -i -X POST localhost:3010/items -H 'x-api-key: pro_bob' -H 'content-type: application/json' -d '{"name":"tea"}'
 //! ```
 //!
@@ -127,6 +127,10 @@ fn parse_trusted_proxies(value: Option<&str>) -> Result<ClientIp, ConfigError> {
 }
 
 /// The two limiters on one connection (`Redis`) or none (`Offline`), with their common settings.
+///
+/// The deny cache is off, so every decision asks Redis and every 429 carries the `RateLimit` fields. With it on
+/// (the crate's default) a key Redis denied is denied locally until its retry time, without a Redis call, but those
+/// 429s carry `Retry-After` alone: turn it on when abusive clients cost more than the fields are worth.
 fn limiters<C>(
     make: impl Fn() -> RateLimiterBuilder<C>,
     limits: &Limits,
@@ -136,6 +140,7 @@ where
 {
     let tiers = make()
         .name("api-tiers")
+        .no_deny_cache()
         .tier(ANONYMOUS, limits.anonymous.clone())
         .tier(FREE, limits.free.clone())
         .tier(PRO, limits.pro.clone())
@@ -143,6 +148,7 @@ where
         .map_err(|error| format!("tier limiter: {error}"))?;
     let writes = make()
         .name("api-writes")
+        .no_deny_cache()
         .policy(limits.writes.clone())
         .build()
         .map_err(|error| format!("write limiter: {error}"))?;
