@@ -11,7 +11,7 @@
 //! [`RateLimitLayer`] for the whole server: `RATE_LIMIT_CALLS` (default `50/1s`, several rates allowed:
 //! `50/1s,1000/1m`) per API key (`x-api-key` metadata), else per peer address, shared by every instance through
 //! Redis. A denied call gets a trailers-only reply with `grpc-status: 8` (RESOURCE_EXHAUSTED) and `retry-after`
-//! and `ratelimit` metadata. Every reply names the instance in `x-served-by` metadata.
+//! metadata (and `ratelimit` when Redis decided rather than the deny cache). Every reply names the instance in `x-served-by` metadata.
 //!
 //! The instance registers as `echo` in `{REDIS_PREFIX}discovery:` (status `STARTING`, `UP` once it listens, a
 //! heartbeat every 5 s, a 15 s TTL); Ctrl-C or SIGTERM reports `OUT_OF_SERVICE` for a second, removes the entry and
