@@ -85,6 +85,8 @@ pub(crate) struct Proc {
     pub(crate) name: String,
     pub(crate) child: Child,
     output: Arc<Mutex<Output>>,
+    /// The threads reading standard output and error, which end at end of file.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -158,12 +160,15 @@ pub(crate) fn start_with_args(binary: &str, args: &[&str], env: &[(&str, String)
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {}: {error}", path.display()));
     let output = Arc::new(Mutex::new(Output::default()));
-    read_lines(child.stdout.take().unwrap(), output.clone(), true);
-    read_lines(child.stderr.take().unwrap(), output.clone(), false);
+    let readers = vec![
+        read_lines(child.stdout.take().unwrap(), output.clone(), true),
+        read_lines(child.stderr.take().unwrap(), output.clone(), false),
+    ];
     Proc {
         name: binary.to_owned(),
         child,
         output,
+        readers,
     }
 }
 
@@ -196,11 +201,21 @@ impl Proc {
         self.address_of(&self.name.clone())
     }
 
-    /// Waits for the process to exit by itself.
+    /// Waits for the process to exit by itself, and for its output to be read to the end (at most 5 s more: a
+    /// child it left behind may hold the pipes open).
     pub(crate) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                let read = poll(Duration::from_secs(5), || {
+                    self.readers
+                        .iter()
+                        .all(std::thread::JoinHandle::is_finished)
+                        .then_some(())
+                });
+                if read.is_none() {
+                    eprintln!("{}: output still open 5 s after exit", self.name);
+                }
                 return status;
             }
             assert!(
