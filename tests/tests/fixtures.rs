@@ -1,4 +1,5 @@
-//! Each fixture shape works against a real `redis-server`: plain, password and ACL, TLS, and a 3-master cluster.
+//! Each fixture shape works against a real `redis-server`: plain, password and ACL, TLS, a 3-master cluster, and
+//! a Sentinel-managed primary with its replica.
 
 use redis::AsyncCommands;
 use redis_fixtures::{AclUser, RedisCluster, RedisServer};
@@ -159,4 +160,40 @@ fn a_missing_redis_server_binary_fails_with_install_instructions() {
     let _server = RedisServer::builder()
         .binary("/nonexistent/redis-server")
         .start();
+}
+
+#[test]
+fn sentinel_promotes_the_replica_when_the_primary_is_killed() {
+    let mut sentinel = redis_fixtures::RedisSentinel::start();
+    let (old, replica) = (sentinel.primary_port(), sentinel.replica_port());
+    assert_eq!(
+        sentinel.reported_primary(),
+        Some(("127.0.0.1".to_owned(), old))
+    );
+    sentinel.kill_primary();
+    let new = sentinel.wait_for_new_primary(std::time::Duration::from_secs(30));
+    assert_eq!(new, replica);
+    assert_eq!(sentinel.primary_port(), replica);
+    let mut con = sentinel
+        .primary()
+        .client()
+        .get_connection_with_timeout(std::time::Duration::from_secs(2))
+        .expect("the promoted primary accepts connections");
+    let () = redis::cmd("SET")
+        .arg("after-failover")
+        .arg("written")
+        .query(&mut con)
+        .expect("the promoted primary accepts writes");
+}
+
+#[test]
+fn three_sentinels_agree_on_the_promoted_replica() {
+    let mut sentinel = redis_fixtures::RedisSentinel::start_with_sentinels(3);
+    assert_eq!(sentinel.sentinel_urls().len(), 3);
+    let replica = sentinel.replica_port();
+    sentinel.kill_primary();
+    assert_eq!(
+        sentinel.wait_for_new_primary(std::time::Duration::from_secs(40)),
+        replica
+    );
 }
