@@ -1,0 +1,388 @@
+//! A connection to a Sentinel-managed primary that follows failovers.
+//!
+//! redis-rs' `SentinelClient` asks the sentinels for the primary once and hands back a `MultiplexedConnection` to
+//! it; when the primary dies or is demoted, that connection fails for good. [`SentinelConnection`] keeps the current
+//! connection behind a lock and, after a connection error, a timeout or a `READONLY` reply (the server it talks to
+//! became a replica), asks the sentinels for the primary again and reconnects. It implements
+//! `redis::aio::ConnectionLike + Clone + Send + Sync`, so it plugs into every Redis-backed type of this workspace.
+//!
+//! The command that met the failure still returns its error (it may have been applied, so it is not replayed);
+//! the layers' failure policies hide it from clients. While the sentinels cannot be reached, calls fail at once
+//! for a backoff period instead of waiting, so an outage costs no waiting (the layers' breakers open as usual).
+//!
+//! ```no_run
+//! # async fn demo() -> redis::RedisResult<()> {
+//! use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+//!
+//! let con = SentinelConnection::connect(
+//!     &["redis://127.0.0.1:26379"],
+//!     "mymaster",
+//!     SentinelConfig::default(),
+//! )
+//! .await?;
+//! let mut con2 = con.clone();
+//! let () = redis::cmd("SET").arg("k").arg("v").query_async(&mut con2).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    RedisResult, Value,
+};
+
+/// How a [`SentinelConnection`] asks for and connects to the primary.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SentinelConfig {
+    resolve_timeout: Duration,
+    connection_timeout: Duration,
+    response_timeout: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Default for SentinelConfig {
+    fn default() -> Self {
+        Self {
+            resolve_timeout: Duration::from_secs(1),
+            connection_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(500),
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl SentinelConfig {
+    /// The longest a lookup of the primary (sentinels asked, primary connected) may take. Default 1 s.
+    pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
+        self.resolve_timeout = timeout;
+        self
+    }
+
+    /// The connect timeout for the primary. Default 500 ms.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The response timeout of each command on the primary. Default 500 ms.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// After a failed lookup, calls fail at once for `min`, doubling per further failure up to `max`.
+    /// Defaults 50 ms and 2 s.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
+        self
+    }
+}
+
+/// A connection to the primary the sentinels name, re-resolved after a failover. Cloning it is an `Arc` bump; all
+/// clones share one multiplexed connection.
+#[derive(Clone)]
+pub struct SentinelConnection {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SentinelConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = read(&self.inner.current);
+        f.debug_struct("SentinelConnection")
+            .field("master", &self.inner.master)
+            .field("connected", &current.connection.is_some())
+            .field("generation", &current.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    master: String,
+    db: i64,
+    config: SentinelConfig,
+    /// Held only while looking the primary up; a `tokio` mutex so one lookup runs at a time and others wait for it.
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: RwLock<Current>,
+    backoff: Mutex<Backoff>,
+}
+
+#[derive(Default)]
+struct Current {
+    connection: Option<MultiplexedConnection>,
+    /// Bumped at every reconnect, so an error on an old connection does not drop a newer one.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Backoff {
+    retry_after: Option<Instant>,
+    delay: Duration,
+}
+
+impl SentinelConnection {
+    /// Connects to the primary that the sentinels at `sentinels` (URLs like `redis://host:26379`) name `master`.
+    ///
+    /// # Errors
+    ///
+    /// If a sentinel URL is invalid, or no sentinel names a reachable primary within the resolve timeout.
+    pub async fn connect<T: IntoConnectionInfo + Clone>(
+        sentinels: &[T],
+        master: &str,
+        config: SentinelConfig,
+    ) -> RedisResult<Self> {
+        // An owned name fits both signatures of `build` (redis-rs changes it with its `tls-rustls` feature).
+        let name: String = master.into();
+        let client =
+            SentinelClient::build(sentinels.to_vec(), name, None, SentinelServerType::Master)?;
+        Self::with_client(client, master, config).await
+    }
+
+    /// Like [`SentinelConnection::connect`] with a `SentinelClient` built by the caller (for TLS, credentials or a
+    /// database other than 0, which its `SentinelNodeConnectionInfo` carries). `master` is used for logs only.
+    ///
+    /// # Errors
+    ///
+    /// If no sentinel names a reachable primary within the resolve timeout.
+    pub async fn with_client(
+        client: SentinelClient,
+        master: &str,
+        config: SentinelConfig,
+    ) -> RedisResult<Self> {
+        let connection = Self {
+            inner: Arc::new(Inner {
+                master: master.to_owned(),
+                db: 0,
+                config,
+                client: tokio::sync::Mutex::new(client),
+                current: RwLock::new(Current::default()),
+                backoff: Mutex::new(Backoff::default()),
+            }),
+        };
+        connection.inner.connection().await?;
+        Ok(connection)
+    }
+
+    /// How many times the primary was looked up and connected (1 after [`SentinelConnection::connect`]; each
+    /// failover adds one).
+    pub fn reconnects(&self) -> u64 {
+        read(&self.inner.current).generation
+    }
+}
+
+impl Inner {
+    /// The current connection and its generation, looking the primary up first when there is none.
+    async fn connection(&self) -> RedisResult<(MultiplexedConnection, u64)> {
+        if let Some(found) = self.cached() {
+            return Ok(found);
+        }
+        self.check_backoff()?;
+        let mut client = self.client.lock().await;
+        // Another call may have reconnected while this one waited for the lock.
+        if let Some(found) = self.cached() {
+            return Ok(found);
+        }
+        self.check_backoff()?;
+        match self.resolve(&mut client).await {
+            Ok(connection) => {
+                let mut current = write(&self.current);
+                current.generation += 1;
+                current.connection = Some(connection.clone());
+                *lock(&self.backoff) = Backoff::default();
+                tracing::info!(master = %self.master, generation = current.generation, "connected to the primary");
+                Ok((connection, current.generation))
+            }
+            Err(error) => {
+                let mut backoff = lock(&self.backoff);
+                backoff.delay = (backoff.delay * 2)
+                    .max(self.config.min_backoff)
+                    .min(self.config.max_backoff);
+                backoff.retry_after = Some(Instant::now() + backoff.delay);
+                tracing::warn!(master = %self.master, %error, retry_in = ?backoff.delay, "cannot reach the primary");
+                Err(error)
+            }
+        }
+    }
+
+    fn cached(&self) -> Option<(MultiplexedConnection, u64)> {
+        let current = read(&self.current);
+        current
+            .connection
+            .clone()
+            .map(|connection| (connection, current.generation))
+    }
+
+    fn check_backoff(&self) -> RedisResult<()> {
+        match lock(&self.backoff).retry_after {
+            Some(at) if Instant::now() < at => Err(RedisError::from((
+                ErrorKind::Io,
+                "the Sentinel primary was unreachable moments ago; retrying after a backoff",
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn resolve(&self, client: &mut SentinelClient) -> RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connection_timeout))
+            .set_response_timeout(Some(self.config.response_timeout));
+        match tokio::time::timeout(
+            self.config.resolve_timeout,
+            client.get_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from((
+                ErrorKind::Io,
+                "timed out looking up the primary through the sentinels",
+            ))),
+        }
+    }
+
+    /// Forgets the connection of `generation` after `error` showed that it no longer reaches the primary.
+    fn note(&self, generation: u64, error: &RedisError) {
+        if !needs_new_primary(error) {
+            return;
+        }
+        let mut current = write(&self.current);
+        if current.generation == generation && current.connection.take().is_some() {
+            tracing::warn!(master = %self.master, %error, "lost the primary; asking the sentinels again");
+        }
+    }
+}
+
+/// Whether `error` means the connection no longer reaches a writable primary: it broke, timed out, or the server
+/// answers `READONLY` because it is a replica now.
+pub(crate) fn needs_new_primary(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.code() == Some("READONLY")
+        // A script's write refused on a replica comes back wrapped in the script error.
+        || error.to_string().contains("READONLY")
+}
+
+impl ConnectionLike for SentinelConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (mut connection, generation) = self.inner.connection().await?;
+            let result = connection.req_packed_command(cmd).await;
+            if let Err(error) = &result {
+                self.inner.note(generation, error);
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (mut connection, generation) = self.inner.connection().await?;
+            let result = connection
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            if let Err(error) = &result {
+                self.inner.note(generation, error);
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.db
+    }
+}
+
+// A panic while holding one of these locks leaves plain data behind, still consistent: ignore the poison.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_connections_timeouts_and_readonly_replies_ask_for_a_new_primary() {
+        let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let timed_out = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let readonly = RedisError::from((
+            ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        ));
+        for error in [&dropped, &refused, &timed_out, &readonly] {
+            assert!(needs_new_primary(error), "{error}");
+        }
+    }
+
+    #[test]
+    fn ordinary_command_errors_keep_the_connection() {
+        let wrong_type = RedisError::from((
+            ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        let parse = RedisError::from((ErrorKind::UnexpectedReturnType, "not a number"));
+        assert!(!needs_new_primary(&wrong_type));
+        assert!(!needs_new_primary(&parse));
+    }
+
+    #[tokio::test]
+    async fn unreachable_sentinels_fail_the_lookup_and_later_calls_fail_at_once_during_the_backoff()
+    {
+        // A port nothing listens on: bind, read the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free loopback port");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = SentinelClient::build(
+            vec![url.as_str()],
+            String::from("m"),
+            None,
+            SentinelServerType::Master,
+        )
+        .expect("a valid sentinel URL");
+        let connection = SentinelConnection {
+            inner: Arc::new(Inner {
+                master: String::from("m"),
+                db: 0,
+                config: SentinelConfig::default()
+                    .backoff(Duration::from_secs(30), Duration::from_secs(30)),
+                client: tokio::sync::Mutex::new(client),
+                current: RwLock::new(Current::default()),
+                backoff: Mutex::new(Backoff::default()),
+            }),
+        };
+        let mut con = connection.clone();
+        let first: RedisResult<Value> = redis::cmd("PING").query_async(&mut con).await;
+        assert!(first.is_err());
+        let started = Instant::now();
+        let second: RedisResult<Value> = redis::cmd("PING").query_async(&mut con).await;
+        let error = second.expect_err("still backing off");
+        assert!(error.to_string().contains("backoff"), "{error}");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(connection.reconnects(), 0);
+    }
+}
