@@ -8,6 +8,7 @@
 //! | `POST /orders` | rate limit | creates an order (order service, which checks the user with the user service) |
 //! | `GET /orders/{id}` | cache | an order with its user (order service, then user service) |
 //! | `PATCH /orders/{id}` | rate limit | changes an order's status, then invalidates `/orders/{id}` |
+//! | `GET /events` | | every user and order created or changed, through any gateway, as Server-Sent Events |
 //! | `GET /services` | | the registry: every service and its instances |
 //! | `GET /health` | | the gateway, its downstream breakers, limiter and cache |
 //! | `GET /health/redis` | | `PING` status and latency |
@@ -37,6 +38,7 @@ use tower_redis_ratelimit::{Decision, LimiterStats, RateLimitLayer, RateLimiter}
 
 use crate::downstream::Downstream;
 use crate::env::Env;
+use crate::events::Events;
 use crate::json;
 use crate::lifecycle::{InstanceInfo, ServeError, Stop, serve};
 use crate::orders::Order;
@@ -63,6 +65,7 @@ struct Gateway<R> {
     users: Downstream,
     orders: Downstream,
     cache: Cache,
+    events: Events,
     limiter: Arc<dyn Fn() -> LimiterStats + Send + Sync>,
     local_limiter: bool,
 }
@@ -117,6 +120,7 @@ where
     )
     .map_err(|error| ServeError(format!("{NAME}: {error}")))?;
     let state_env = env.clone();
+    let events = Events::new(env.redis.as_ref(), &env.config.redis.prefix, stop.clone());
     serve(
         NAME,
         &env,
@@ -129,6 +133,7 @@ where
                 users,
                 orders,
                 cache,
+                events,
                 limiter: Arc::new(move || stats_limiter.stats()),
                 local_limiter: limiter.is_local_only(),
             });
@@ -184,6 +189,7 @@ where
         .route("/orders", post(create_order::<R>).layer(writes.clone()))
         .route("/orders/{id}", get(get_order::<R>).layer(reads))
         .route("/orders/{id}", patch(update_order::<R>).layer(writes))
+        .route("/events", get(events::<R>))
         .route("/services", get(services::<R>))
         .route("/health", get(health::<R>))
         .route("/health/redis", get(redis_health::<R>))
@@ -239,10 +245,8 @@ async fn create_user<R: Registry>(
     State(state): State<Arc<Gateway<R>>>,
     body: Bytes,
 ) -> Response<Body> {
-    relay(
-        state.users.call(Method::POST, "/users", Some(body)).await,
-        false,
-    )
+    let response = state.users.call(Method::POST, "/users", Some(body)).await;
+    relay(state.announce("user.created", response).await, false)
 }
 
 async fn get_user<R: Registry>(
@@ -270,17 +274,15 @@ async fn update_user<R: Registry>(
     if response.status().is_success() {
         state.invalidate_user(&id).await;
     }
-    relay(response, false)
+    relay(state.announce("user.updated", response).await, false)
 }
 
 async fn create_order<R: Registry>(
     State(state): State<Arc<Gateway<R>>>,
     body: Bytes,
 ) -> Response<Body> {
-    relay(
-        state.orders.call(Method::POST, "/orders", Some(body)).await,
-        false,
-    )
+    let response = state.orders.call(Method::POST, "/orders", Some(body)).await;
+    relay(state.announce("order.created", response).await, false)
 }
 
 async fn update_order<R: Registry>(
@@ -298,7 +300,7 @@ async fn update_order<R: Registry>(
             tracing::warn!(%error, "could not invalidate the order everywhere (this instance's copy is gone)");
         }
     }
-    relay(response, false)
+    relay(state.announce("order.updated", response).await, false)
 }
 
 /// The order with its user. If the user cannot be had, the order comes with `"user": null` and `user_error`,
@@ -392,7 +394,44 @@ struct OrderWithUser {
     user_error: Option<String>,
 }
 
+/// `GET /events`: Server-Sent Events, resumed after `Last-Event-ID` when the client sends one.
+async fn events<R: Registry>(
+    State(state): State<Arc<Gateway<R>>>,
+    headers: axum::http::HeaderMap,
+) -> impl axum::response::IntoResponse {
+    let last = headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    state.events.sse(last)
+}
+
 impl<R: Registry> Gateway<R> {
+    /// After a successful write: publishes `kind` with the record the service answered, and gives the answer back.
+    /// An answer that is not JSON publishes nothing.
+    async fn announce(&self, kind: &str, response: Response<Body>) -> Response<Body> {
+        if !response.status().is_success() {
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let bytes = match axum::body::to_bytes(body, 1024 * 1024).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                return json::error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the service's answer could not be read: {error}"),
+                );
+            }
+        };
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(record) => self.events.publish(kind, &record).await,
+            Err(error) => {
+                tracing::warn!(%error, kind, "the service answered something that is not JSON: no event");
+            }
+        }
+        Response::from_parts(parts, Body::from(bytes))
+    }
+
     /// After a user changed: drop the cached user and every cached order that embeds it (by tag through Redis;
     /// without Redis, tags are not tracked, so every cached order goes).
     async fn invalidate_user(&self, id: &str) {

@@ -10,6 +10,7 @@
 //! - [`downstream`]: a client for another service: discovery, balancing, passive health, retries of requests that
 //!   were never sent, and a circuit breaker with a JSON fallback.
 //! - [`users`], [`orders`], [`gateway`]: the three services; [`roles`] runs them, one per process or all in one.
+//! - [`events`]: live events (Server-Sent Events on the gateway), through a Redis Stream or in memory.
 //! - [`echo`]: what the tonic example's server and client agree on.
 //!
 //! ```no_run
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod downstream;
 pub mod echo;
 pub mod env;
+pub mod events;
 pub mod gateway;
 mod ids;
 mod json;

@@ -1,0 +1,327 @@
+//! Live events end to end: the gateway's `GET /events` (Server-Sent Events) over real processes. Two gateways share
+//! one `redis-server`; SSE clients on both see every change made through either, exactly once, and a client that
+//! reconnects with `Last-Event-ID` gets exactly what it missed. Without Redis, the one gateway's clients get its
+//! events.
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis_fixtures::RedisServer;
+use serde_json::{Value, json};
+
+mod support;
+
+use support::{Proc, closed_port, get, poll, prefix, request, start};
+
+/// One event as a client received it.
+#[derive(Debug, Clone, PartialEq)]
+struct SseEvent {
+    id: String,
+    kind: String,
+    data: Value,
+}
+
+#[derive(Default)]
+struct Received {
+    /// Whether the response head arrived (the gateway has subscribed this client by then).
+    connected: bool,
+    events: Vec<SseEvent>,
+}
+
+/// An SSE client: reads the body on a thread, splits it on blank lines; disconnects when dropped.
+struct SseClient {
+    stream: TcpStream,
+    received: Arc<Mutex<Received>>,
+}
+
+impl SseClient {
+    /// Connects to `GET /events` (HTTP/1.0, so the body is not chunked) and waits for the response head.
+    fn connect(address: SocketAddr, last_event_id: Option<&str>) -> Self {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
+        let mut head =
+            format!("GET /events HTTP/1.0\r\nhost: {address}\r\naccept: text/event-stream\r\n");
+        if let Some(id) = last_event_id {
+            head.push_str(&format!("last-event-id: {id}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let received = Arc::new(Mutex::new(Received::default()));
+        let mut reader = stream.try_clone().unwrap();
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut body_at = None;
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = reader.read(&mut buffer) {
+                if read == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buffer[..read]));
+                if body_at.is_none()
+                    && let Some(at) = text.find("\r\n\r\n")
+                {
+                    assert!(
+                        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+                        "{text}"
+                    );
+                    body_at = Some(at + 4);
+                    sink.lock().unwrap().connected = true;
+                }
+                let Some(start) = body_at else { continue };
+                // Complete blocks only; the rest waits for more bytes.
+                while let Some(end) = text[start..].find("\n\n") {
+                    let block = text[start..start + end].to_owned();
+                    text.replace_range(start..start + end + 2, "");
+                    if let Some(event) = parse(&block) {
+                        sink.lock().unwrap().events.push(event);
+                    }
+                }
+            }
+        });
+        let client = Self { stream, received };
+        poll(Duration::from_secs(10), || {
+            client.received.lock().unwrap().connected.then_some(())
+        })
+        .expect("GET /events never answered");
+        client
+    }
+
+    fn events(&self) -> Vec<SseEvent> {
+        self.received.lock().unwrap().events.clone()
+    }
+
+    /// The events once there are at least `count` (polled with a deadline).
+    fn wait_for(&self, count: usize) -> Vec<SseEvent> {
+        poll(Duration::from_secs(20), || {
+            let events = self.events();
+            (events.len() >= count).then_some(events)
+        })
+        .unwrap_or_else(|| panic!("fewer than {count} events arrived: {:?}", self.events()))
+    }
+}
+
+impl Drop for SseClient {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// An SSE block as an event; `None` for a comment (keep-alive).
+fn parse(block: &str) -> Option<SseEvent> {
+    let mut fields = HashMap::new();
+    for line in block.lines() {
+        if let Some((name, value)) = line.split_once(':')
+            && !name.is_empty()
+        {
+            fields.insert(
+                name.to_owned(),
+                value.strip_prefix(' ').unwrap_or(value).to_owned(),
+            );
+        }
+    }
+    Some(SseEvent {
+        id: fields.get("id")?.clone(),
+        kind: fields.get("event")?.clone(),
+        data: serde_json::from_str(fields.get("data")?).unwrap(),
+    })
+}
+
+/// `(type, record id)` of each event.
+fn summary(events: &[SseEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|event| {
+            (
+                event.kind.clone(),
+                event.data["id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn shared_env(redis: &RedisServer, prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", redis.url()),
+        ("REDIS_PREFIX", prefix.to_owned()),
+        ("PORT", "0".to_owned()),
+        ("RATE_LIMIT_WRITES", "1000/1m".to_owned()),
+    ]
+}
+
+/// The user and order services and two gateways on `redis`; the gateways' addresses once both can reach both
+/// services.
+fn two_gateways(redis: &RedisServer, prefix: &str) -> (Vec<Proc>, SocketAddr, SocketAddr) {
+    let env = shared_env(redis, prefix);
+    let procs = vec![
+        start("user-service", &env),
+        start("order-service", &env),
+        start("gateway", &env),
+        start("gateway", &env),
+    ];
+    let (a, b) = (procs[2].address(), procs[3].address());
+    for gateway in [a, b] {
+        poll(Duration::from_secs(20), || {
+            let reply = get(gateway, "/services");
+            let services = reply.json()["services"].to_string();
+            (reply.status == 200
+                && services.contains("\"user-service\"")
+                && services.contains("\"order-service\""))
+            .then_some(())
+        })
+        .expect("the gateway never saw both services");
+    }
+    (procs, a, b)
+}
+
+fn write(gateway: SocketAddr, method: &str, path: &str, body: &Value) -> String {
+    let reply = request(gateway, method, path, Some(body), &[]);
+    assert!(reply.status == 200 || reply.status == 201, "{reply:?}");
+    reply.json()["id"].as_str().unwrap().to_owned()
+}
+
+fn create_user(gateway: SocketAddr, name: &str) -> String {
+    write(
+        gateway,
+        "POST",
+        "/users",
+        &json!({"name": name, "email": format!("{name}@example.com")}),
+    )
+}
+
+#[test]
+fn a_change_through_either_gateway_reaches_the_clients_of_both_exactly_once() {
+    let redis = RedisServer::start();
+    let (_procs, a, b) = two_gateways(&redis, &prefix("events-fanout"));
+    let on_a = SseClient::connect(a, None);
+    let on_b = SseClient::connect(b, None);
+
+    let user = create_user(a, "ada");
+    write(
+        b,
+        "PUT",
+        &format!("/users/{user}"),
+        &json!({"name": "Ada King"}),
+    );
+    let order = write(
+        a,
+        "POST",
+        "/orders",
+        &json!({"user_id": user, "item": "engine"}),
+    );
+    write(
+        b,
+        "PATCH",
+        &format!("/orders/{order}"),
+        &json!({"status": "paid"}),
+    );
+    // A last change, so that once it has arrived anything sent twice would have arrived too.
+    let last = create_user(b, "grace");
+
+    let expected = vec![
+        ("user.created".to_owned(), user.clone()),
+        ("user.updated".to_owned(), user),
+        ("order.created".to_owned(), order.clone()),
+        ("order.updated".to_owned(), order),
+        ("user.created".to_owned(), last),
+    ];
+    for client in [&on_a, &on_b] {
+        let events = client.wait_for(expected.len());
+        assert_eq!(summary(&events), expected);
+        assert_eq!(events[1].data["name"], "Ada King");
+        assert_eq!(events[3].data["status"], "paid");
+    }
+    // The same event has the same id on both gateways: it was published once.
+    assert_eq!(on_a.events(), on_b.events());
+    // The stream is bounded and expires.
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = format!("{}events", prefix("events-fanout"));
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut connection).unwrap();
+    assert!(ttl > 0, "the stream has no expiry: {ttl}");
+}
+
+#[test]
+fn a_client_that_reconnects_with_last_event_id_gets_exactly_what_it_missed() {
+    let redis = RedisServer::start();
+    let (_procs, a, b) = two_gateways(&redis, &prefix("events-resume"));
+    let first = SseClient::connect(a, None);
+    let seen = create_user(a, "seen");
+    let events = first.wait_for(1);
+    assert_eq!(summary(&events), [("user.created".to_owned(), seen)]);
+    let last_id = events[0].id.clone();
+    drop(first);
+
+    let missed = [create_user(a, "missed-1"), create_user(b, "missed-2")];
+    // Reconnects elsewhere: the other gateway has the same stream.
+    let again = SseClient::connect(b, Some(&last_id));
+    let after = create_user(a, "live");
+    let events = again.wait_for(3);
+    assert_eq!(
+        summary(&events),
+        [
+            ("user.created".to_owned(), missed[0].clone()),
+            ("user.created".to_owned(), missed[1].clone()),
+            ("user.created".to_owned(), after),
+        ]
+    );
+    // A final barrier: one more event arrives alone (nothing was delivered twice).
+    let barrier = create_user(b, "barrier");
+    let events = again.wait_for(4);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[3].data["id"], barrier.as_str());
+}
+
+#[test]
+fn without_redis_the_gateway_delivers_its_own_events_and_resumes_from_memory() {
+    let demo = start(
+        "demo",
+        &[
+            ("REDIS_URL", format!("redis://127.0.0.1:{}", closed_port())),
+            ("REDIS_CONNECT_TIMEOUT_MS", "300".to_owned()),
+            ("USER_SERVICE_PORT", "0".to_owned()),
+            ("ORDER_SERVICE_PORT", "0".to_owned()),
+            ("GATEWAY_PORT", "0".to_owned()),
+        ],
+    );
+    let gateway = demo.address_of("gateway");
+    assert!(
+        demo.log().contains("SINGLE-INSTANCE MODE"),
+        "{}",
+        demo.log()
+    );
+    poll(Duration::from_secs(20), || {
+        get(gateway, "/services")
+            .body
+            .contains("\"user-service\"")
+            .then_some(())
+    })
+    .expect("the gateway never saw the user service");
+
+    let client = SseClient::connect(gateway, None);
+    let first = create_user(gateway, "alan");
+    let events = client.wait_for(1);
+    assert_eq!(
+        summary(&events),
+        [("user.created".to_owned(), first.clone())]
+    );
+    drop(client);
+
+    let missed = write(
+        gateway,
+        "PUT",
+        &format!("/users/{first}"),
+        &json!({"name": "Alan T"}),
+    );
+    let again = SseClient::connect(gateway, Some(&events[0].id));
+    let events = again.wait_for(1);
+    assert_eq!(summary(&events), [("user.updated".to_owned(), missed)]);
+    let live = create_user(gateway, "kurt");
+    let events = again.wait_for(2);
+    assert_eq!(summary(&events[1..]), [("user.created".to_owned(), live)]);
+}
