@@ -40,6 +40,13 @@ mod registry;
 mod stats;
 mod strategy;
 
+/// A connection to a Sentinel-managed primary that follows failovers (from `tower-breaker`).
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub mod sentinel {
+    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+}
+
 pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
 pub use discover::{Discovery, Filter, WatchOptions};
 pub use health::{Ejecting, EjectingFuture, EjectionOptions, HealthSignal};

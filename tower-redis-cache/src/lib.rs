@@ -49,6 +49,13 @@ mod stats;
 mod status;
 mod store;
 
+/// A connection to a Sentinel-managed primary that follows failovers (from `tower-breaker`).
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub mod sentinel {
+    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+}
+
 pub use body::CacheBody;
 pub use cache::{Cache, CacheBuilder, InvalidateError};
 pub use error::ConfigError;

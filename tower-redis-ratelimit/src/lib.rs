@@ -37,6 +37,13 @@ mod script;
 mod service;
 mod stats;
 
+/// A connection to a Sentinel-managed primary that follows failovers (from `tower-breaker`).
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub mod sentinel {
+    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+}
+
 pub use decision::{Decision, DecisionSource, PolicyState};
 pub use error::ConfigError;
 pub use headers::HeaderStyle;
