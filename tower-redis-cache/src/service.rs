@@ -969,7 +969,8 @@ fn end_to_end(stored: &HeaderMap) -> HeaderMap {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let mut headers = HeaderMap::with_capacity(stored.len());
+    // Room for the `Age` and `Cache-Status` added next, so they do not force a rehash.
+    let mut headers = HeaderMap::with_capacity(stored.len() + 2);
     for (name, value) in stored {
         if !is_hop_by_hop(name) && !listed.contains(name) {
             headers.append(name.clone(), value.clone());
@@ -1062,7 +1063,12 @@ pub(crate) fn default_key(parts: &Parts) -> String {
         .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
-    format!("{scheme}://{}{path}", authority.to_ascii_lowercase())
+    let mut key = String::with_capacity(scheme.len() + 3 + authority.len() + path.len());
+    key.push_str(scheme);
+    key.push_str("://");
+    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(path);
+    key
 }
 
 /// The parts a GET for `uri` (or the request's own URI) would have, for computing its key.
