@@ -1,0 +1,113 @@
+//! A Sentinel failover under load: the primary is killed while two cache instances serve requests through
+//! `SentinelConnection`s; every response stays correct, and the shared tier works again on the promoted replica.
+#![cfg(feature = "sentinel")]
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use redis_fixtures::RedisSentinel;
+use support::scenarios::slow_origin;
+use support::{Calls, eventually, get, serve};
+use tower_redis_cache::Cache;
+use tower_redis_cache::sentinel::{SentinelConfig, SentinelConnection};
+
+async fn sentinel_connection(set: &RedisSentinel) -> SentinelConnection {
+    SentinelConnection::connect(
+        &set.sentinel_urls(),
+        set.master_name(),
+        SentinelConfig::default(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_load_fails_no_request_and_the_shared_tier_works_again_after_it() {
+    let mut set = RedisSentinel::start();
+    let promoted = set.replica_port();
+    let calls = Calls::default();
+    // Two instances, each with its own connection and no memory tier: a hit on one for what the other stored comes
+    // from Redis.
+    let first = Cache::builder()
+        .redis(sentinel_connection(&set).await)
+        .memory_capacity(0)
+        .build()
+        .unwrap();
+    let second = Cache::builder()
+        .redis(sentinel_connection(&set).await)
+        .memory_capacity(0)
+        .build()
+        .unwrap();
+    let origin = slow_origin(&calls, Duration::ZERO, "max-age=60");
+    let first_address = serve(origin.clone().layer(first.layer())).await;
+    let second_address = serve(origin.layer(second.layer())).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = [first_address, second_address]
+        .into_iter()
+        .flat_map(|address| [address, address])
+        .enumerate()
+        .map(|(worker, address)| {
+            let (stop, served) = (stop.clone(), served.clone());
+            tokio::spawn(async move {
+                let mut n = 0_usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = (worker + n) % 16;
+                    let reply = get(address, &format!("/slow/{key}")).await;
+                    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+                    assert!(reply.body.starts_with(&format!("{key} call ")), "{reply:?}");
+                    served.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let served = served.clone();
+            async move { served.load(Ordering::Relaxed) >= 50 }
+        })
+        .await
+    );
+    set.kill_primary();
+    let before_failover = first.stats().redis_hits + second.stats().redis_hits;
+
+    // The shared tier works again: what the first instance stores after the kill, the second reads from Redis.
+    let attempt = AtomicUsize::new(0);
+    let shared_again = eventually(Duration::from_secs(40), || {
+        let path = format!("/slow/after-{}", attempt.fetch_add(1, Ordering::Relaxed));
+        async move {
+            let stored = get(first_address, &path).await;
+            assert_eq!(stored.status, StatusCode::OK);
+            // The store may land just after the reply.
+            for _ in 0..10 {
+                if get(second_address, &path).await.is_hit() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    })
+    .await;
+    let served_during = served.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for worker in load {
+        worker.await.expect("no request failed during the failover");
+    }
+    assert!(
+        shared_again,
+        "the shared tier never worked again after the failover"
+    );
+    assert!(served_during > 50, "load ran through the failover");
+    assert!(first.stats().redis_hits + second.stats().redis_hits > before_failover);
+    assert_eq!(set.wait_for_new_primary(Duration::from_secs(5)), promoted);
+}
