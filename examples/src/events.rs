@@ -94,8 +94,10 @@ enum Backend {
     Memory(Mutex<Ring>),
 }
 
-#[derive(Default)]
 struct Ring {
+    /// When this process started, in ms since the epoch: the ids' first part, so that ids handed out after a restart
+    /// sort after the ones a client may still hold (its `Last-Event-ID` would otherwise hide the new events).
+    epoch: u64,
     next: u64,
     events: VecDeque<Event>,
 }
@@ -111,7 +113,15 @@ impl Events {
                 key: format!("{prefix}events"),
                 timeout: redis.command_timeout,
             },
-            None => Backend::Memory(Mutex::new(Ring::default())),
+            None => Backend::Memory(Mutex::new(Ring {
+                epoch: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| {
+                        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                    }),
+                next: 0,
+                events: VecDeque::new(),
+            })),
         };
         let events = Self {
             inner: Arc::new(Inner {
@@ -172,7 +182,7 @@ impl Events {
                 let Ok(mut ring) = ring.lock() else { return };
                 ring.next += 1;
                 let event = Event {
-                    id: format!("0-{}", ring.next),
+                    id: format!("{}-{}", ring.epoch, ring.next),
                     kind: kind.to_owned(),
                     data,
                 };
@@ -184,6 +194,18 @@ impl Events {
                 let _ = self.inner.fanout.send(event);
             }
         }
+    }
+
+    /// What `/health` shows: where events go, and how many SSE clients this instance has.
+    pub fn stats(&self) -> serde_json::Value {
+        let backend = match &self.inner.backend {
+            Backend::Redis { .. } => "redis-stream",
+            Backend::Memory(_) => "memory",
+        };
+        serde_json::json!({
+            "backend": backend,
+            "clients": self.inner.fanout.receiver_count(),
+        })
     }
 
     /// The retained events after `after` (exclusive), oldest first.
@@ -505,6 +527,65 @@ mod tests {
         assert_eq!(position("nonsense"), None);
     }
 
+    fn feed(events: &Events) -> Feed {
+        Feed {
+            events: events.clone(),
+            live: events.inner.fanout.subscribe(),
+            pending: VecDeque::new(),
+            last: None,
+            replay: true,
+            done: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_the_broadcast_catches_up_without_gaps() {
+        let (_trigger, stop) = crate::lifecycle::stop_pair();
+        let events = Events::new(None, "t:", stop);
+        let mut slow = feed(&events);
+        events
+            .publish("user.created", &serde_json::json!({ "n": 0 }))
+            .await;
+        let Some((_, next)) = slow.next().await else {
+            panic!("the first event did not arrive");
+        };
+        slow = next;
+        let total = FANOUT_CAPACITY + 50;
+        for n in 1..=total {
+            events
+                .publish("user.created", &serde_json::json!({ "n": n }))
+                .await;
+        }
+        let all = events.after("0-0").await.unwrap_or_default();
+        let mut delivered = Vec::new();
+        while delivered.len() < total {
+            let Some((_, next)) = slow.next().await else {
+                panic!("the feed ended after {} events", delivered.len());
+            };
+            slow = next;
+            delivered.push(slow.last.clone().unwrap_or_default());
+        }
+        let expected: Vec<String> = all[1..].iter().map(|event| event.id.clone()).collect();
+        assert_eq!(delivered, expected);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_before_its_first_event_is_told_and_closed() {
+        let (_trigger, stop) = crate::lifecycle::stop_pair();
+        let events = Events::new(None, "t:", stop);
+        let slow = feed(&events);
+        for n in 0..=FANOUT_CAPACITY {
+            events
+                .publish("user.created", &serde_json::json!({ "n": n }))
+                .await;
+        }
+        let Some((_, slow)) = slow.next().await else {
+            panic!("no closing event");
+        };
+        assert!(slow.done);
+        assert!(slow.next().await.is_none());
+    }
+
     #[tokio::test]
     async fn the_memory_ring_replays_what_came_after_an_id() {
         let (_trigger, stop) = crate::lifecycle::stop_pair();
@@ -514,9 +595,11 @@ mod tests {
                 .publish("user.created", &serde_json::json!({ "id": n }))
                 .await;
         }
-        let after = events.after("0-1").await.unwrap_or_default();
+        let first = events.after("0-0").await.unwrap_or_default();
+        assert_eq!(first.len(), 3);
+        let after = events.after(&first[0].id).await.unwrap_or_default();
         let ids: Vec<&str> = after.iter().map(|event| event.id.as_str()).collect();
-        assert_eq!(ids, ["0-2", "0-3"]);
+        assert_eq!(ids, [first[1].id.as_str(), first[2].id.as_str()]);
         assert_eq!(after[0].data, r#"{"id":2}"#);
     }
 }

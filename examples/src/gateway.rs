@@ -516,6 +516,7 @@ async fn health<R: Registry>(State(state): State<Arc<Gateway<R>>>) -> Response<B
                 "stats": (state.limiter)(),
             },
             "cache": state.cache.stats(),
+            "events": state.events.stats(),
         }),
     )
 }

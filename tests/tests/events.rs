@@ -198,6 +198,9 @@ fn a_change_through_either_gateway_reaches_the_clients_of_both_exactly_once() {
     let (_procs, a, b) = two_gateways(&redis, &prefix("events-fanout"));
     let on_a = SseClient::connect(a, None);
     let on_b = SseClient::connect(b, None);
+    let health = get(a, "/health").json();
+    assert_eq!(health["events"]["backend"], "redis-stream", "{health}");
+    assert_eq!(health["events"]["clients"], 1, "{health}");
 
     let user = create_user(a, "ada");
     write(
@@ -304,6 +307,10 @@ fn without_redis_the_gateway_delivers_its_own_events_and_resumes_from_memory() {
     .expect("the gateway never saw the user service");
 
     let client = SseClient::connect(gateway, None);
+    assert_eq!(
+        get(gateway, "/health").json()["events"]["backend"],
+        "memory"
+    );
     let first = create_user(gateway, "alan");
     let events = client.wait_for(1);
     assert_eq!(
