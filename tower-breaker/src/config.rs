@@ -172,24 +172,42 @@ impl Default for BreakerConfig {
     }
 }
 
-/// A configuration that cannot work, with the setting to change.
+/// A configuration that cannot work, with the setting to change. The crates built on this one (the rate limiter, the
+/// cache) report their own invalid configurations with it too, naming their component.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    component: &'static str,
     field: &'static str,
     message: String,
 }
 
 impl ConfigError {
     pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self::in_component("circuit breaker", field, message)
+    }
+
+    /// An error in `component`'s configuration (`"rate limit"`, `"cache"`): `field` is the setting to change and
+    /// `message` says why.
+    pub fn in_component(
+        component: &'static str,
+        field: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
+            component,
             field,
             message: message.into(),
         }
     }
 
-    /// The setting that is wrong, as named in [`BreakerConfig`].
+    /// The setting that is wrong, as its builder method or config field names it.
     pub fn field(&self) -> &'static str {
         self.field
+    }
+
+    /// What the configuration is for: `"circuit breaker"`, `"rate limit"`, `"cache"`.
+    pub fn component(&self) -> &'static str {
+        self.component
     }
 }
 
@@ -197,8 +215,8 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid circuit breaker configuration: `{}` {}",
-            self.field, self.message
+            "invalid {} configuration: `{}` {}",
+            self.component, self.field, self.message
         )
     }
 }

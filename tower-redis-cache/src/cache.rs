@@ -172,7 +172,7 @@ impl CacheBuilder {
     /// token, or [`subscribe`](Self::subscribe) was used outside a Tokio runtime.
     pub fn build(self) -> Result<Cache, ConfigError> {
         if self.timeout.is_zero() {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "redis_timeout",
                 "the Redis timeout must be above zero",
             ));
@@ -181,7 +181,7 @@ impl CacheBuilder {
             .fill_lock
             .is_some_and(|ttl| ttl < Duration::from_millis(1))
         {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "fill_lock",
                 "the fill lock must last at least 1 ms",
             ));
@@ -192,7 +192,7 @@ impl CacheBuilder {
                 .bytes()
                 .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&byte))
         {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "name",
                 "the Cache-Status name must be a token (letters, digits and !#$%&'*+-.^_`|~:/)",
             ));
@@ -207,10 +207,10 @@ impl CacheBuilder {
                 .half_open_permits(1)
                 .half_open_max_wait(Duration::from_secs(2))
                 .build()
-                .map_err(|error| ConfigError::new("breaker", error.to_string()))
+                .map_err(|error| crate::error::config_error("breaker", error.to_string()))
         };
         if self.redis.is_none() && !self.replicas.is_empty() {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "read_replica",
                 "read replicas need a primary: call `redis(connection)` too",
             ));
@@ -242,7 +242,7 @@ impl CacheBuilder {
         let listener = match self.subscriber {
             Some(client) => {
                 let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                    ConfigError::new(
+                    crate::error::config_error(
                         "subscribe",
                         "build the cache inside a Tokio runtime to subscribe",
                     )

@@ -1,36 +1,9 @@
-//! Configuration errors.
+//! Configuration errors: the workspace's one [`ConfigError`], owned by `tower-breaker`, which every Redis-backed
+//! crate already depends on.
 
-use std::fmt;
+pub use tower_breaker::ConfigError;
 
-/// A configuration that cannot work, naming the setting to change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: &'static str,
-    message: String,
+/// An invalid rate limit configuration: `field` is the setting to change.
+pub(crate) fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::in_component("rate limit", field, message)
 }
-
-impl ConfigError {
-    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// The setting that is wrong.
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid rate limit configuration ({}): {}",
-            self.field, self.message
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}

@@ -199,31 +199,31 @@ impl<C> RateLimiterBuilder<C> {
     /// local limiter's quota cannot be built.
     pub fn build(self) -> Result<RateLimiter<C>, ConfigError> {
         if self.tiers.is_empty() {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "policies",
                 "add at least one policy, e.g. `.policy(Policy::per_minute(\"api\", 600)?)`",
             ));
         }
         if self.timeout.is_zero() {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "timeout",
                 "the Redis timeout must be above zero",
             ));
         }
         if self.prefix.contains(['{', '}']) {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "prefix",
                 "must not contain `{` or `}`: the limiter puts the request key in a Cluster hash tag",
             ));
         }
         if let FailurePolicy::Local { share: 0 } = self.failure {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "on_redis_failure",
                 "the local share must be at least 1",
             ));
         }
         if self.local_only && !matches!(self.failure, FailurePolicy::Local { .. }) {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "on_redis_failure",
                 "a local-only limiter has no Redis: it decides with its local limiter, so the failure policy \
                  must be `FailurePolicy::Local`",
@@ -232,7 +232,7 @@ impl<C> RateLimiterBuilder<C> {
         let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
         for (name, policies) in self.tiers {
             if tiers.iter().any(|tier| tier.name == name) {
-                return Err(ConfigError::new(
+                return Err(crate::error::config_error(
                     "tier",
                     format!("tier {name:?} is defined twice"),
                 ));
@@ -268,7 +268,7 @@ impl<C> RateLimiterBuilder<C> {
                 .half_open_permits(1)
                 .half_open_max_wait(Duration::from_secs(2))
                 .build()
-                .map_err(|error| ConfigError::new("breaker", error.to_string()))?,
+                .map_err(|error| crate::error::config_error("breaker", error.to_string()))?,
         };
         Ok(RateLimiter {
             inner: Arc::new(Inner {

@@ -73,7 +73,7 @@ pub(crate) fn quota(limit: u64, window: Duration) -> Result<Quota, ConfigError> 
         .ok()
         .and_then(NonZeroU32::new)
         .ok_or_else(|| {
-            ConfigError::new(
+            crate::error::config_error(
                 "local limit",
                 format!("must be between 1 and {}; got {limit}", u32::MAX),
             )
@@ -82,7 +82,9 @@ pub(crate) fn quota(limit: u64, window: Duration) -> Result<Quota, ConfigError> 
     let period = period.max(Duration::from_nanos(1));
     Quota::with_period(period)
         .map(|quota| quota.allow_burst(limit32))
-        .ok_or_else(|| ConfigError::new("local limit", "the period per request must be above zero"))
+        .ok_or_else(|| {
+            crate::error::config_error("local limit", "the period per request must be above zero")
+        })
 }
 
 impl LocalLimiter {

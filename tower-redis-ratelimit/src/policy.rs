@@ -61,7 +61,7 @@ impl Policy {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "policy name",
                 format!(
                     "{name:?} must be non-empty and use only letters, digits, `_`, `-` and `.`"
@@ -69,7 +69,7 @@ impl Policy {
             ));
         }
         if limit == 0 || limit > MAX_LIMIT {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "limit",
                 format!(
                     "policy {name:?}: the limit must be between 1 and {MAX_LIMIT}; got {limit}"
@@ -77,7 +77,7 @@ impl Policy {
             ));
         }
         if window.as_millis() == 0 {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "window",
                 format!("policy {name:?}: the window must be at least 1 ms; got {window:?}"),
             ));
@@ -133,7 +133,7 @@ impl Policy {
     /// [`ConfigError`] when `burst` is 0 or above the limit.
     pub fn burst(mut self, burst: u64) -> Result<Self, ConfigError> {
         if burst == 0 || burst > self.limit {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "burst",
                 format!(
                     "policy {:?}: the burst must be between 1 and the limit {}; got {burst}",
@@ -205,13 +205,13 @@ impl PolicySet {
     pub fn new(policies: impl IntoIterator<Item = Policy>) -> Result<Self, ConfigError> {
         let policies: Vec<Policy> = policies.into_iter().collect();
         if policies.is_empty() {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "policies",
                 "at least one policy is needed",
             ));
         }
         if policies.len() > 16 {
-            return Err(ConfigError::new(
+            return Err(crate::error::config_error(
                 "policies",
                 "at most 16 policies can be checked together",
             ));
@@ -221,7 +221,7 @@ impl PolicySet {
                 .iter()
                 .any(|other| other.name == policy.name)
             {
-                return Err(ConfigError::new(
+                return Err(crate::error::config_error(
                     "policies",
                     format!(
                         "two policies are named {:?}; names must be unique within a set",
