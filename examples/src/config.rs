@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `REDIS_URL` | `redis://127.0.0.1:6379` | `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS |
 //! | `REDIS_CLUSTER_NODES` | unset | comma-separated node URLs: connect to a Redis Cluster instead of `REDIS_URL` |
+//! | `REDIS_SENTINELS` | unset | comma-separated Sentinel addresses (`host:port` or `redis://host:port`): connect to the primary they name, and follow failovers, instead of `REDIS_URL` |
+//! | `REDIS_SENTINEL_MASTER` | unset (required with `REDIS_SENTINELS`) | the name the sentinels monitor the primary under |
 //! | `REDIS_CA_FILE` | unset | PEM file of the CA that signed the Redis server's certificate (`rediss://` only; default: the system's roots) |
 //! | `REDIS_PREFIX` | `demo:` | namespace of every key and channel the demo writes |
 //! | `REDIS_CONNECT_TIMEOUT_MS` | `1000` | how long to wait for Redis at start-up before going single-instance |
@@ -55,6 +57,13 @@ pub enum RedisTarget {
     Node(String),
     /// A Redis Cluster, by the URLs of some of its nodes.
     Cluster(Vec<String>),
+    /// The primary that sentinels (by URL) monitor under `master`; followed across failovers.
+    Sentinel {
+        /// The sentinels' URLs (`redis://host:port`).
+        sentinels: Vec<String>,
+        /// The name the sentinels monitor the primary under.
+        master: String,
+    },
 }
 
 impl RedisTarget {
@@ -66,6 +75,10 @@ impl RedisTarget {
                 let nodes: Vec<String> = nodes.iter().map(|url| redact(url)).collect();
                 format!("cluster {}", nodes.join(","))
             }
+            Self::Sentinel { sentinels, master } => {
+                let sentinels: Vec<String> = sentinels.iter().map(|url| redact(url)).collect();
+                format!("sentinel master {master} via {}", sentinels.join(","))
+            }
         }
     }
 
@@ -74,6 +87,8 @@ impl RedisTarget {
         match self {
             Self::Node(url) => url.starts_with("rediss://"),
             Self::Cluster(nodes) => nodes.iter().any(|url| url.starts_with("rediss://")),
+            // `parse_sentinels` accepts plain `redis://` sentinels only.
+            Self::Sentinel { .. } => false,
         }
     }
 }
@@ -180,9 +195,27 @@ impl Config {
             }
         };
 
-        let target = match get("REDIS_CLUSTER_NODES")? {
-            Some(nodes) => RedisTarget::Cluster(parse_cluster_nodes(&nodes)?),
-            None => {
+        let sentinels = get("REDIS_SENTINELS")?;
+        let sentinel_master = get("REDIS_SENTINEL_MASTER")?;
+        let target = match (get("REDIS_CLUSTER_NODES")?, sentinels) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "REDIS_SENTINELS",
+                    "cannot be combined with REDIS_CLUSTER_NODES; set one of them",
+                ));
+            }
+            (None, Some(sentinels)) => RedisTarget::Sentinel {
+                sentinels: parse_sentinels(&sentinels)?,
+                master: parse_sentinel_master(sentinel_master.as_deref())?,
+            },
+            (Some(_), None) | (None, None) if sentinel_master.is_some() => {
+                return Err(ConfigError::new(
+                    "REDIS_SENTINEL_MASTER",
+                    "is only used with REDIS_SENTINELS, which is unset",
+                ));
+            }
+            (Some(nodes), None) => RedisTarget::Cluster(parse_cluster_nodes(&nodes)?),
+            (None, None) => {
                 let url = get("REDIS_URL")?.unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
                 parse_redis_url("REDIS_URL", &url)?;
                 RedisTarget::Node(url)
@@ -437,6 +470,63 @@ fn parse_cluster_nodes(value: &str) -> Result<Vec<String>, ConfigError> {
     Ok(nodes)
 }
 
+/// `host:port` or `redis://host:port` items, comma-separated, as `redis://` URLs.
+fn parse_sentinels(value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut sentinels = Vec::new();
+    for item in value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let url = if item.contains("://") {
+            item.to_owned()
+        } else {
+            let valid = item.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+            });
+            if !valid {
+                return Err(ConfigError::new(
+                    "REDIS_SENTINELS",
+                    format!("{item:?} is not host:port (e.g. 10.0.0.5:26379)"),
+                ));
+            }
+            format!("redis://{item}")
+        };
+        if !url.starts_with("redis://") {
+            return Err(ConfigError::new(
+                "REDIS_SENTINELS",
+                format!(
+                    "{} is not a redis:// address (TLS to sentinels is not supported here)",
+                    redact(&url)
+                ),
+            ));
+        }
+        parse_redis_url("REDIS_SENTINELS", &url)?;
+        sentinels.push(url);
+    }
+    if sentinels.is_empty() {
+        return Err(ConfigError::new(
+            "REDIS_SENTINELS",
+            "lists no sentinel; give comma-separated addresses such as 10.0.0.5:26379,10.0.0.6:26379",
+        ));
+    }
+    Ok(sentinels)
+}
+
+fn parse_sentinel_master(master: Option<&str>) -> Result<String, ConfigError> {
+    match master {
+        None => Err(ConfigError::new(
+            "REDIS_SENTINEL_MASTER",
+            "is required with REDIS_SENTINELS: the name the sentinels monitor the primary under",
+        )),
+        Some(master) if master.contains(char::is_whitespace) => Err(ConfigError::new(
+            "REDIS_SENTINEL_MASTER",
+            format!("{master:?} contains whitespace"),
+        )),
+        Some(master) => Ok(master.to_owned()),
+    }
+}
+
 fn parse_prefix(prefix: &str) -> Result<String, ConfigError> {
     if prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
         return Err(ConfigError::new(
@@ -601,6 +691,88 @@ mod tests {
                 "redis://10.0.0.1:7000".to_owned(),
                 "redis://10.0.0.2:7000".to_owned()
             ])
+        );
+    }
+
+    #[test]
+    fn sentinels_and_their_master_take_the_place_of_the_url() {
+        let config = config(&[
+            ("REDIS_URL", "redis://ignored:1"),
+            ("REDIS_SENTINELS", "10.0.0.5:26379, redis://10.0.0.6:26380,"),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.redis.target,
+            RedisTarget::Sentinel {
+                sentinels: vec![
+                    "redis://10.0.0.5:26379".to_owned(),
+                    "redis://10.0.0.6:26380".to_owned()
+                ],
+                master: "mymaster".to_owned(),
+            }
+        );
+        assert_eq!(
+            config.redis.target.redacted(),
+            "sentinel master mymaster via redis://10.0.0.5:26379,redis://10.0.0.6:26380"
+        );
+        assert!(!config.redis.target.uses_tls());
+    }
+
+    #[test]
+    fn bad_sentinel_settings_are_errors_naming_their_variable() {
+        let cases: [(&[(&str, &str)], &str); 7] = [
+            (
+                &[("REDIS_SENTINELS", "10.0.0.5:26379")],
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (
+                &[("REDIS_SENTINEL_MASTER", "mymaster")],
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (
+                &[("REDIS_SENTINELS", " , "), ("REDIS_SENTINEL_MASTER", "m")],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "10.0.0.5"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "10.0.0.5:0"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "rediss://10.0.0.5:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "10.0.0.5:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+        ];
+        for (vars, variable) in cases {
+            assert_eq!(error_variable(vars), variable, "{vars:?}");
+        }
+        assert_eq!(
+            error_variable(&[
+                ("REDIS_SENTINELS", "10.0.0.5:26379"),
+                ("REDIS_SENTINEL_MASTER", "my master")
+            ]),
+            "REDIS_SENTINEL_MASTER"
         );
     }
 

@@ -1,11 +1,12 @@
-//! The Redis connection: one server through a `ConnectionManager` (reconnects by itself) or a Redis Cluster, behind
-//! one type every layer accepts.
+//! The Redis connection: one server through a `ConnectionManager` (reconnects by itself), a Redis Cluster, or a
+//! Sentinel-managed primary (followed across failovers), behind one type every layer accepts.
 
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
 
 use crate::config::{RedisConfig, RedisTarget};
 
@@ -16,6 +17,8 @@ pub enum RedisConnection {
     Node(ConnectionManager),
     /// A cluster.
     Cluster(ClusterConnection),
+    /// The primary the sentinels name, looked up again after a failover.
+    Sentinel(SentinelConnection),
 }
 
 impl std::fmt::Debug for RedisConnection {
@@ -23,6 +26,7 @@ impl std::fmt::Debug for RedisConnection {
         match self {
             Self::Node(_) => f.write_str("RedisConnection::Node"),
             Self::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+            Self::Sentinel(_) => f.write_str("RedisConnection::Sentinel"),
         }
     }
 }
@@ -39,6 +43,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             Self::Node(connection) => connection.req_packed_command(cmd),
             Self::Cluster(connection) => connection.req_packed_command(cmd),
+            Self::Sentinel(connection) => connection.req_packed_command(cmd),
         }
     }
 
@@ -51,6 +56,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             Self::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
             Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(connection) => connection.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -58,12 +64,13 @@ impl ConnectionLike for RedisConnection {
         match self {
             Self::Node(connection) => connection.get_db(),
             Self::Cluster(connection) => connection.get_db(),
+            Self::Sentinel(connection) => connection.get_db(),
         }
     }
 }
 
 /// A live Redis: the command connection and a client for pub/sub subscriptions (a cluster's first node: PUBLISH
-/// reaches subscribers on every node).
+/// reaches subscribers on every node; with Sentinel, the primary at start-up).
 #[derive(Debug, Clone)]
 pub struct Redis {
     /// Commands.
@@ -188,6 +195,23 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
                 client_for(first, ca.as_deref())?,
             )
         }
+        RedisTarget::Sentinel { sentinels, master } => {
+            let settings = SentinelConfig::default()
+                .resolve_timeout(deadline)
+                .connection_timeout(deadline)
+                .response_timeout(config.command_timeout);
+            let connected = tokio::time::timeout(
+                deadline * 2,
+                SentinelConnection::connect(sentinels, master, settings),
+            )
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
+            .map_err(|error| unreachable(error.to_string()))?;
+            let subscriber = primary_client(sentinels, master, deadline)
+                .await
+                .map_err(unreachable)?;
+            (RedisConnection::Sentinel(connected), subscriber)
+        }
     };
     let redis = Redis {
         connection,
@@ -196,6 +220,26 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
     };
     redis.ping().await.map_err(unreachable)?;
     Ok(redis)
+}
+
+/// A client for the primary the sentinels name now (for subscriptions).
+async fn primary_client(
+    sentinels: &[String],
+    master: &str,
+    deadline: Duration,
+) -> Result<redis::Client, String> {
+    let name: String = master.into();
+    let mut client = redis::sentinel::SentinelClient::build(
+        sentinels.to_vec(),
+        name,
+        None,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(|error| error.to_string())?;
+    tokio::time::timeout(deadline, client.async_get_client())
+        .await
+        .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))?
+        .map_err(|error| error.to_string())
 }
 
 impl Redis {
