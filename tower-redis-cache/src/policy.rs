@@ -206,7 +206,13 @@ impl Timing {
     pub(crate) fn ttl_seconds(self) -> i64 {
         let lifetime = i64::try_from(self.lifetime).unwrap_or(i64::MAX);
         let age = i64::try_from(self.age).unwrap_or(i64::MAX);
-        lifetime.saturating_sub(age).div_euclid(1000)
+        let remaining = lifetime.saturating_sub(age).div_euclid(1000);
+        // Stale from the moment the age reaches the lifetime (fresh only while lifetime > age).
+        if age >= lifetime {
+            remaining.min(-1)
+        } else {
+            remaining
+        }
     }
 }
 
@@ -550,7 +556,12 @@ mod tests {
         let timing = |age, lifetime| Timing { age, lifetime };
         assert_eq!(timing(500, 60_000).ttl_seconds(), 59);
         assert_eq!(timing(1_300, 1_000).ttl_seconds(), -1);
-        assert_eq!(timing(1_000, 1_000).ttl_seconds(), 0);
+        assert_eq!(
+            timing(1_000, 1_000).ttl_seconds(),
+            -1,
+            "stale at exactly its lifetime"
+        );
+        assert_eq!(timing(999, 1_000).ttl_seconds(), 0);
         assert_eq!(timing(3_000, 1_000).ttl_seconds(), -2);
     }
 
