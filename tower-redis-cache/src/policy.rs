@@ -207,7 +207,8 @@ impl Timing {
         let lifetime = i64::try_from(self.lifetime).unwrap_or(i64::MAX);
         let age = i64::try_from(self.age).unwrap_or(i64::MAX);
         let remaining = lifetime.saturating_sub(age).div_euclid(1000);
-        // Stale from the moment the age reaches the lifetime (fresh only while lifetime > age).
+        // Stale from the moment the age reaches the lifetime (fresh only while lifetime > age); a response with no
+        // lifetime at all (no-cache) reports 0.
         if age >= lifetime {
             remaining.min(-1)
         } else {
