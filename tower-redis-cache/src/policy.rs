@@ -209,7 +209,7 @@ impl Timing {
         let remaining = lifetime.saturating_sub(age).div_euclid(1000);
         // Stale from the moment the age reaches the lifetime (fresh only while lifetime > age); a response with no
         // lifetime at all (no-cache) reports 0.
-        if age >= lifetime {
+        if age >= lifetime && lifetime > 0 {
             remaining.min(-1)
         } else {
             remaining
