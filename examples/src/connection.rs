@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tower_breaker::pubsub::Subscriber;
 use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
 
 use crate::config::{RedisConfig, RedisTarget};
@@ -69,14 +70,14 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
-/// A live Redis: the command connection and a client for pub/sub subscriptions (a cluster's first node: PUBLISH
-/// reaches subscribers on every node; with Sentinel, the primary at start-up).
+/// A live Redis: the command connection and where subscriptions connect (a cluster's first node: PUBLISH reaches
+/// subscribers on every node; with Sentinel, the primary the sentinels name at each (re)subscription).
 #[derive(Debug, Clone)]
 pub struct Redis {
     /// Commands.
     pub connection: RedisConnection,
     /// Subscriptions (discovery hints, cache invalidations).
-    pub subscriber: redis::Client,
+    pub subscriber: Subscriber,
     /// The deadline of each command.
     pub command_timeout: Duration,
 }
@@ -168,7 +169,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             .await
             .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
             .map_err(|error| unreachable(error.to_string()))?;
-            (RedisConnection::Node(connected), client)
+            (RedisConnection::Node(connected), Subscriber::from(client))
         }
         RedisTarget::Cluster(nodes) => {
             let mut builder =
@@ -192,7 +193,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             let first = nodes.first().map_or("", String::as_str);
             (
                 RedisConnection::Cluster(connected),
-                client_for(first, ca.as_deref())?,
+                Subscriber::from(client_for(first, ca.as_deref())?),
             )
         }
         RedisTarget::Sentinel { sentinels, master } => {
@@ -207,9 +208,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             .await
             .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
             .map_err(|error| unreachable(error.to_string()))?;
-            let subscriber = primary_client(sentinels, master, deadline)
-                .await
-                .map_err(unreachable)?;
+            let subscriber = Subscriber::from(&connected);
             (RedisConnection::Sentinel(connected), subscriber)
         }
     };
@@ -220,26 +219,6 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
     };
     redis.ping().await.map_err(unreachable)?;
     Ok(redis)
-}
-
-/// A client for the primary the sentinels name now (for subscriptions).
-async fn primary_client(
-    sentinels: &[String],
-    master: &str,
-    deadline: Duration,
-) -> Result<redis::Client, String> {
-    let name: String = master.into();
-    let mut client = redis::sentinel::SentinelClient::build(
-        sentinels.to_vec(),
-        name,
-        None,
-        redis::sentinel::SentinelServerType::Master,
-    )
-    .map_err(|error| error.to_string())?;
-    tokio::time::timeout(deadline, client.async_get_client())
-        .await
-        .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))?
-        .map_err(|error| error.to_string())
 }
 
 impl Redis {

@@ -24,6 +24,7 @@ use axum::response::sse::{self, KeepAlive, Sse};
 use futures_util::Stream;
 use redis::Value;
 use tokio::sync::broadcast;
+use tower_breaker::pubsub::Subscriber;
 
 use crate::connection::{Redis, RedisConnection};
 use crate::lifecycle::Stop;
@@ -341,7 +342,7 @@ impl Feed {
 /// This gateway's reader: `XREAD BLOCK` from the last id it saw, on a connection of its own (a blocking read would
 /// hold up every command on the shared multiplexed connection), reconnecting with backoff. On a Cluster it polls
 /// the shared cluster connection with `XREAD` without `BLOCK` instead.
-async fn read_stream(events: Events, client: redis::Client, cluster: bool) {
+async fn read_stream(events: Events, subscriber: Subscriber, cluster: bool) {
     let Backend::Redis {
         connection: shared,
         key,
@@ -374,10 +375,14 @@ async fn read_stream(events: Events, client: redis::Client, cluster: bool) {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(*timeout * 4))
                     .set_response_timeout(Some(BLOCK + *timeout * 4));
-                match client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                {
+                let connected = async {
+                    subscriber
+                        .client()
+                        .await?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                };
+                match connected.await {
                     Ok(connection) => Some(connection),
                     Err(error) => {
                         tracing::warn!(%error, retry_ms = backoff.as_millis(), "events reader: cannot connect");

@@ -47,6 +47,9 @@ mod layer;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod padded;
+#[cfg(feature = "pubsub")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pubsub")))]
+pub mod pubsub;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

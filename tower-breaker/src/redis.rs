@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::breaker::CircuitBreaker;
+use crate::pubsub::Subscriber;
 
 /// How many openings may wait to be published; more are dropped (a breaker that opens that often has already
 /// told its peers).
@@ -152,12 +153,13 @@ impl RedisSharing {
 
     /// Starts sharing `breaker`'s openings: `publisher` publishes and stores this process's openings (any
     /// connection: a `ConnectionManager`, a cluster connection, ...), and `subscriber` makes the dedicated pub/sub
-    /// connection. Must be called inside a Tokio runtime.
+    /// connection (a `redis::Client`, or with the `sentinel` feature a `SentinelConnection`, whose subscription
+    /// follows failovers; see [`crate::pubsub`]). Must be called inside a Tokio runtime.
     pub fn start<C>(
         self,
         breaker: &CircuitBreaker,
         publisher: C,
-        subscriber: redis::Client,
+        subscriber: impl Into<Subscriber>,
     ) -> SharingHandle
     where
         C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
@@ -182,7 +184,7 @@ impl RedisSharing {
         ));
         let subscribe = tokio::spawn(follow_openings(
             breaker.clone(),
-            subscriber,
+            subscriber.into(),
             channel,
             key,
             origin,
@@ -253,7 +255,7 @@ fn decode(payload: &[u8]) -> Option<Opening> {
 
 async fn follow_openings(
     breaker: CircuitBreaker,
-    client: redis::Client,
+    subscriber: Subscriber,
     channel: String,
     key: String,
     origin: String,
@@ -264,13 +266,14 @@ async fn follow_openings(
     let mut warned_undecodable = false;
     loop {
         let subscribed = tokio::time::timeout(config.command_timeout * 4, async {
+            let client = subscriber.client().await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            Ok::<_, redis::RedisError>((client, pubsub))
         })
         .await;
-        let pubsub = match subscribed {
-            Ok(Ok(pubsub)) => pubsub,
+        let (client, pubsub) = match subscribed {
+            Ok(Ok(subscribed)) => subscribed,
             Ok(Err(error)) => {
                 status.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%error, %channel, "breaker sharing: cannot subscribe; retrying");

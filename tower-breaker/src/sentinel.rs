@@ -175,6 +175,25 @@ impl SentinelConnection {
     pub fn reconnects(&self) -> u64 {
         read(&self.inner.current).generation
     }
+
+    /// A client for the primary the sentinels name now, for connections that cannot share this one (pub/sub,
+    /// blocking reads). [`crate::pubsub::Subscriber`] calls it at every (re)subscription, so subscriptions follow
+    /// failovers too.
+    ///
+    /// # Errors
+    ///
+    /// If no sentinel names a primary within the resolve timeout.
+    pub async fn primary_client(&self) -> RedisResult<redis::Client> {
+        let mut client = self.inner.client.lock().await;
+        tokio::time::timeout(self.inner.config.resolve_timeout, client.async_get_client())
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from((
+                    ErrorKind::Io,
+                    "timed out looking up the primary through the sentinels",
+                )))
+            })
+    }
 }
 
 impl Inner {

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
+use tower_breaker::pubsub::Subscriber;
 
 use crate::instance::{Instance, Status};
 use crate::registry::Registry;
@@ -131,12 +132,14 @@ impl Discovery {
 
     /// Like [`Discovery::watch`], and also listens on `channel` (a [`crate::RedisRegistry::events_channel`])
     /// through `subscriber` for change hints, so changes arrive within milliseconds instead of at the next poll.
-    /// If the subscription fails or drops, polling goes on and the subscription is retried.
+    /// If the subscription fails or drops, polling goes on and the subscription is retried. `subscriber` is a
+    /// `redis::Client` or, with the `sentinel` feature, a [`SentinelConnection`](crate::sentinel::SentinelConnection)
+    /// (the subscription then follows failovers).
     pub fn watch_with_hints<R: Registry>(
         registry: R,
         service: impl Into<String>,
         options: WatchOptions,
-        subscriber: redis::Client,
+        subscriber: impl Into<Subscriber>,
         channel: String,
     ) -> Self {
         let handle = WatchHandle {
@@ -145,7 +148,12 @@ impl Discovery {
         };
         let (sender, changes) = mpsc::unbounded_channel();
         let hint = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(subscriber, channel, handle.clone(), hint.clone()));
+        let listener = tokio::spawn(listen(
+            subscriber.into(),
+            channel,
+            handle.clone(),
+            hint.clone(),
+        ));
         let watch = handle.clone();
         let task = tokio::spawn(async move {
             let _listener = AbortOnDrop(listener);
@@ -173,12 +181,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn listen(client: redis::Client, channel: String, watch: WatchHandle, hint: Arc<Notify>) {
+async fn listen(subscriber: Subscriber, channel: String, watch: WatchHandle, hint: Arc<Notify>) {
     let service = &watch.service;
     let mut delay = Duration::from_millis(100);
     loop {
         let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = subscriber.pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })

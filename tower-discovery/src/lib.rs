@@ -56,6 +56,7 @@ pub use registration::Registration;
 pub use registry::{MemoryRegistry, RedisRegistry, Registry, RegistryError};
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};
+pub use tower_breaker::pubsub::Subscriber;
 
 /// The README's examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

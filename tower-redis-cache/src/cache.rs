@@ -10,6 +10,7 @@ use http::HeaderMap;
 use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tower_breaker::CircuitBreaker;
+use tower_breaker::pubsub::Subscriber;
 
 use crate::entry::Entry;
 use crate::error::ConfigError;
@@ -71,7 +72,7 @@ pub struct CacheBuilder {
     prefix: String,
     timeout: Duration,
     breaker: Option<CircuitBreaker>,
-    subscriber: Option<redis::Client>,
+    subscriber: Option<Subscriber>,
     fill_lock: Option<Duration>,
     name: String,
 }
@@ -143,10 +144,12 @@ impl CacheBuilder {
         self
     }
 
-    /// Subscribes through `client` to the invalidation channel, so invalidations made by other instances also
-    /// clear this instance's memory tier. On a Cluster, a client for any one node will do.
-    pub fn subscribe(mut self, client: redis::Client) -> Self {
-        self.subscriber = Some(client);
+    /// Subscribes through `subscriber` to the invalidation channel, so invalidations made by other instances also
+    /// clear this instance's memory tier. Takes a `redis::Client` (on a Cluster, a client for any one node will
+    /// do) or, with the `sentinel` feature, a [`SentinelConnection`](crate::sentinel::SentinelConnection), so the
+    /// subscription moves to the promoted replica after a failover.
+    pub fn subscribe(mut self, subscriber: impl Into<Subscriber>) -> Self {
+        self.subscriber = Some(subscriber.into());
         self
     }
 
@@ -240,7 +243,7 @@ impl CacheBuilder {
         let instance = format!("{:016x}", rand_u64());
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
         let listener = match self.subscriber {
-            Some(client) => {
+            Some(subscriber) => {
                 let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
                     crate::error::config_error(
                         "subscribe",
@@ -248,7 +251,7 @@ impl CacheBuilder {
                     )
                 })?;
                 let memory = memory.clone();
-                Some(runtime.spawn(listen(client, keys.channel(), instance.clone(), memory)))
+                Some(runtime.spawn(listen(subscriber, keys.channel(), instance.clone(), memory)))
             }
             None => None,
         };
@@ -400,7 +403,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
-        let deleted = admin(redis, redis.store.delete(keys)).await?;
+        let deleted = admin(redis, || redis.store.delete(keys)).await?;
         self.announce(redis, Message::Keys(keys)).await;
         Ok(deleted)
     }
@@ -419,8 +422,8 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
-        let keys = admin(redis, redis.store.keys_with_prefix(prefix)).await?;
-        let deleted = admin(redis, redis.store.delete(&keys)).await?;
+        let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
+        let deleted = admin(redis, || redis.store.delete(&keys)).await?;
         self.announce(redis, Message::Prefix(prefix)).await;
         Ok(deleted)
     }
@@ -442,14 +445,14 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(in_memory as u64);
         };
-        let keys = admin(redis, redis.store.tagged(tag)).await?;
+        let keys = admin(redis, || redis.store.tagged(tag)).await?;
         if let Some(memory) = &self.inner.memory {
             for key in &keys {
                 memory.remove(key);
             }
         }
-        let deleted = admin(redis, redis.store.delete(&keys)).await?;
-        admin(redis, redis.store.forget_tag(tag)).await?;
+        let deleted = admin(redis, || redis.store.delete(&keys)).await?;
+        admin(redis, || redis.store.forget_tag(tag)).await?;
         self.announce(redis, Message::Keys(&keys)).await;
         self.announce(redis, Message::Tag(tag)).await;
         Ok(deleted)
@@ -487,7 +490,7 @@ impl Cache {
             }
             Message::All => text.push('*'),
         }
-        if let Err(error) = admin(redis, redis.store.publish(&text)).await {
+        if let Err(error) = admin(redis, || redis.store.publish(&text)).await {
             tracing::warn!(%error, "could not announce an invalidation to other instances");
         }
     }
@@ -754,15 +757,26 @@ impl Cache {
 
 /// An admin call: the same timeout as reads, but not counted against the breaker (an admin call failing says
 /// nothing new about the request path).
-async fn admin<T>(
-    redis: &RedisTier,
-    call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
+async fn admin<'a, T>(
+    redis: &'a RedisTier,
+    call: impl Fn() -> crate::store::BoxFuture<'a, redis::RedisResult<T>>,
 ) -> Result<T, InvalidateError> {
-    match tokio::time::timeout(redis.timeout * 4, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(InvalidateError::Redis(error)),
-        Err(_) => Err(InvalidateError::Timeout),
+    // Every administrative command is idempotent (reads, DEL, ZREM), so one that met a connection broken since the
+    // last command (a restarted server, a Sentinel failover) is sent once more on the reconnected connection.
+    let mut retried = false;
+    loop {
+        match tokio::time::timeout(redis.timeout * 4, call()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if !retried && connection_lost(&error) => retried = true,
+            Ok(Err(error)) => return Err(InvalidateError::Redis(error)),
+            Err(_) => return Err(InvalidateError::Timeout),
+        }
     }
+}
+
+/// Whether `error` says the connection broke (rather than that the command failed).
+fn connection_lost(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
 }
 
 /// The hash field of the variant `request` selects under `vary` (comma-separated lowercase names).
@@ -809,7 +823,7 @@ pub(crate) fn variant_field(selecting: &[(http::HeaderName, Option<http::HeaderV
 }
 
 async fn listen(
-    client: redis::Client,
+    subscriber: Subscriber,
     channel: String,
     instance: String,
     memory: Option<MemoryTier>,
@@ -817,7 +831,7 @@ async fn listen(
     let mut backoff = Duration::from_millis(100);
     loop {
         let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = subscriber.pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })

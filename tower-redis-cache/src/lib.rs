@@ -62,6 +62,7 @@ pub use error::ConfigError;
 pub use layer::{BypassFn, CacheLayer, KeyFn, PurgeFn, TagFn};
 pub use service::{CacheService, ResponseFuture};
 pub use stats::CacheStats;
+pub use tower_breaker::pubsub::Subscriber;
 
 /// The `Cache-Status` header name (RFC 9211).
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");

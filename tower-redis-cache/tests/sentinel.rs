@@ -111,3 +111,78 @@ async fn a_failover_under_load_fails_no_request_and_the_shared_tier_works_again_
     assert!(first.stats().redis_hits + second.stats().redis_hits > before_failover);
     assert_eq!(set.wait_for_new_primary(Duration::from_secs(5)), promoted);
 }
+
+/// How many clients are subscribed to `channel` on the server at `port`.
+async fn subscribers(port: u16, channel: &str) -> i64 {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+        return 0;
+    };
+    let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async::<(String, i64)>(&mut connection)
+        .await
+        .map_or(0, |(_, count)| count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() {
+    let mut set = RedisSentinel::start();
+    let (primary, promoted) = (set.primary_port(), set.replica_port());
+    let calls = Calls::default();
+    let build = || async {
+        let connection = sentinel_connection(&set).await;
+        Cache::builder()
+            .redis(connection.clone())
+            .subscribe(&connection)
+            .prefix("fo:")
+            .build()
+            .unwrap()
+    };
+    let one = build().await;
+    let two = build().await;
+    let origin = slow_origin(&calls, Duration::ZERO, "max-age=60");
+    let a = serve(origin.clone().layer(one.layer())).await;
+    let b = serve(origin.layer(two.layer())).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            subscribers(primary, "fo:invalidate").await == 2
+        })
+        .await,
+        "both instances subscribe on the first primary"
+    );
+
+    set.kill_primary();
+    assert_eq!(set.wait_for_new_primary(Duration::from_secs(40)), promoted);
+    // Both subscriptions come back on the promoted replica (a subscription kept on the dead primary's address never
+    // would).
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            subscribers(promoted, "fo:invalidate").await == 2
+        })
+        .await,
+        "the subscriptions moved to the promoted replica"
+    );
+
+    // An invalidation made through one instance now clears the other's memory tier: b serves a path from memory,
+    // a invalidates it, and b's next answer is a fresh origin call.
+    let first = get(b, "/slow/k").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let cached = get(b, "/slow/k").await;
+    assert!(cached.is_hit(), "{cached:?}");
+    assert_eq!(cached.body, first.body);
+    let deleted = one.invalidate(&["http://test/slow/k".to_owned()]).await;
+    assert!(deleted.is_ok(), "{deleted:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(b, "/slow/k").await.body != first.body
+        })
+        .await,
+        "b's memory copy was invalidated through the promoted replica"
+    );
+    // a itself never lost its own copy's freshness rules: it answers too.
+    assert_eq!(get(a, "/slow/k").await.status, StatusCode::OK);
+}
