@@ -7,6 +7,8 @@
 //! | `REDIS_CLUSTER_NODES` | unset | comma-separated node URLs: connect to a Redis Cluster instead of `REDIS_URL` |
 //! | `REDIS_SENTINELS` | unset | comma-separated Sentinel addresses (`host:port` or `redis://host:port`): connect to the primary they name, and follow failovers, instead of `REDIS_URL` |
 //! | `REDIS_SENTINEL_MASTER` | unset (required with `REDIS_SENTINELS`) | the name the sentinels monitor the primary under |
+//! | `REDIS_REPLICA_URLS` | unset | comma-separated URLs of read replicas of the primary (`REDIS_URL` or the Sentinel's): the gateway's cache reads from one of them at random and falls back to the primary when it misses or fails |
+//! | `REDIS_CLUSTER_READ_FROM_REPLICAS` | `false` | with `REDIS_CLUSTER_NODES`: `true` routes read-only commands to the cluster's replicas (the cluster client's own routing) |
 //! | `REDIS_CA_FILE` | unset | PEM file of the CA that signed the Redis server's certificate (`rediss://` only; default: the system's roots) |
 //! | `REDIS_PREFIX` | `demo:` | namespace of every key and channel the demo writes |
 //! | `REDIS_CONNECT_TIMEOUT_MS` | `1000` | how long to wait for Redis at start-up before going single-instance |
@@ -106,6 +108,10 @@ pub struct RedisConfig {
     pub target: RedisTarget,
     /// A CA certificate (PEM) to trust for `rediss://`, instead of the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Read replicas of a single primary (`REDIS_REPLICA_URLS`), for the cache's reads.
+    pub replicas: Vec<String>,
+    /// On a Cluster, send read-only commands to replicas (`REDIS_CLUSTER_READ_FROM_REPLICAS`).
+    pub cluster_read_from_replicas: bool,
     /// The namespace of every key and channel (`REDIS_PREFIX`).
     pub prefix: String,
     /// How long to wait for the first connection.
@@ -214,16 +220,43 @@ impl Config {
                     "is only used with REDIS_SENTINELS, which is unset",
                 ));
             }
-            (Some(nodes), None) => RedisTarget::Cluster(parse_cluster_nodes(&nodes)?),
+            (Some(nodes), None) => {
+                RedisTarget::Cluster(parse_url_list("REDIS_CLUSTER_NODES", &nodes)?)
+            }
             (None, None) => {
                 let url = get("REDIS_URL")?.unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
                 parse_redis_url("REDIS_URL", &url)?;
                 RedisTarget::Node(url)
             }
         };
+        let replicas = match get("REDIS_REPLICA_URLS")? {
+            Some(_) if matches!(target, RedisTarget::Cluster(_)) => {
+                return Err(ConfigError::new(
+                    "REDIS_REPLICA_URLS",
+                    "is not used with REDIS_CLUSTER_NODES; set REDIS_CLUSTER_READ_FROM_REPLICAS=true to read from \
+                     the cluster's replicas",
+                ));
+            }
+            Some(urls) => parse_url_list("REDIS_REPLICA_URLS", &urls)?,
+            None => Vec::new(),
+        };
+        let cluster_read_from_replicas = match get("REDIS_CLUSTER_READ_FROM_REPLICAS")? {
+            None => false,
+            Some(value) => {
+                let on = parse_bool("REDIS_CLUSTER_READ_FROM_REPLICAS", &value)?;
+                if on && !matches!(target, RedisTarget::Cluster(_)) {
+                    return Err(ConfigError::new(
+                        "REDIS_CLUSTER_READ_FROM_REPLICAS",
+                        "is only used with REDIS_CLUSTER_NODES; for one primary, list its replicas in \
+                         REDIS_REPLICA_URLS",
+                    ));
+                }
+                on
+            }
+        };
         let ca_file = get("REDIS_CA_FILE")?.map(std::path::PathBuf::from);
         if let Some(path) = &ca_file {
-            if !target.uses_tls() {
+            if !target.uses_tls() && !replicas.iter().any(|url| url.starts_with("rediss://")) {
                 return Err(ConfigError::new(
                     "REDIS_CA_FILE",
                     "is only used with rediss:// URLs; REDIS_URL (or REDIS_CLUSTER_NODES) is not TLS",
@@ -290,6 +323,8 @@ impl Config {
             redis: RedisConfig {
                 target,
                 ca_file,
+                replicas,
+                cluster_read_from_replicas,
                 prefix,
                 connect_timeout,
                 command_timeout,
@@ -451,23 +486,35 @@ fn parse_redis_url(variable: &'static str, url: &str) -> Result<(), ConfigError>
     Ok(())
 }
 
-fn parse_cluster_nodes(value: &str) -> Result<Vec<String>, ConfigError> {
-    let nodes: Vec<String> = value
+/// A comma-separated list of Redis URLs, each checked.
+fn parse_url_list(variable: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<String> = value
         .split(',')
         .map(str::trim)
-        .filter(|node| !node.is_empty())
+        .filter(|url| !url.is_empty())
         .map(str::to_owned)
         .collect();
-    if nodes.is_empty() {
+    if urls.is_empty() {
         return Err(ConfigError::new(
-            "REDIS_CLUSTER_NODES",
-            "lists no node; give comma-separated URLs such as redis://10.0.0.1:7000,redis://10.0.0.2:7000",
+            variable,
+            "lists no URL; give comma-separated URLs such as redis://10.0.0.1:6379,redis://10.0.0.2:6379",
         ));
     }
-    for node in &nodes {
-        parse_redis_url("REDIS_CLUSTER_NODES", node)?;
+    for url in &urls {
+        parse_redis_url(variable, url)?;
     }
-    Ok(nodes)
+    Ok(urls)
+}
+
+fn parse_bool(variable: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(
+            variable,
+            format!("{value:?} is not a boolean (use true or false)"),
+        )),
+    }
 }
 
 /// `host:port` or `redis://host:port` items, comma-separated, as `redis://` URLs.
@@ -637,6 +684,51 @@ mod tests {
         match config(vars) {
             Ok(config) => panic!("{vars:?} was accepted: {config:?}"),
             Err(error) => error.variable,
+        }
+    }
+
+    #[test]
+    fn read_replicas_are_listed_for_one_primary_and_routed_by_the_client_on_a_cluster() {
+        let single = config(&[(
+            "REDIS_REPLICA_URLS",
+            " redis://10.0.0.2:6379 , redis://:pw@10.0.0.3:6379/0 ",
+        )])
+        .unwrap();
+        assert_eq!(
+            single.redis.replicas,
+            ["redis://10.0.0.2:6379", "redis://:pw@10.0.0.3:6379/0"]
+        );
+        assert!(!single.redis.cluster_read_from_replicas);
+        let cluster = config(&[
+            ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+            ("REDIS_CLUSTER_READ_FROM_REPLICAS", "true"),
+        ])
+        .unwrap();
+        assert!(cluster.redis.cluster_read_from_replicas);
+        assert!(cluster.redis.replicas.is_empty());
+
+        for bad in [
+            &[("REDIS_REPLICA_URLS", "10.0.0.2:6379")][..],
+            &[("REDIS_REPLICA_URLS", " , ")],
+            &[
+                ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+                ("REDIS_REPLICA_URLS", "redis://10.0.0.2:6379"),
+            ],
+        ] {
+            assert_eq!(error_variable(bad), "REDIS_REPLICA_URLS", "{bad:?}");
+        }
+        for bad in [
+            &[("REDIS_CLUSTER_READ_FROM_REPLICAS", "true")][..],
+            &[
+                ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+                ("REDIS_CLUSTER_READ_FROM_REPLICAS", "sometimes"),
+            ],
+        ] {
+            assert_eq!(
+                error_variable(bad),
+                "REDIS_CLUSTER_READ_FROM_REPLICAS",
+                "{bad:?}"
+            );
         }
     }
 

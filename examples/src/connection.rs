@@ -78,6 +78,8 @@ pub struct Redis {
     pub connection: RedisConnection,
     /// Subscriptions (discovery hints, cache invalidations).
     pub subscriber: Subscriber,
+    /// Read replicas of a single primary (`REDIS_REPLICA_URLS`) that answered at start-up, for the cache's reads.
+    pub replicas: Vec<ConnectionManager>,
     /// The deadline of each command.
     pub command_timeout: Duration,
 }
@@ -127,6 +129,16 @@ fn client_for(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, ConnectErro
     })
 }
 
+/// A `ConnectionManager` with the configured deadlines, reconnecting with a short backoff.
+fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.command_timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(2))
+}
+
 /// Connects with the configured deadlines and checks the connection with a `PING`.
 ///
 /// # Errors
@@ -156,15 +168,9 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
     let (connection, subscriber) = match &config.target {
         RedisTarget::Node(url) => {
             let client = client_for(url, ca.as_deref())?;
-            let manager = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(deadline))
-                .set_response_timeout(Some(config.command_timeout))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(2));
             let connected = tokio::time::timeout(
                 deadline * 2,
-                client.get_connection_manager_with_config(manager),
+                client.get_connection_manager_with_config(manager_config(config)),
             )
             .await
             .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
@@ -177,6 +183,10 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
                     .connection_timeout(deadline)
                     .response_timeout(config.command_timeout)
                     .retries(2);
+            if config.cluster_read_from_replicas {
+                builder = builder
+                    .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+            }
             if let Some(root) = &ca {
                 builder = builder.certs(redis::TlsCertificates {
                     client_tls: None,
@@ -212,9 +222,29 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             (RedisConnection::Sentinel(connected), subscriber)
         }
     };
+    let mut replicas = Vec::with_capacity(config.replicas.len());
+    for url in &config.replicas {
+        let client = client_for(url, ca.as_deref())?;
+        let connected = tokio::time::timeout(
+            deadline * 2,
+            client.get_connection_manager_with_config(manager_config(config)),
+        )
+        .await;
+        match connected {
+            Ok(Ok(replica)) => replicas.push(replica),
+            // A replica that is down now is left out: reads go to the primary, as they would after it failed.
+            Ok(Err(error)) => {
+                tracing::warn!(replica = %crate::config::redact(url), %error, "read replica left out")
+            }
+            Err(_) => {
+                tracing::warn!(replica = %crate::config::redact(url), "read replica left out: no answer in time")
+            }
+        }
+    }
     let redis = Redis {
         connection,
         subscriber,
+        replicas,
         command_timeout: config.command_timeout,
     };
     redis.ping().await.map_err(unreachable)?;

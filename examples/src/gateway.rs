@@ -85,6 +85,9 @@ pub fn cache<R: Registry>(env: &Env<R>) -> Result<Cache, ServeError> {
             .redis(redis.connection.clone())
             .subscribe(redis.subscriber.clone())
             .redis_timeout(redis.command_timeout);
+        for replica in &redis.replicas {
+            builder = builder.read_replica(replica.clone());
+        }
     }
     builder
         .build()

@@ -113,7 +113,7 @@ impl CacheBuilder {
     /// Reads from this replica too (call it once per replica): each read goes to one replica at random, and to the
     /// primary when that replica misses (it may lag), fails, times out or has its breaker open. Writes, invalidations
     /// and locks always go to the primary. On a Cluster, use the cluster client's own replica routing
-    /// (`ClusterClientBuilder::read_from_replicas`) instead.
+    /// (`ClusterClientBuilder::read_routing_strategy(RandomReplicaStrategy)`) instead.
     pub fn read_replica<C>(mut self, connection: C) -> Self
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
