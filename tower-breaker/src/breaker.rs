@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::clock::{Clock, ManualClock, Start};
+use crate::clock::{Clock, ManualClock};
 use crate::config::{
     Backoff, BreakerConfig, ConfigError, DroppedBody, OpenDuration, ProbePolicy, Window,
 };
@@ -486,7 +486,11 @@ impl CircuitBreaker {
     #[inline]
     fn permit(&self, kind: PermitKind, generation: u32, sampled: bool) -> Permit {
         let shared = &self.shared;
-        let start = (sampled || shared.time_every_call).then(|| shared.clock.start());
+        let start = if sampled || shared.time_every_call {
+            shared.clock.start()
+        } else {
+            0
+        };
         Permit {
             shared: shared.clone(),
             generation,
@@ -1063,7 +1067,8 @@ pub struct Permit {
     shared: Handle,
     generation: u32,
     kind: PermitKind,
-    start: Option<Start>,
+    /// When the call started ([`Clock::start`]); read only when `sampled` or every call is timed.
+    start: u64,
     sampled: bool,
     done: bool,
 }
@@ -1146,7 +1151,8 @@ impl Permit {
         let shared = &*self.shared;
         #[cfg(feature = "metrics")]
         shared.metrics.outcome(outcome);
-        let latency = self.start.map(|start| shared.clock.elapsed(start));
+        let latency =
+            (self.sampled || shared.time_every_call).then(|| shared.clock.elapsed(self.start));
         if self.sampled
             && let Some(latency) = latency
         {

@@ -63,31 +63,27 @@ impl Clock {
         }
     }
 
-    /// A start point for measuring one call.
+    /// A start point for measuring one call: nanoseconds since the breaker was built (system clock) or the manual
+    /// clock's milliseconds. A plain number keeps permits small (they are moved with every call's future).
     #[inline]
-    pub(crate) fn start(&self) -> Start {
+    pub(crate) fn start(&self) -> u64 {
         match self {
-            Self::System(_) => Start::System(Instant::now()),
-            Self::Manual(clock) => Start::Manual(clock.millis.load(Ordering::Acquire)),
+            Self::System(base) => u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Self::Manual(clock) => clock.millis.load(Ordering::Acquire),
         }
     }
 
-    /// Time since `start`.
+    /// Time since `start` (a value of [`Clock::start`]).
     #[inline]
-    pub(crate) fn elapsed(&self, start: Start) -> Duration {
-        match (self, start) {
-            (Self::Manual(clock), Start::Manual(millis)) => {
-                Duration::from_millis(clock.millis.load(Ordering::Acquire).saturating_sub(millis))
+    pub(crate) fn elapsed(&self, start: u64) -> Duration {
+        match self {
+            Self::System(base) => {
+                let now = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                Duration::from_nanos(now.saturating_sub(start))
             }
-            (_, Start::System(instant)) => instant.elapsed(),
-            (Self::System(_), Start::Manual(_)) => Duration::ZERO,
+            Self::Manual(clock) => {
+                Duration::from_millis(clock.millis.load(Ordering::Acquire).saturating_sub(start))
+            }
         }
     }
-}
-
-/// When a call started, by the breaker's clock.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Start {
-    System(Instant),
-    Manual(u64),
 }

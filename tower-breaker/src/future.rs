@@ -83,12 +83,14 @@ where
     C: ClassifyResponse,
     F: Fallback<ReqBody, ResBody, E>,
 {
-    pub(crate) fn admitted(future: Fut, sleep: Option<Sleep>, admitted: Admitted<C, F>) -> Self {
+    #[inline(always)]
+    pub(crate) fn admitted(
+        future: Fut,
+        sleep: Option<Pin<Box<Sleep>>>,
+        admitted: Admitted<C, F>,
+    ) -> Self {
         Self {
-            state: State::Call {
-                future,
-                sleep: sleep.map(Box::pin),
-            },
+            state: State::Call { future, sleep },
             admitted: Some(admitted),
             _types: PhantomData,
         }
@@ -127,93 +129,34 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody, C::ClassifyEos>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let (result, admitted) = match this.state.as_mut().project() {
-            StateProj::Immediate { response } => {
-                return match response.take() {
-                    Some(response) => Poll::Ready(Ok(response)),
-                    // Polled again after completing.
-                    None => Poll::Pending,
-                };
-            }
-            StateProj::Fallback { future, breaker } => {
-                let result = ready!(future.poll(cx));
-                if let Some(breaker) = breaker.take() {
-                    breaker.record_fallback(result.is_ok());
-                }
-                this.state.set(State::Immediate { response: None });
-                return Poll::Ready(result.map(|response| response.map(ResponseBody::plain)));
-            }
+        match this.state.as_mut().project() {
             StateProj::Call { future, sleep } => {
                 let timed_out = sleep
                     .as_mut()
                     .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                let result = if timed_out {
-                    None
-                } else {
-                    Some(ready!(future.poll(cx)))
-                };
+                if timed_out {
+                    let Some(admitted) = this.admitted.take() else {
+                        return Poll::Pending;
+                    };
+                    this.state.set(State::Immediate { response: None });
+                    return Self::timed_out(admitted, this.state, cx);
+                }
+                let result = ready!(future.poll(cx));
                 let Some(admitted) = this.admitted.take() else {
                     return Poll::Pending;
                 };
-                (result, admitted)
+                this.state.set(State::Immediate { response: None });
+                Self::answered(result, admitted, this.state, cx)
             }
-        };
-        let Admitted {
-            classifier,
-            permit,
-            fallback,
-            grpc,
-        } = admitted;
-        // Only the fallback path needs a handle of its own (the permit is consumed by its report).
-        let breaker = fallback.as_ref().map(|_| permit.breaker());
-        let reason = match result {
-            None => {
-                let timeout = permit.breaker().config().call_timeout.unwrap_or_default();
-                permit.timeout();
-                FallbackReason::Timeout(timeout)
-            }
-            Some(Ok(response)) => match classifier.classify_response(&response) {
-                ClassifiedResponse::RequiresEos(eos) => {
-                    this.state.set(State::Immediate { response: None });
-                    return Poll::Ready(Ok(
-                        response.map(|body| ResponseBody::classified_at_end(body, eos, permit))
-                    ));
-                }
-                ClassifiedResponse::Ready(result) => {
-                    let outcome =
-                        result.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
-                    permit.record(outcome);
-                    if outcome != Outcome::Failure || fallback.is_none() {
-                        this.state.set(State::Immediate { response: None });
-                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
-                    }
-                    FallbackReason::FailureResponse(response.status())
-                }
+            StateProj::Immediate { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                // Polled again after completing.
+                None => Poll::Pending,
             },
-            Some(Err(error)) => {
-                let outcome = classifier.classify_error(&error).into_outcome();
-                permit.record(outcome);
-                if outcome != Outcome::Failure || fallback.is_none() {
-                    this.state.set(State::Immediate { response: None });
-                    return Poll::Ready(Err(error));
-                }
-                FallbackReason::Error(error.to_string())
-            }
-        };
-        match fallback {
-            Some(mut fallback) => {
-                let future = fallback.run(FallbackRequest {
-                    reason,
-                    request: None,
-                    grpc,
-                });
-                this.state.set(State::Fallback { future, breaker });
-                // Poll the fallback right away: it may be ready.
-                let StateProj::Fallback { future, breaker } = this.state.as_mut().project() else {
-                    return Poll::Pending;
-                };
+            StateProj::Fallback { future, breaker } => {
                 let result = ready!(future.poll(cx));
                 if let Some(breaker) = breaker.take() {
                     breaker.record_fallback(result.is_ok());
@@ -221,11 +164,134 @@ where
                 this.state.set(State::Immediate { response: None });
                 Poll::Ready(result.map(|response| response.map(ResponseBody::plain)))
             }
-            // Only a timeout gets here without a fallback.
-            None => {
-                this.state.set(State::Immediate { response: None });
-                Poll::Ready(Ok(reject::timeout::<ResBody>(grpc).map(ResponseBody::plain)))
+        }
+    }
+}
+
+type Answer<ResBody, C, E> =
+    Poll<Result<Response<ResponseBody<ResBody, <C as ClassifyResponse>::ClassifyEos>>, E>>;
+
+impl<Fut, C, F, ReqBody, ResBody, E> ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
+where
+    Fut: Future<Output = Result<Response<ResBody>, E>>,
+    E: fmt::Display + 'static,
+    C: ClassifyResponse,
+    C::FailureClass: IntoOutcome,
+    F: Fallback<ReqBody, ResBody, E>,
+    ResBody: Default,
+{
+    /// The service answered: classify, record, and hand the answer on (or run the fallback on a failure). The
+    /// answer is returned straight from here, without being moved through an intermediate value: responses are
+    /// large and this is the path every call takes.
+    #[inline]
+    fn answered(
+        result: Result<Response<ResBody>, E>,
+        admitted: Admitted<C, F>,
+        state: Pin<&mut State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>>,
+        cx: &mut Context<'_>,
+    ) -> Answer<ResBody, C, E> {
+        let Admitted {
+            classifier,
+            permit,
+            fallback,
+            grpc,
+        } = admitted;
+        match result {
+            Ok(response) => match classifier.classify_response(&response) {
+                ClassifiedResponse::Ready(classified) => {
+                    let outcome =
+                        classified.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
+                    match fallback {
+                        Some(fallback) if outcome == Outcome::Failure => {
+                            let breaker = permit.breaker();
+                            permit.record(outcome);
+                            let reason = FallbackReason::FailureResponse(response.status());
+                            Self::run_fallback(fallback, breaker, reason, grpc, state, cx)
+                        }
+                        _ => {
+                            permit.record(outcome);
+                            Poll::Ready(Ok(response.map(ResponseBody::plain)))
+                        }
+                    }
+                }
+                ClassifiedResponse::RequiresEos(eos) => Poll::Ready(Ok(
+                    response.map(|body| ResponseBody::classified_at_end(body, eos, permit))
+                )),
+            },
+            Err(error) => {
+                let outcome = classifier.classify_error(&error).into_outcome();
+                match fallback {
+                    Some(fallback) if outcome == Outcome::Failure => {
+                        let breaker = permit.breaker();
+                        permit.record(outcome);
+                        let reason = FallbackReason::Error(error.to_string());
+                        Self::run_fallback(fallback, breaker, reason, grpc, state, cx)
+                    }
+                    _ => {
+                        permit.record(outcome);
+                        Poll::Ready(Err(error))
+                    }
+                }
             }
         }
+    }
+
+    /// The call ran past its `call_timeout`.
+    #[cold]
+    fn timed_out(
+        admitted: Admitted<C, F>,
+        state: Pin<&mut State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>>,
+        cx: &mut Context<'_>,
+    ) -> Answer<ResBody, C, E> {
+        let Admitted {
+            permit,
+            fallback,
+            grpc,
+            ..
+        } = admitted;
+        let breaker = permit.breaker();
+        let timeout = breaker.config().call_timeout.unwrap_or_default();
+        permit.timeout();
+        match fallback {
+            Some(fallback) => Self::run_fallback(
+                fallback,
+                breaker,
+                FallbackReason::Timeout(timeout),
+                grpc,
+                state,
+                cx,
+            ),
+            None => Poll::Ready(Ok(reject::timeout::<ResBody>(grpc).map(ResponseBody::plain))),
+        }
+    }
+
+    /// Runs the fallback after a failure or a timeout, polling it once right away: it may be ready.
+    #[cold]
+    fn run_fallback(
+        mut fallback: F,
+        breaker: CircuitBreaker,
+        reason: FallbackReason,
+        grpc: bool,
+        mut state: Pin<&mut State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>>,
+        cx: &mut Context<'_>,
+    ) -> Answer<ResBody, C, E> {
+        let future = fallback.run(FallbackRequest {
+            reason,
+            request: None,
+            grpc,
+        });
+        state.set(State::Fallback {
+            future,
+            breaker: Some(breaker),
+        });
+        let StateProj::Fallback { future, breaker } = state.as_mut().project() else {
+            return Poll::Pending;
+        };
+        let result = ready!(future.poll(cx));
+        if let Some(breaker) = breaker.take() {
+            breaker.record_fallback(result.is_ok());
+        }
+        state.set(State::Immediate { response: None });
+        Poll::Ready(result.map(|response| response.map(ResponseBody::plain)))
     }
 }

@@ -65,6 +65,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match self.breaker.try_acquire() {
             Ok(permit) => {
@@ -74,10 +75,10 @@ where
                     .then(|| self.fallback.clone());
                 // Only a timeout or a fallback needs to know how to answer; skip the header lookup otherwise.
                 let grpc = (timeout.is_some() || fallback.is_some()) && is_grpc(request.headers());
-                let sleep = timeout.map(tokio::time::sleep);
-                let future = self.inner.call(request);
+                let sleep = timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout)));
+                // Built in place: the inner future is large (it holds the request) and moving it costs a copy.
                 ResponseFuture::admitted(
-                    future,
+                    self.inner.call(request),
                     sleep,
                     Admitted {
                         classifier,
