@@ -24,19 +24,37 @@
 //! let () = redis::cmd("SET").arg("k").arg("v").query_async(&mut con2).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The sentinels' own credentials (and TLS) go in their URLs (`redis://:sentinel-pw@host:26379`); the primary's
+//! go in the [`SentinelConfig`], because the sentinels only tell where the primary is:
+//!
+//! ```no_run
+//! # async fn demo() -> redis::RedisResult<()> {
+//! use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+//!
+//! let con = SentinelConnection::connect(
+//!     &["redis://:sentinel-pw@10.0.0.5:26379"],
+//!     "mymaster",
+//!     SentinelConfig::default()
+//!         .primary_auth(Some("app"), "primary-pw")
+//!         .primary_db(2),
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
-    RedisResult, Value,
+    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisConnectionInfo,
+    RedisError, RedisFuture, RedisResult, TlsMode, Value,
 };
 
 /// How a [`SentinelConnection`] asks for and connects to the primary.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct SentinelConfig {
     resolve_timeout: Duration,
@@ -44,6 +62,30 @@ pub struct SentinelConfig {
     response_timeout: Duration,
     min_backoff: Duration,
     max_backoff: Duration,
+    primary_username: Option<String>,
+    primary_password: Option<String>,
+    primary_db: i64,
+    primary_tls: Option<TlsMode>,
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("resolve_timeout", &self.resolve_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("primary_username", &self.primary_username)
+            // Never the password itself: configs end up in logs.
+            .field(
+                "primary_password",
+                &self.primary_password.as_ref().map(|_| "***"),
+            )
+            .field("primary_db", &self.primary_db)
+            .field("primary_tls", &self.primary_tls)
+            .finish()
+    }
 }
 
 impl Default for SentinelConfig {
@@ -54,6 +96,10 @@ impl Default for SentinelConfig {
             response_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
+            primary_username: None,
+            primary_password: None,
+            primary_db: 0,
+            primary_tls: None,
         }
     }
 }
@@ -83,6 +129,48 @@ impl SentinelConfig {
         self.min_backoff = min;
         self.max_backoff = max.max(min);
         self
+    }
+
+    /// Authenticates to the primary (and, after a failover, to the replica promoted in its place) as `username`
+    /// (`None`: the default user, i.e. `requirepass`) with `password`. The sentinels' own credentials go in their
+    /// URLs instead (`redis://user:pw@host:26379`). Default: no authentication.
+    pub fn primary_auth(mut self, username: Option<&str>, password: &str) -> Self {
+        self.primary_username = username.map(str::to_owned);
+        self.primary_password = Some(password.to_owned());
+        self
+    }
+
+    /// Selects database `db` on the primary; [`ConnectionLike::get_db`] reports it. Default 0.
+    pub fn primary_db(mut self, db: i64) -> Self {
+        self.primary_db = db;
+        self
+    }
+
+    /// Connects to the primary over TLS: [`TlsMode::Secure`] verifies its certificate against the system's roots
+    /// (or the WebPKI roots with redis-rs' `tls-rustls-webpki-roots`), [`TlsMode::Insecure`] does not verify it (it
+    /// needs redis-rs' `tls-rustls-insecure`). redis-rs must be built with a TLS feature (`tokio-rustls-comp` or
+    /// `tokio-native-tls-comp`), or the connection fails with an error saying so. For a private CA, build the
+    /// client with `redis::sentinel::SentinelClientBuilder::set_client_to_redis_certificates` and pass it to
+    /// [`SentinelConnection::with_client`]. Default: plain TCP.
+    pub fn primary_tls(mut self, mode: TlsMode) -> Self {
+        self.primary_tls = Some(mode);
+        self
+    }
+
+    /// What redis-rs needs to connect to the primary the sentinels name: credentials, database and TLS mode.
+    fn primary_connection_info(&self) -> SentinelNodeConnectionInfo {
+        let mut redis = RedisConnectionInfo::default().set_db(self.primary_db);
+        if let Some(username) = &self.primary_username {
+            redis = redis.set_username(username);
+        }
+        if let Some(password) = &self.primary_password {
+            redis = redis.set_password(password);
+        }
+        let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis);
+        match self.primary_tls {
+            Some(mode) => info.set_tls_mode(mode),
+            None => info,
+        }
     }
 }
 
@@ -128,7 +216,10 @@ struct Backoff {
 }
 
 impl SentinelConnection {
-    /// Connects to the primary that the sentinels at `sentinels` (URLs like `redis://host:26379`) name `master`.
+    /// Connects to the primary that the sentinels at `sentinels` (URLs like `redis://host:26379`, with the
+    /// sentinels' own credentials if they need any) name `master`, with the primary's credentials, database and TLS
+    /// mode from `config` ([`SentinelConfig::primary_auth`], [`SentinelConfig::primary_db`],
+    /// [`SentinelConfig::primary_tls`]).
     ///
     /// # Errors
     ///
@@ -140,13 +231,19 @@ impl SentinelConnection {
     ) -> RedisResult<Self> {
         // An owned name fits both signatures of `build` (redis-rs changes it with its `tls-rustls` feature).
         let name: String = master.into();
-        let client =
-            SentinelClient::build(sentinels.to_vec(), name, None, SentinelServerType::Master)?;
+        let client = SentinelClient::build(
+            sentinels.to_vec(),
+            name,
+            Some(config.primary_connection_info()),
+            SentinelServerType::Master,
+        )?;
         Self::with_client(client, master, config).await
     }
 
-    /// Like [`SentinelConnection::connect`] with a `SentinelClient` built by the caller (for TLS, credentials or a
-    /// database other than 0, which its `SentinelNodeConnectionInfo` carries). `master` is used for logs only.
+    /// Like [`SentinelConnection::connect`] with a `SentinelClient` built by the caller (for example with a
+    /// private CA through `SentinelClientBuilder`). The client carries the primary's credentials, database and
+    /// TLS mode, so `config`'s `primary_auth` and `primary_tls` are not used; set [`SentinelConfig::primary_db`]
+    /// to the client's database so that [`ConnectionLike::get_db`] reports it. `master` is used for logs only.
     ///
     /// # Errors
     ///
@@ -156,18 +253,22 @@ impl SentinelConnection {
         master: &str,
         config: SentinelConfig,
     ) -> RedisResult<Self> {
-        let connection = Self {
+        let connection = Self::unconnected(client, master, config);
+        connection.inner.connection().await?;
+        Ok(connection)
+    }
+
+    fn unconnected(client: SentinelClient, master: &str, config: SentinelConfig) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 master: master.to_owned(),
-                db: 0,
+                db: config.primary_db,
                 config,
                 client: tokio::sync::Mutex::new(client),
                 current: RwLock::new(Current::default()),
                 backoff: Mutex::new(Backoff::default()),
             }),
-        };
-        connection.inner.connection().await?;
-        Ok(connection)
+        }
     }
 
     /// How many times the primary was looked up and connected (1 after [`SentinelConnection::connect`]; each
@@ -367,6 +468,72 @@ mod tests {
         assert!(!needs_new_primary(&parse));
     }
 
+    #[test]
+    fn the_primary_gets_the_configured_credentials_database_and_tls_mode() {
+        let plain = format!("{:?}", SentinelConfig::default().primary_connection_info());
+        assert!(plain.contains("db: 0"), "{plain}");
+        assert!(plain.contains("username: None"), "{plain}");
+        assert!(plain.contains("password: None"), "{plain}");
+        assert!(plain.contains("tls_mode: None"), "{plain}");
+
+        let config = SentinelConfig::default()
+            .primary_auth(Some("app"), "s3cret")
+            .primary_db(3)
+            .primary_tls(TlsMode::Secure);
+        let info = format!("{:?}", config.primary_connection_info());
+        assert!(info.contains("db: 3"), "{info}");
+        assert!(info.contains(r#"username: Some("app")"#), "{info}");
+        assert!(info.contains("password: Some("), "{info}");
+        assert!(info.contains("tls_mode: Some(Secure)"), "{info}");
+
+        let default_user = format!(
+            "{:?}",
+            SentinelConfig::default()
+                .primary_auth(None, "pw")
+                .primary_connection_info()
+        );
+        assert!(default_user.contains("username: None"), "{default_user}");
+        assert!(default_user.contains("password: Some("), "{default_user}");
+    }
+
+    #[test]
+    fn the_config_never_prints_the_password() {
+        let config = SentinelConfig::default().primary_auth(Some("app"), "s3cret");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains(r#"primary_password: Some("***")"#),
+            "{printed}"
+        );
+        assert!(
+            printed.contains(r#"primary_username: Some("app")"#),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn get_db_reports_the_configured_database() {
+        let client = SentinelClient::build(
+            vec!["redis://127.0.0.1:1"],
+            String::from("m"),
+            Some(SentinelConfig::default().primary_connection_info()),
+            SentinelServerType::Master,
+        )
+        .expect("a valid sentinel URL");
+        let connection =
+            SentinelConnection::unconnected(client, "m", SentinelConfig::default().primary_db(5));
+        assert_eq!(connection.get_db(), 5);
+        let client = SentinelClient::build(
+            vec!["redis://127.0.0.1:1"],
+            String::from("m"),
+            None,
+            SentinelServerType::Master,
+        )
+        .expect("a valid sentinel URL");
+        let default = SentinelConnection::unconnected(client, "m", SentinelConfig::default());
+        assert_eq!(default.get_db(), 0);
+    }
+
     #[tokio::test]
     async fn unreachable_sentinels_fail_the_lookup_and_later_calls_fail_at_once_during_the_backoff()
     {
@@ -383,17 +550,11 @@ mod tests {
             SentinelServerType::Master,
         )
         .expect("a valid sentinel URL");
-        let connection = SentinelConnection {
-            inner: Arc::new(Inner {
-                master: String::from("m"),
-                db: 0,
-                config: SentinelConfig::default()
-                    .backoff(Duration::from_secs(30), Duration::from_secs(30)),
-                client: tokio::sync::Mutex::new(client),
-                current: RwLock::new(Current::default()),
-                backoff: Mutex::new(Backoff::default()),
-            }),
-        };
+        let connection = SentinelConnection::unconnected(
+            client,
+            "m",
+            SentinelConfig::default().backoff(Duration::from_secs(30), Duration::from_secs(30)),
+        );
         let mut con = connection.clone();
         let first: RedisResult<Value> = redis::cmd("PING").query_async(&mut con).await;
         assert!(first.is_err());
