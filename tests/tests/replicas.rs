@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 mod support;
 
-use support::{closed_port, get, poll, prefix, request, start};
+use support::{closed_port, get, poll, prefix, request, two_gateways};
 
 /// A replica of `primary`, once its link to the primary is up.
 fn replica_of(primary: &RedisServer) -> RedisServer {
@@ -57,20 +57,7 @@ fn a_gateway_reads_what_another_stored_from_the_replica_and_survives_losing_it()
         ("PORT", "0".to_owned()),
         ("RATE_LIMIT_WRITES", "1000/1m".to_owned()),
     ];
-    let procs = [
-        start("user-service", &env),
-        start("order-service", &env),
-        start("gateway", &env),
-        start("gateway", &env),
-    ];
-    let (a, b) = (procs[2].address(), procs[3].address());
-    for gateway in [a, b] {
-        poll(Duration::from_secs(20), || {
-            let services = get(gateway, "/services").json()["services"].to_string();
-            services.contains("\"user-service\"").then_some(())
-        })
-        .expect("the gateway never saw the user service");
-    }
+    let (_procs, a, b) = two_gateways(&env);
 
     let mut users = Vec::new();
     for n in 0..20 {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 mod support;
 
-use support::{get, poll, prefix, request, start};
+use support::{get, poll, prefix, request, two_gateways};
 
 /// The raw text of `GET /events`, read on a thread until the test ends.
 struct Sse {
@@ -110,21 +110,7 @@ fn the_demo_rides_through_a_sentinel_failover_and_its_subscriptions_follow_the_n
         ("PORT", "0".to_owned()),
         ("RATE_LIMIT_WRITES", "100000/1m".to_owned()),
     ];
-    let procs = [
-        start("user-service", &env),
-        start("order-service", &env),
-        start("gateway", &env),
-        start("gateway", &env),
-    ];
-    let (a, b) = (procs[2].address(), procs[3].address());
-    for gateway in [a, b] {
-        poll(Duration::from_secs(20), || {
-            let services = get(gateway, "/services").json()["services"].to_string();
-            (services.contains("\"user-service\"") && services.contains("\"order-service\""))
-                .then_some(())
-        })
-        .expect("the gateway never saw both services");
-    }
+    let (_procs, a, b) = two_gateways(&env);
     let events_on_b = Sse::connect(b);
     let invalidations = format!("{prefix}cache:invalidate");
     assert!(

@@ -233,6 +233,30 @@ impl Proc {
     }
 }
 
+/// The user and order services and two gateways started with `env`; the gateways' addresses once both see both
+/// services.
+pub(crate) fn two_gateways(env: &[(&str, String)]) -> (Vec<Proc>, SocketAddr, SocketAddr) {
+    let procs = vec![
+        start("user-service", env),
+        start("order-service", env),
+        start("gateway", env),
+        start("gateway", env),
+    ];
+    let (a, b) = (procs[2].address(), procs[3].address());
+    for gateway in [a, b] {
+        poll(Duration::from_secs(20), || {
+            let reply = get(gateway, "/services");
+            let services = reply.json()["services"].to_string();
+            (reply.status == 200
+                && services.contains("\"user-service\"")
+                && services.contains("\"order-service\""))
+            .then_some(())
+        })
+        .expect("the gateway never saw both services");
+    }
+    (procs, a, b)
+}
+
 /// Polls `check` every 50 ms until it gives a value or `within` runs out.
 pub(crate) fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
