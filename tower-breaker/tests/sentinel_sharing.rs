@@ -1,0 +1,91 @@
+//! Openings shared through a Sentinel-managed primary (features `redis` and `sentinel`): after the primary is killed
+//! and its replica promoted, both the publishing connection (a `SentinelConnection`) and the subscription (a
+//! `Subscriber` made from it) reach the new primary, so an opening still reaches the peer.
+#![cfg(all(feature = "redis", feature = "sentinel"))]
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+use std::time::Duration;
+
+use redis_fixtures::RedisSentinel;
+use tower_breaker::redis::{RedisSharing, SharingHandle};
+use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+use tower_breaker::{CircuitBreaker, State};
+
+fn breaker() -> CircuitBreaker {
+    CircuitBreaker::builder()
+        .name("payments")
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> SharingHandle {
+    let connection = SentinelConnection::connect(
+        &set.sentinel_urls(),
+        set.master_name(),
+        SentinelConfig::default(),
+    )
+    .await
+    .unwrap();
+    RedisSharing::new()
+        .prefix("sentinel-test:")
+        .max_reconnect_delay(Duration::from_millis(200))
+        .start(breaker, connection.clone(), &connection)
+}
+
+/// Polls `condition` every 10 ms for up to `within`.
+async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openings_reach_the_peer_through_the_promoted_replica_after_a_failover() {
+    let mut set = RedisSentinel::start();
+    let promoted = set.replica_port();
+    let (one, two) = (breaker(), breaker());
+    let sharing_one = share(&set, &one).await;
+    let sharing_two = share(&set, &two).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            sharing_one.stats().connected && sharing_two.stats().connected
+        })
+        .await
+    );
+    // Before: an opening on one reaches two.
+    one.try_acquire().unwrap().failure();
+    assert!(eventually(Duration::from_secs(5), || two.state() == State::Open).await);
+    one.reset();
+    two.reset();
+
+    set.kill_primary();
+    assert_eq!(
+        tokio::task::block_in_place(|| set.wait_for_new_primary(Duration::from_secs(40))),
+        promoted
+    );
+    // After: the subscription comes back on the promoted replica and publishing goes there. The first opening may
+    // meet the broken connection (it is not replayed), so each attempt opens and resets again until one arrives.
+    let reached = eventually(Duration::from_secs(20), || {
+        if two.state() == State::Open {
+            return true;
+        }
+        one.reset();
+        one.try_acquire().unwrap().failure();
+        false
+    })
+    .await;
+    assert!(
+        reached,
+        "no opening reached the peer after the failover: {:?} / {:?}",
+        sharing_one.stats(),
+        sharing_two.stats()
+    );
+    assert!(sharing_two.stats().received >= 2, "{:?}", sharing_two.stats());
+}
