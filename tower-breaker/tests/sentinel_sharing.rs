@@ -87,5 +87,9 @@ async fn openings_reach_the_peer_through_the_promoted_replica_after_a_failover()
         sharing_one.stats(),
         sharing_two.stats()
     );
-    assert!(sharing_two.stats().received >= 2, "{:?}", sharing_two.stats());
+    assert!(
+        sharing_two.stats().received >= 2,
+        "{:?}",
+        sharing_two.stats()
+    );
 }
