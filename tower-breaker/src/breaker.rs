@@ -12,7 +12,7 @@ use crate::config::{
     Backoff, BreakerConfig, ConfigError, DroppedBody, OpenDuration, ProbePolicy, Window,
 };
 use crate::events::{Listener, Transition, TransitionReason};
-use crate::padded::Padded;
+use crate::padded::{Lane, Padded};
 use crate::state::{Probes, State, Word};
 use crate::stats::{BreakerStats, Counters, FallbackStats, Latency, TransitionStats, WindowStats};
 use crate::window::{CountWindow, Sample, TimeWindow, Totals};
@@ -445,7 +445,7 @@ impl CircuitBreaker {
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
         let shared = &*self.shared;
-        let request = shared.counters.requests.increment();
+        let request = shared.counters.striped.increment(Lane::Requests);
         #[cfg(feature = "metrics")]
         shared.metrics.requests.increment(1);
         let sampled = request & shared.sample_mask == 0;
@@ -736,7 +736,7 @@ impl Shared {
             return;
         }
         let totals = match &self.window {
-            WindowKind::Count(window) => window.record(sample),
+            WindowKind::Count(window) => window.record(&self.counters.striped, sample),
             WindowKind::Time(window) => {
                 Counters::add(&self.counters.other_records);
                 window.record(self.clock.now_ms(), sample)
@@ -895,7 +895,7 @@ impl Shared {
 
     fn reset_window(&self) {
         match &self.window {
-            WindowKind::Count(window) => window.reset(),
+            WindowKind::Count(window) => window.reset(&self.counters.striped),
             WindowKind::Time(window) => window.reset(),
         }
         self.consecutive.0.store(0, Ordering::Release);
@@ -991,7 +991,10 @@ impl Shared {
         let word = self.load();
         let now = self.clock.now_ms();
         let (window_records, totals) = match &self.window {
-            WindowKind::Count(window) => (window.recorded(), window.totals()),
+            WindowKind::Count(window) => (
+                window.recorded(&counters.striped),
+                window.totals(&counters.striped),
+            ),
             WindowKind::Time(window) => (0, window.totals(now)),
         };
         let failures = load(&counters.failures);
@@ -1039,7 +1042,7 @@ impl Shared {
             consecutive_failures: self.consecutive.0.load(Ordering::Acquire),
             retry_after_millis: self.retry_after_ms(),
             latency: self.latency.summary(),
-            requests: counters.requests.sum(),
+            requests: counters.striped.sum(Lane::Requests),
         }
     }
 }

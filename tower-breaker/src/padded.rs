@@ -61,41 +61,50 @@ thread_local! {
     static SLOT: Slot = Slot::claim();
 }
 
-/// A counter written by every call from many threads. Up to 16 threads each own a stripe (a cache line of its
-/// own) and add to it with a plain load and store, no atomic read-modify-write; further threads share one stripe
-/// with `fetch_add`. Reading sums the stripes.
+/// Counters written by every call from many threads. Up to 16 threads each own a stripe (a cache line of its
+/// own, holding one value per [`Lane`]) and add to it with a plain load and store, no atomic read-modify-write;
+/// further threads share one stripe with `fetch_add`. Reading sums the stripes.
 #[derive(Debug, Default)]
 pub(crate) struct Striped {
-    stripes: [Padded<AtomicU64>; OWNED_STRIPES + 1],
+    stripes: [Padded<[AtomicU64; LANES]>; OWNED_STRIPES + 1],
+}
+
+/// How many counters a [`Striped`] keeps per stripe.
+const LANES: usize = 2;
+
+/// Which counter of a [`Striped`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lane {
+    /// Calls offered to the breaker.
+    Requests = 0,
+    /// Successes recorded in the count window (neither failed nor slow).
+    WindowSuccesses = 1,
 }
 
 impl Striped {
-    /// Adds one and returns this stripe's previous value.
+    /// Adds one to `lane` and returns this stripe's previous value of it.
     #[inline]
-    pub(crate) fn increment(&self) -> u64 {
+    pub(crate) fn increment(&self, lane: Lane) -> u64 {
+        let lane = lane as usize;
         SLOT.try_with(|slot| {
-            let stripe = &self.stripes[slot.index].0;
+            let counter = &self.stripes[slot.index].0[lane];
             if slot.owned {
-                let value = stripe.load(Ordering::Relaxed);
-                stripe.store(value + 1, Ordering::Relaxed);
+                let value = counter.load(Ordering::Relaxed);
+                counter.store(value + 1, Ordering::Relaxed);
                 value
             } else {
-                stripe.fetch_add(1, Ordering::Relaxed)
+                counter.fetch_add(1, Ordering::Relaxed)
             }
         })
         // A thread being torn down has no slot any more: use the shared stripe.
-        .unwrap_or_else(|_| {
-            self.stripes[OWNED_STRIPES]
-                .0
-                .fetch_add(1, Ordering::Relaxed)
-        })
+        .unwrap_or_else(|_| self.stripes[OWNED_STRIPES].0[lane].fetch_add(1, Ordering::Relaxed))
     }
 
-    /// The total.
-    pub(crate) fn sum(&self) -> u64 {
+    /// The total of `lane`.
+    pub(crate) fn sum(&self, lane: Lane) -> u64 {
         self.stripes
             .iter()
-            .map(|stripe| stripe.0.load(Ordering::Acquire))
+            .map(|stripe| stripe.0[lane as usize].load(Ordering::Acquire))
             .sum()
     }
 }

@@ -8,11 +8,11 @@ use serde::Serialize;
 use crate::padded::Striped;
 use crate::state::State;
 
-/// The breaker's counters. `requests` is written by every call and is striped per thread; the others change only on
-/// failures, rejections and the like.
+/// The breaker's counters. The ones every call writes (requests, and successes recorded in the count window) are
+/// striped per thread; the others change only on failures, rejections and the like.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) requests: Striped,
+    pub(crate) striped: Striped,
     pub(crate) failures: AtomicU64,
     pub(crate) ignored: AtomicU64,
     pub(crate) cancelled: AtomicU64,

@@ -1,13 +1,18 @@
 //! Sliding windows of outcomes, lock-free and of fixed size whatever the call rate.
 //!
-//! The count window is a ring of one-byte slots: recording a call claims the next slot with one `fetch_add` and
-//! writes the outcome there; the running totals change only when the outcome differs from the one it replaces
-//! (subtract on evict), so a steady stream of successes costs one atomic add. The time window keeps one bucket per
-//! `duration / buckets`; a bucket is recycled when time moves past it.
+//! The count window holds the last `size` calls. A success (neither failed nor slow, the common case) is only
+//! counted, in a per-thread stripe: it writes no cache line that another thread writes, so threads sharing a
+//! breaker do not contend. A failure or a slow call (a "mark") takes its place in the order of calls from those
+//! counts (its position is the number of calls recorded before it) and is kept in a ring of the last `size`
+//! marks; marks whose position has fallen out of the last `size` calls are evicted, each once, when the next
+//! mark is recorded or the totals are read (subtract on evict). With calls from one thread at a time this is
+//! exactly "the last `size` calls"; with threads racing, a success still in flight on another core may be
+//! counted a moment late. The time window keeps one bucket per `duration / buckets`; a bucket is recycled when
+//! time moves past it.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::padded::Padded;
+use crate::padded::{Lane, Padded, Striped};
 
 /// What a window reports after a failure or a slow call: the totals the thresholds are checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,93 +30,191 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
-    /// Slot encoding: 0 = empty, bit 0 = a call, bit 1 = failure, bit 2 = slow.
-    fn code(self) -> u8 {
-        1 | (u8::from(self.failure) << 1) | (u8::from(self.slow) << 2)
+    /// Mark encoding: bit 0 = failure, bit 1 = slow.
+    fn code(self) -> u64 {
+        u64::from(self.failure) | (u64::from(self.slow) << 1)
     }
 }
 
-// Count-window totals are packed in one word: calls, failures and slow calls, 21 bits each. The window holds at most
-// `MAX_COUNT_WINDOW` (< 2^21 - 1) calls, so a field can only exceed the window size while a concurrent reset and
-// record interleave; readers treat such a reading as inconsistent and skip it.
-const FIELD_BITS: u32 = 21;
-const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+/// Failures in the low 32 bits, slow calls in the high 32 bits (a window holds fewer than 2^21 calls).
+fn packed(code: u64) -> u64 {
+    (code & 1) | ((code >> 1) << 32)
+}
 
-fn packed(code: u8) -> u64 {
-    if code == 0 {
-        return 0;
-    }
-    1 | (u64::from((code >> 1) & 1) << FIELD_BITS)
-        | (u64::from((code >> 2) & 1) << (2 * FIELD_BITS))
+/// One failure or slow call in the ring.
+#[derive(Debug, Default)]
+struct Mark {
+    /// The mark's index among all marks, plus one (0: never written). Written last, so a reader that sees its
+    /// index sees its position too.
+    index: AtomicU64,
+    /// Its position among all calls, shifted left by 2, with its [`Sample::code`] in the low bits.
+    position_code: AtomicU64,
+}
+
+/// Where the marks' bookkeeping stands; written only by failures, slow calls and resets.
+#[derive(Debug, Default)]
+struct MarkState {
+    /// Marks ever recorded: the next mark's index.
+    count: AtomicU64,
+    /// The index of the oldest mark still counted in `totals`.
+    tail: AtomicU64,
+    /// Failures and slow calls counted now, packed (see [`packed`]).
+    totals: AtomicU64,
+    /// The position of the first call after the last reset: earlier calls are out of the window.
+    base: AtomicU64,
 }
 
 /// The last `size` calls.
 #[derive(Debug)]
 pub(crate) struct CountWindow {
-    seq: Padded<AtomicU64>,
-    totals: Padded<AtomicU64>,
-    slots: Box<[AtomicU8]>,
+    size: u64,
+    marks: Padded<MarkState>,
+    ring: Box<[Mark]>,
 }
 
 impl CountWindow {
     pub(crate) fn new(size: u32) -> Self {
         Self {
-            seq: Padded(AtomicU64::new(0)),
-            totals: Padded(AtomicU64::new(0)),
-            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            size: u64::from(size.max(1)),
+            marks: Padded(MarkState::default()),
+            ring: (0..size.max(1)).map(|_| Mark::default()).collect(),
         }
     }
 
+    fn mark(&self, index: u64) -> &Mark {
+        // The ring has `size` (at most MAX_COUNT_WINDOW) entries, so the index fits in usize.
+        &self.ring[usize::try_from(index % self.size).unwrap_or(0)]
+    }
+
     /// How many outcomes were ever recorded here (never reset): the success count derives from it.
-    pub(crate) fn recorded(&self) -> u64 {
-        self.seq.0.load(Ordering::Relaxed)
+    pub(crate) fn recorded(&self, successes: &Striped) -> u64 {
+        self.marks.0.count.load(Ordering::Acquire) + successes.sum(Lane::WindowSuccesses)
     }
 
     /// Records one outcome. Returns the totals after it when the outcome was a failure or slow (the only outcomes
     /// that can raise a rate), `None` otherwise.
     #[inline]
-    pub(crate) fn record(&self, sample: Sample) -> Option<Totals> {
-        let seq = self.seq.0.fetch_add(1, Ordering::Relaxed);
-        // The slot count is at most MAX_COUNT_WINDOW, so the index fits in usize on every platform we build for.
-        let index = usize::try_from(seq % self.slots.len() as u64).unwrap_or(0);
-        let slot = &self.slots[index];
-        let code = sample.code();
-        // Steady state (the same outcome as the call it replaces) changes no total: skip the write entirely.
-        if slot.load(Ordering::Relaxed) != code {
-            let old = slot.swap(code, Ordering::AcqRel);
-            if old != code {
-                // Add before subtracting, so no field dips below zero in between.
-                self.totals.0.fetch_add(packed(code), Ordering::AcqRel);
-                self.totals.0.fetch_sub(packed(old), Ordering::AcqRel);
-            }
+    pub(crate) fn record(&self, successes: &Striped, sample: Sample) -> Option<Totals> {
+        if !(sample.failure || sample.slow) {
+            successes.increment(Lane::WindowSuccesses);
+            return None;
         }
-        (sample.failure || sample.slow).then(|| self.totals())
+        Some(self.record_mark(successes, sample.code()))
     }
 
-    /// The current totals, or zeros if a concurrent reset left them momentarily inconsistent.
-    pub(crate) fn totals(&self) -> Totals {
-        let word = self.totals.0.load(Ordering::Acquire);
+    #[inline(never)]
+    fn record_mark(&self, successes: &Striped, code: u64) -> Totals {
+        let state = &self.marks.0;
+        let index = state.count.fetch_add(1, Ordering::AcqRel);
+        // Calls recorded before this one: the marks before it and every success counted so far.
+        let position = index + successes.sum(Lane::WindowSuccesses);
+        // The mark `size` places back has `size` marks after it, so it is out of the window: it leaves the ring
+        // (and the totals) before this one takes its entry.
+        if let Some(previous) = index.checked_sub(self.size) {
+            self.evict_through(previous);
+        }
+        state.totals.fetch_add(packed(code), Ordering::AcqRel);
+        let mark = self.mark(index);
+        mark.position_code
+            .store((position << 2) | code, Ordering::Relaxed);
+        mark.index.store(index + 1, Ordering::Release);
+        let base = state.base.load(Ordering::Acquire);
+        let first = (position + 1).saturating_sub(self.size).max(base);
+        self.evict_before(first, index);
+        self.read_totals((position + 1).saturating_sub(base))
+    }
+
+    /// Evicts marks older than `limit` whose position is before `first`, in order, stopping at the first one that
+    /// is still in the window or not written yet (a later mark or reading evicts it).
+    fn evict_before(&self, first: u64, limit: u64) {
+        let state = &self.marks.0;
+        loop {
+            let tail = state.tail.load(Ordering::Acquire);
+            if tail >= limit {
+                return;
+            }
+            let mark = self.mark(tail);
+            if mark.index.load(Ordering::Acquire) != tail + 1 {
+                return;
+            }
+            let position_code = mark.position_code.load(Ordering::Relaxed);
+            if position_code >> 2 >= first {
+                return;
+            }
+            // While the tail is here, no mark reuses this entry (it would evict this one first).
+            if state
+                .tail
+                .compare_exchange(tail, tail + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                state
+                    .totals
+                    .fetch_sub(packed(position_code & 3), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Evicts every mark up to and including `last`, waiting for a mark still being written (a few instructions
+    /// away on another thread; only `size` marks racing at once can get here).
+    fn evict_through(&self, last: u64) {
+        let state = &self.marks.0;
+        loop {
+            let tail = state.tail.load(Ordering::Acquire);
+            if tail > last {
+                return;
+            }
+            let mark = self.mark(tail);
+            if mark.index.load(Ordering::Acquire) != tail + 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let position_code = mark.position_code.load(Ordering::Relaxed);
+            if state
+                .tail
+                .compare_exchange(tail, tail + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                state
+                    .totals
+                    .fetch_sub(packed(position_code & 3), Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn read_totals(&self, calls: u64) -> Totals {
+        let word = self.marks.0.totals.load(Ordering::Acquire);
+        let calls = calls.min(self.size);
         let totals = Totals {
-            calls: word & FIELD_MASK,
-            failures: (word >> FIELD_BITS) & FIELD_MASK,
-            slow: (word >> (2 * FIELD_BITS)) & FIELD_MASK,
+            calls,
+            failures: word & u64::from(u32::MAX),
+            slow: word >> 32,
         };
-        let size = self.slots.len() as u64;
-        if totals.calls > size || totals.failures > totals.calls || totals.slow > totals.calls {
-            return Totals::default();
+        // Records racing a reset can leave a mark of before it counted for a moment: never report more than the
+        // calls.
+        Totals {
+            failures: totals.failures.min(calls),
+            slow: totals.slow.min(calls),
+            ..totals
         }
-        totals
     }
 
-    /// Empties the window. Each slot is cleared with the same swap-and-adjust step a record uses, so the totals
-    /// stay equal to the slots' contents even with records racing the reset.
-    pub(crate) fn reset(&self) {
-        for slot in &*self.slots {
-            if slot.load(Ordering::Relaxed) != 0 {
-                let old = slot.swap(0, Ordering::AcqRel);
-                self.totals.0.fetch_sub(packed(old), Ordering::AcqRel);
-            }
-        }
+    /// The current totals (marks that have left the window are evicted first).
+    pub(crate) fn totals(&self, successes: &Striped) -> Totals {
+        let state = &self.marks.0;
+        let count = state.count.load(Ordering::Acquire);
+        let recorded = count + successes.sum(Lane::WindowSuccesses);
+        let base = state.base.load(Ordering::Acquire);
+        self.evict_before(recorded.saturating_sub(self.size).max(base), count);
+        self.read_totals(recorded.saturating_sub(base))
+    }
+
+    /// Empties the window: calls recorded so far no longer count, and their marks are evicted.
+    pub(crate) fn reset(&self, successes: &Striped) {
+        let state = &self.marks.0;
+        let count = state.count.load(Ordering::Acquire);
+        let recorded = count + successes.sum(Lane::WindowSuccesses);
+        state.base.fetch_max(recorded, Ordering::AcqRel);
+        self.evict_before(u64::MAX, count);
     }
 }
 
@@ -257,12 +360,13 @@ mod tests {
 
     #[test]
     fn a_count_window_holds_only_the_last_n_outcomes() {
+        let successes = Striped::default();
         let window = CountWindow::new(4);
         for _ in 0..3 {
-            window.record(FAIL);
+            window.record(&successes, FAIL);
         }
         assert_eq!(
-            window.totals(),
+            window.totals(&successes),
             Totals {
                 calls: 3,
                 failures: 3,
@@ -270,17 +374,17 @@ mod tests {
             }
         );
         for _ in 0..4 {
-            window.record(OK);
+            window.record(&successes, OK);
         }
         assert_eq!(
-            window.totals(),
+            window.totals(&successes),
             Totals {
                 calls: 4,
                 failures: 0,
                 slow: 0
             }
         );
-        let after = window.record(FAIL).unwrap();
+        let after = window.record(&successes, FAIL).unwrap();
         assert_eq!(
             after,
             Totals {
@@ -289,38 +393,89 @@ mod tests {
                 slow: 0
             }
         );
-        assert_eq!(window.recorded(), 8);
+        assert_eq!(window.recorded(&successes), 8);
     }
 
     #[test]
     fn a_count_window_reset_empties_it() {
+        let successes = Striped::default();
         let window = CountWindow::new(3);
-        window.record(FAIL);
-        window.record(Sample {
-            failure: false,
-            slow: true,
-        });
-        window.reset();
-        assert_eq!(window.totals(), Totals::default());
-        window.record(FAIL);
-        assert_eq!(window.totals().calls, 1);
+        window.record(&successes, FAIL);
+        window.record(
+            &successes,
+            Sample {
+                failure: false,
+                slow: true,
+            },
+        );
+        window.reset(&successes);
+        assert_eq!(window.totals(&successes), Totals::default());
+        window.record(&successes, FAIL);
+        assert_eq!(window.totals(&successes).calls, 1);
     }
 
     #[test]
-    fn concurrent_records_keep_the_totals_equal_to_the_slots() {
+    fn a_count_window_matches_a_ring_of_the_last_n_outcomes() {
+        // A reference model: the last N outcomes, kept in order.
+        for size in [1u32, 2, 3, 7, 10] {
+            let successes = Striped::default();
+            let window = CountWindow::new(size);
+            let mut model = std::collections::VecDeque::new();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(size);
+            for step in 0..5_000u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if step.is_multiple_of(997) {
+                    window.reset(&successes);
+                    model.clear();
+                }
+                let sample = Sample {
+                    failure: x.is_multiple_of(3),
+                    slow: x.is_multiple_of(5),
+                };
+                let after = window.record(&successes, sample);
+                model.push_back(sample);
+                if model.len() > size as usize {
+                    model.pop_front();
+                }
+                let expected = Totals {
+                    calls: model.len() as u64,
+                    failures: model.iter().filter(|s| s.failure).count() as u64,
+                    slow: model.iter().filter(|s| s.slow).count() as u64,
+                };
+                if sample.failure || sample.slow {
+                    assert_eq!(after, Some(expected), "size {size}, step {step}");
+                }
+                assert_eq!(
+                    window.totals(&successes),
+                    expected,
+                    "size {size}, step {step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_records_keep_the_totals_within_the_window() {
+        let successes = std::sync::Arc::new(Striped::default());
         let window = std::sync::Arc::new(CountWindow::new(64));
         let threads: Vec<_> = (0..4)
             .map(|thread| {
                 let window = window.clone();
+                let successes = successes.clone();
                 std::thread::spawn(move || {
                     for i in 0..20_000u32 {
                         let failure = (i + thread) % 3 == 0;
-                        window.record(Sample {
-                            failure,
-                            slow: false,
-                        });
+                        window.record(
+                            &successes,
+                            Sample {
+                                failure,
+                                slow: false,
+                            },
+                        );
                         if i % 5_000 == 0 {
-                            window.reset();
+                            window.reset(&successes);
                         }
                     }
                 })
@@ -329,18 +484,30 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        let from_slots = window
-            .slots
-            .iter()
-            .fold(Totals::default(), |mut totals, slot| {
-                let code = slot.load(Ordering::Relaxed);
-                if code != 0 {
-                    totals.calls += 1;
-                    totals.failures += u64::from((code >> 1) & 1);
-                }
-                totals
-            });
-        assert_eq!(window.totals(), from_slots);
+        assert_eq!(window.recorded(&successes), 80_000);
+        // At rest, 64 more failures fill the window exactly.
+        for _ in 0..64 {
+            window.record(&successes, FAIL);
+        }
+        assert_eq!(
+            window.totals(&successes),
+            Totals {
+                calls: 64,
+                failures: 64,
+                slow: 0
+            }
+        );
+        for _ in 0..64 {
+            window.record(&successes, OK);
+        }
+        assert_eq!(
+            window.totals(&successes),
+            Totals {
+                calls: 64,
+                failures: 0,
+                slow: 0
+            }
+        );
     }
 
     #[test]
