@@ -5,11 +5,14 @@
 //! |---|---|---|
 //! | `REDIS_URL` | `redis://127.0.0.1:6379` | `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS |
 //! | `REDIS_CLUSTER_NODES` | unset | comma-separated node URLs: connect to a Redis Cluster instead of `REDIS_URL` |
-//! | `REDIS_SENTINELS` | unset | comma-separated Sentinel addresses (`host:port` or `redis://host:port`): connect to the primary they name, and follow failovers, instead of `REDIS_URL` |
+//! | `REDIS_SENTINELS` | unset | comma-separated Sentinel addresses (`host:port`, or URLs carrying the sentinels' own credentials: `redis://:pw@host:26379`): connect to the primary they name, and follow failovers, instead of `REDIS_URL`. `rediss://` URLs (all of them) mean TLS to the sentinels and to the primary |
 //! | `REDIS_SENTINEL_MASTER` | unset (required with `REDIS_SENTINELS`) | the name the sentinels monitor the primary under |
+//! | `REDIS_USERNAME` | unset (the default user) | with `REDIS_SENTINELS` only: the ACL user to log in to the primary as (needs `REDIS_PASSWORD`) |
+//! | `REDIS_PASSWORD` | unset | with `REDIS_SENTINELS` only: the primary's password (and the promoted replica's after a failover) |
+//! | `REDIS_DB` | `0` | with `REDIS_SENTINELS` only: the database number to use on the primary |
 //! | `REDIS_REPLICA_URLS` | unset | comma-separated URLs of read replicas of the primary (`REDIS_URL` or the Sentinel's): the gateway's cache reads from one of them at random and falls back to the primary when it misses or fails |
 //! | `REDIS_CLUSTER_READ_FROM_REPLICAS` | `false` | with `REDIS_CLUSTER_NODES`: `true` routes read-only commands to the cluster's replicas (the cluster client's own routing) |
-//! | `REDIS_CA_FILE` | unset | PEM file of the CA that signed the Redis server's certificate (`rediss://` only; default: the system's roots) |
+//! | `REDIS_CA_FILE` | unset | PEM file of the CA that signed the Redis server's certificate (`rediss://` only, sentinels and their primary included; default: the system's roots) |
 //! | `REDIS_PREFIX` | `demo:` | namespace of every key and channel the demo writes |
 //! | `REDIS_CONNECT_TIMEOUT_MS` | `1000` | how long to wait for Redis at start-up before going single-instance |
 //! | `REDIS_COMMAND_TIMEOUT_MS` | `250` | the deadline of every Redis command |
@@ -61,11 +64,36 @@ pub enum RedisTarget {
     Cluster(Vec<String>),
     /// The primary that sentinels (by URL) monitor under `master`; followed across failovers.
     Sentinel {
-        /// The sentinels' URLs (`redis://host:port`).
+        /// The sentinels' URLs (`redis://host:port`, with the sentinels' own credentials if any; all `rediss://` for
+        /// TLS, which then applies to the primary too).
         sentinels: Vec<String>,
         /// The name the sentinels monitor the primary under.
         master: String,
+        /// How to log in to the primary (`REDIS_USERNAME`, `REDIS_PASSWORD`, `REDIS_DB`).
+        primary: SentinelPrimary,
     },
+}
+
+/// How to log in to the primary the sentinels name (and, after a failover, to the replica promoted in its place):
+/// the sentinels tell where it is, not how to log in.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SentinelPrimary {
+    /// The ACL user (`REDIS_USERNAME`); `None`: the default user.
+    pub username: Option<String>,
+    /// The password (`REDIS_PASSWORD`).
+    pub password: Option<String>,
+    /// The database number (`REDIS_DB`).
+    pub db: i64,
+}
+
+impl fmt::Debug for SentinelPrimary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelPrimary")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 impl RedisTarget {
@@ -77,9 +105,23 @@ impl RedisTarget {
                 let nodes: Vec<String> = nodes.iter().map(|url| redact(url)).collect();
                 format!("cluster {}", nodes.join(","))
             }
-            Self::Sentinel { sentinels, master } => {
+            Self::Sentinel {
+                sentinels,
+                master,
+                primary,
+            } => {
                 let sentinels: Vec<String> = sentinels.iter().map(|url| redact(url)).collect();
-                format!("sentinel master {master} via {}", sentinels.join(","))
+                let mut text = format!("sentinel master {master} via {}", sentinels.join(","));
+                if let Some(username) = &primary.username {
+                    text.push_str(&format!(" as {username}"));
+                }
+                if primary.password.is_some() {
+                    text.push_str(" with a password");
+                }
+                if primary.db != 0 {
+                    text.push_str(&format!(" db {}", primary.db));
+                }
+                text
             }
         }
     }
@@ -89,8 +131,10 @@ impl RedisTarget {
         match self {
             Self::Node(url) => url.starts_with("rediss://"),
             Self::Cluster(nodes) => nodes.iter().any(|url| url.starts_with("rediss://")),
-            // `parse_sentinels` accepts plain `redis://` sentinels only.
-            Self::Sentinel { .. } => false,
+            // `parse_sentinels` makes them all `redis://` or all `rediss://`.
+            Self::Sentinel { sentinels, .. } => {
+                sentinels.iter().any(|url| url.starts_with("rediss://"))
+            }
         }
     }
 }
@@ -203,6 +247,42 @@ impl Config {
 
         let sentinels = get("REDIS_SENTINELS")?;
         let sentinel_master = get("REDIS_SENTINEL_MASTER")?;
+        let db = get("REDIS_DB")?;
+        let primary = SentinelPrimary {
+            username: get("REDIS_USERNAME")?,
+            password: get("REDIS_PASSWORD")?,
+            db: match &db {
+                Some(db) => parse_db(db)?,
+                None => 0,
+            },
+        };
+        if sentinels.is_none() {
+            let cluster = get("REDIS_CLUSTER_NODES")?.is_some();
+            for (variable, set) in [
+                ("REDIS_USERNAME", primary.username.is_some()),
+                ("REDIS_PASSWORD", primary.password.is_some()),
+                ("REDIS_DB", db.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::new(
+                        variable,
+                        if cluster {
+                            "is only used with REDIS_SENTINELS; with REDIS_CLUSTER_NODES put the credentials in \
+                             each node URL (redis://user:password@host:7000; a cluster has database 0 only)"
+                        } else {
+                            "is only used with REDIS_SENTINELS; with REDIS_URL put it in the URL \
+                             (redis://user:password@host:6379/db)"
+                        },
+                    ));
+                }
+            }
+        }
+        if primary.username.is_some() && primary.password.is_none() {
+            return Err(ConfigError::new(
+                "REDIS_USERNAME",
+                "needs REDIS_PASSWORD (the user's password)",
+            ));
+        }
         let target = match (get("REDIS_CLUSTER_NODES")?, sentinels) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
@@ -213,6 +293,7 @@ impl Config {
             (None, Some(sentinels)) => RedisTarget::Sentinel {
                 sentinels: parse_sentinels(&sentinels)?,
                 master: parse_sentinel_master(sentinel_master.as_deref())?,
+                primary,
             },
             (Some(_), None) | (None, None) if sentinel_master.is_some() => {
                 return Err(ConfigError::new(
@@ -259,7 +340,7 @@ impl Config {
             if !target.uses_tls() && !replicas.iter().any(|url| url.starts_with("rediss://")) {
                 return Err(ConfigError::new(
                     "REDIS_CA_FILE",
-                    "is only used with rediss:// URLs; REDIS_URL (or REDIS_CLUSTER_NODES) is not TLS",
+                    "is only used with rediss:// URLs; REDIS_URL (or REDIS_CLUSTER_NODES, REDIS_SENTINELS) is not TLS",
                 ));
             }
             if !path.is_file() {
@@ -517,7 +598,8 @@ fn parse_bool(variable: &'static str, value: &str) -> Result<bool, ConfigError> 
     }
 }
 
-/// `host:port` or `redis://host:port` items, comma-separated, as `redis://` URLs.
+/// `host:port`, `redis://` or `rediss://` items, comma-separated, as URLs; all `redis://` or all `rediss://`, and
+/// with TLS, the same credentials on every one (redis-rs' builder takes one set for all sentinels).
 fn parse_sentinels(value: &str) -> Result<Vec<String>, ConfigError> {
     let mut sentinels = Vec::new();
     for item in value
@@ -539,15 +621,6 @@ fn parse_sentinels(value: &str) -> Result<Vec<String>, ConfigError> {
             }
             format!("redis://{item}")
         };
-        if !url.starts_with("redis://") {
-            return Err(ConfigError::new(
-                "REDIS_SENTINELS",
-                format!(
-                    "{} is not a redis:// address (TLS to sentinels is not supported here)",
-                    redact(&url)
-                ),
-            ));
-        }
         parse_redis_url("REDIS_SENTINELS", &url)?;
         sentinels.push(url);
     }
@@ -557,7 +630,62 @@ fn parse_sentinels(value: &str) -> Result<Vec<String>, ConfigError> {
             "lists no sentinel; give comma-separated addresses such as 10.0.0.5:26379,10.0.0.6:26379",
         ));
     }
+    let tls = sentinels
+        .iter()
+        .filter(|url| url.starts_with("rediss://"))
+        .count();
+    if tls > 0 && tls < sentinels.len() {
+        return Err(ConfigError::new(
+            "REDIS_SENTINELS",
+            "mixes TLS (rediss://) and plain sentinels (redis:// or host:port); write every one as rediss:// for \
+             TLS, or none",
+        ));
+    }
+    if tls > 0 {
+        let credentials = |url: &str| {
+            redis::IntoConnectionInfo::into_connection_info(url).map(|info| {
+                let settings = info.redis_settings();
+                (
+                    settings.username().map(str::to_owned),
+                    settings.password().map(str::to_owned),
+                )
+            })
+        };
+        let first = credentials(&sentinels[0]).ok();
+        if sentinels[1..]
+            .iter()
+            .any(|url| credentials(url).ok() != first)
+        {
+            return Err(ConfigError::new(
+                "REDIS_SENTINELS",
+                "rediss:// sentinels must all carry the same credentials (or none)",
+            ));
+        }
+    }
+    for url in &sentinels {
+        if redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .is_ok_and(|info| info.redis_settings().db() != 0)
+        {
+            return Err(ConfigError::new(
+                "REDIS_SENTINELS",
+                format!(
+                    "{} names a database; sentinels have none: set REDIS_DB for the primary's",
+                    redact(url)
+                ),
+            ));
+        }
+    }
     Ok(sentinels)
+}
+
+fn parse_db(value: &str) -> Result<i64, ConfigError> {
+    match value.parse::<i64>() {
+        Ok(db) if db >= 0 => Ok(db),
+        _ => Err(ConfigError::new(
+            "REDIS_DB",
+            format!("{value:?} is not a database number (0, 1, 2, ...)"),
+        )),
+    }
 }
 
 fn parse_sentinel_master(master: Option<&str>) -> Result<String, ConfigError> {
@@ -802,6 +930,7 @@ mod tests {
                     "redis://10.0.0.6:26380".to_owned()
                 ],
                 master: "mymaster".to_owned(),
+                primary: SentinelPrimary::default(),
             }
         );
         assert_eq!(
@@ -813,7 +942,7 @@ mod tests {
 
     #[test]
     fn bad_sentinel_settings_are_errors_naming_their_variable() {
-        let cases: [(&[(&str, &str)], &str); 7] = [
+        let cases: [(&[(&str, &str)], &str); 6] = [
             (
                 &[("REDIS_SENTINELS", "10.0.0.5:26379")],
                 "REDIS_SENTINEL_MASTER",
@@ -842,13 +971,6 @@ mod tests {
             ),
             (
                 &[
-                    ("REDIS_SENTINELS", "rediss://10.0.0.5:26379"),
-                    ("REDIS_SENTINEL_MASTER", "m"),
-                ],
-                "REDIS_SENTINELS",
-            ),
-            (
-                &[
                     ("REDIS_SENTINELS", "10.0.0.5:26379"),
                     ("REDIS_SENTINEL_MASTER", "m"),
                     ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
@@ -866,6 +988,146 @@ mod tests {
             ]),
             "REDIS_SENTINEL_MASTER"
         );
+    }
+
+    #[test]
+    fn the_primarys_credentials_and_database_come_with_the_sentinels() {
+        let config = config(&[
+            (
+                "REDIS_SENTINELS",
+                "10.0.0.5:26379, redis://:sentinel-pw@10.0.0.6:26379",
+            ),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_USERNAME", "app"),
+            ("REDIS_PASSWORD", "hunter2"),
+            ("REDIS_DB", "3"),
+        ])
+        .unwrap();
+        let RedisTarget::Sentinel {
+            sentinels, primary, ..
+        } = &config.redis.target
+        else {
+            panic!("not a Sentinel target: {:?}", config.redis.target);
+        };
+        assert_eq!(
+            sentinels,
+            &[
+                "redis://10.0.0.5:26379".to_owned(),
+                "redis://:sentinel-pw@10.0.0.6:26379".to_owned()
+            ]
+        );
+        assert_eq!(
+            primary,
+            &SentinelPrimary {
+                username: Some("app".to_owned()),
+                password: Some("hunter2".to_owned()),
+                db: 3,
+            }
+        );
+        assert!(!config.redis.target.uses_tls());
+        // Neither password is printed.
+        for printed in [
+            format!("{config:?}"),
+            config.redis.target.redacted(),
+            format!("{primary:?}"),
+        ] {
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(!printed.contains("sentinel-pw"), "{printed}");
+        }
+        assert_eq!(
+            config.redis.target.redacted(),
+            "sentinel master mymaster via redis://10.0.0.5:26379,redis://:***@10.0.0.6:26379 as app with a \
+             password db 3"
+        );
+        // The password alone logs in as the default user.
+        let default_user = config_with_sentinels(&[("REDIS_PASSWORD", "pw")]).unwrap();
+        assert!(matches!(
+            default_user.redis.target,
+            RedisTarget::Sentinel { ref primary, .. }
+                if primary.username.is_none() && primary.password.as_deref() == Some("pw") && primary.db == 0
+        ));
+    }
+
+    fn config_with_sentinels(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all = vec![
+            ("REDIS_SENTINELS", "10.0.0.5:26379"),
+            ("REDIS_SENTINEL_MASTER", "m"),
+        ];
+        all.extend_from_slice(vars);
+        config(&all)
+    }
+
+    #[test]
+    fn rediss_sentinels_mean_tls_to_the_sentinels_and_the_primary() {
+        let tls = config(&[
+            (
+                "REDIS_SENTINELS",
+                "rediss://:pw@10.0.0.5:26379,rediss://:pw@10.0.0.6:26379",
+            ),
+            ("REDIS_SENTINEL_MASTER", "m"),
+            ("REDIS_CA_FILE", "/etc/hostname"),
+        ])
+        .unwrap();
+        assert!(tls.redis.target.uses_tls());
+        assert_eq!(
+            tls.redis.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/hostname"))
+        );
+        for (sentinels, why) in [
+            ("rediss://10.0.0.5:26379,10.0.0.6:26379", "mixes"),
+            ("rediss://10.0.0.5:26379,redis://10.0.0.6:26379", "mixes"),
+            (
+                "rediss://:a@10.0.0.5:26379,rediss://:b@10.0.0.6:26379",
+                "same credentials",
+            ),
+            ("redis://10.0.0.5:26379/2", "REDIS_DB"),
+        ] {
+            let error = config(&[
+                ("REDIS_SENTINELS", sentinels),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ])
+            .unwrap_err();
+            assert_eq!(error.variable, "REDIS_SENTINELS", "{sentinels}");
+            assert!(error.message.contains(why), "{sentinels}: {error}");
+        }
+        // Plain sentinels: a CA file has nothing to do.
+        assert_eq!(
+            error_variable(&[
+                ("REDIS_SENTINELS", "10.0.0.5:26379"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+                ("REDIS_CA_FILE", "/etc/hostname"),
+            ]),
+            "REDIS_CA_FILE"
+        );
+    }
+
+    #[test]
+    fn primary_credentials_without_sentinels_or_invalid_are_errors_naming_their_variable() {
+        for variable in ["REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_DB"] {
+            let value = if variable == "REDIS_DB" { "1" } else { "x" };
+            let alone = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(alone.variable, variable);
+            assert!(alone.message.contains("REDIS_URL"), "{alone}");
+            let url =
+                config(&[("REDIS_URL", "redis://127.0.0.1:6379"), (variable, value)]).unwrap_err();
+            assert_eq!(url.variable, variable);
+            let cluster = config(&[
+                ("REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+                (variable, value),
+            ])
+            .unwrap_err();
+            assert_eq!(cluster.variable, variable);
+            assert!(cluster.message.contains("REDIS_CLUSTER_NODES"), "{cluster}");
+        }
+        // `REDIS_DB=0` is still a setting that belongs in the URL.
+        assert_eq!(error_variable(&[("REDIS_DB", "0")]), "REDIS_DB");
+        for bad in ["-1", "one", "1.5"] {
+            let error = config_with_sentinels(&[("REDIS_DB", bad)]).unwrap_err();
+            assert_eq!(error.variable, "REDIS_DB", "{bad}");
+        }
+        let error = config_with_sentinels(&[("REDIS_USERNAME", "app")]).unwrap_err();
+        assert_eq!(error.variable, "REDIS_USERNAME");
+        assert!(error.message.contains("REDIS_PASSWORD"), "{error}");
     }
 
     #[test]

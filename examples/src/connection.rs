@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsMode, Value};
 use tower_breaker::pubsub::Subscriber;
 use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
 
-use crate::config::{RedisConfig, RedisTarget};
+use crate::config::{RedisConfig, RedisTarget, SentinelPrimary};
 
 /// A connection to one Redis server or to a Redis Cluster. Cloning is cheap (both are multiplexed handles).
 #[derive(Clone)]
@@ -129,6 +130,53 @@ fn client_for(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, ConnectErro
     })
 }
 
+/// A client for the primary that TLS sentinels (`rediss://`, all of them) name: TLS to the sentinels and to the
+/// primary, both trusting `ca` when given (else the system's roots). redis-rs' builder takes one set of credentials
+/// for every sentinel, which `parse_sentinels` checked they share.
+fn tls_sentinel_client(
+    sentinels: &[String],
+    master: &str,
+    primary: &SentinelPrimary,
+    ca: Option<&[u8]>,
+) -> redis::RedisResult<SentinelClient> {
+    let infos = sentinels
+        .iter()
+        .map(|url| url.as_str().into_connection_info())
+        .collect::<redis::RedisResult<Vec<_>>>()?;
+    let mut builder = SentinelClientBuilder::new(
+        infos.iter().map(|info| info.addr().clone()),
+        master,
+        SentinelServerType::Master,
+    )?
+    .set_client_to_redis_tls_mode(TlsMode::Secure)
+    .set_client_to_redis_db(primary.db);
+    if let Some(first) = infos.first() {
+        let settings = first.redis_settings();
+        if let Some(username) = settings.username() {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(password) = &primary.password {
+        builder = builder.set_client_to_redis_password(password);
+        if let Some(username) = &primary.username {
+            builder = builder.set_client_to_redis_username(username);
+        }
+    }
+    if let Some(root) = ca {
+        let certificates = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root.to_vec()),
+        };
+        builder = builder
+            .set_client_to_sentinel_certificates(certificates())
+            .set_client_to_redis_certificates(certificates());
+    }
+    builder.build()
+}
+
 /// A `ConnectionManager` with the configured deadlines, reconnecting with a short backoff.
 fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
@@ -206,18 +254,31 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
                 Subscriber::from(client_for(first, ca.as_deref())?),
             )
         }
-        RedisTarget::Sentinel { sentinels, master } => {
-            let settings = SentinelConfig::default()
+        RedisTarget::Sentinel {
+            sentinels,
+            master,
+            primary,
+        } => {
+            let mut settings = SentinelConfig::default()
                 .resolve_timeout(deadline)
                 .connection_timeout(deadline)
-                .response_timeout(config.command_timeout);
-            let connected = tokio::time::timeout(
-                deadline * 2,
-                SentinelConnection::connect(sentinels, master, settings),
-            )
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
-            .map_err(|error| unreachable(error.to_string()))?;
+                .response_timeout(config.command_timeout)
+                .primary_db(primary.db);
+            if let Some(password) = &primary.password {
+                settings = settings.primary_auth(primary.username.as_deref(), password);
+            }
+            let connecting = async {
+                if config.target.uses_tls() {
+                    let client = tls_sentinel_client(sentinels, master, primary, ca.as_deref())?;
+                    SentinelConnection::with_client(client, master, settings).await
+                } else {
+                    SentinelConnection::connect(sentinels, master, settings).await
+                }
+            };
+            let connected = tokio::time::timeout(deadline * 2, connecting)
+                .await
+                .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
+                .map_err(|error| unreachable(error.to_string()))?;
             let subscriber = Subscriber::from(&connected);
             (RedisConnection::Sentinel(connected), subscriber)
         }
@@ -234,10 +295,10 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             Ok(Ok(replica)) => replicas.push(replica),
             // A replica that is down now is left out: reads go to the primary, as they would after it failed.
             Ok(Err(error)) => {
-                tracing::warn!(replica = %crate::config::redact(url), %error, "read replica left out")
+                tracing::warn!(replica = %crate::config::redact(url), %error, "read replica left out");
             }
             Err(_) => {
-                tracing::warn!(replica = %crate::config::redact(url), "read replica left out: no answer in time")
+                tracing::warn!(replica = %crate::config::redact(url), "read replica left out: no answer in time");
             }
         }
     }
