@@ -442,14 +442,25 @@ impl CircuitBreaker {
     /// # Errors
     ///
     /// [`Rejected`] when the breaker is open, forced open, or half-open with every probe permit taken.
-    #[inline]
+    #[inline(always)]
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
         let shared = &*self.shared;
         let request = shared.counters.striped.increment(Lane::Requests);
         #[cfg(feature = "metrics")]
         shared.metrics.requests.increment(1);
         let sampled = request & shared.sample_mask == 0;
-        let mut word = Word(shared.word.0.load(Ordering::Acquire));
+        let word = Word(shared.word.0.load(Ordering::Acquire));
+        // The closed path stays in the caller (it is a few instructions); every other state goes out of line.
+        if word.state().records_window() {
+            return Ok(self.permit(PermitKind::Window, word.generation(), sampled));
+        }
+        self.acquire_otherwise(word, sampled)
+    }
+
+    /// [`CircuitBreaker::try_acquire`] in every state but the recording ones.
+    #[inline(never)]
+    fn acquire_otherwise(&self, mut word: Word, sampled: bool) -> Result<Permit, Rejected> {
+        let shared = &*self.shared;
         loop {
             match word.state() {
                 State::Closed | State::ForcedClosed | State::MetricsOnly => {
@@ -483,7 +494,7 @@ impl CircuitBreaker {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn permit(&self, kind: PermitKind, generation: u32, sampled: bool) -> Permit {
         let shared = &self.shared;
         let start = if sampled || shared.time_every_call {
@@ -1078,7 +1089,7 @@ pub struct Permit {
 
 impl Permit {
     /// The call succeeded.
-    #[inline]
+    #[inline(always)]
     pub fn success(self) {
         self.record(Outcome::Success);
     }
@@ -1104,7 +1115,7 @@ impl Permit {
     }
 
     /// Reports the call's outcome.
-    #[inline]
+    #[inline(always)]
     pub fn record(mut self, outcome: Outcome) {
         self.finish(outcome);
     }
@@ -1148,8 +1159,26 @@ impl Permit {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn finish(&mut self, outcome: Outcome) {
+        let shared = &*self.shared;
+        // The common case, kept in the caller: an untimed success in a recording state.
+        if outcome == Outcome::Success
+            && self.kind == PermitKind::Window
+            && !self.sampled
+            && !shared.time_every_call
+        {
+            self.done = true;
+            #[cfg(feature = "metrics")]
+            shared.metrics.outcome(outcome);
+            shared.record_window(self.generation, Sample::SUCCESS);
+            return;
+        }
+        self.finish_otherwise(outcome);
+    }
+
+    #[inline(never)]
+    fn finish_otherwise(&mut self, outcome: Outcome) {
         self.done = true;
         let shared = &*self.shared;
         #[cfg(feature = "metrics")]

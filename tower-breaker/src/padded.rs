@@ -83,7 +83,7 @@ pub(crate) enum Lane {
 
 impl Striped {
     /// Adds one to `lane` and returns this stripe's previous value of it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn increment(&self, lane: Lane) -> u64 {
         let lane = lane as usize;
         SLOT.try_with(|slot| {

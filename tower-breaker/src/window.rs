@@ -30,6 +30,12 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
+    /// A success that was not slow.
+    pub(crate) const SUCCESS: Self = Self {
+        failure: false,
+        slow: false,
+    };
+
     /// Mark encoding: bit 0 = failure, bit 1 = slow.
     fn code(self) -> u64 {
         u64::from(self.failure) | (u64::from(self.slow) << 1)
