@@ -67,6 +67,33 @@ return 0
     )
 });
 
+// Reads that decide what to delete or whether to wait run as scripts: a cluster client that routes reads to replicas
+// (`read_routing_strategy`) sends scripts to the primary, so these never see a replica's lagging copy.
+
+/// Whether the fill lock is held.
+static LOCKED: LazyLock<Script> =
+    LazyLock::new(|| Script::new("return redis.call('EXISTS', KEYS[1])"));
+
+/// The members of a tag's sorted set (none for a key of another type).
+static TAGGED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return {} end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+",
+    )
+});
+
+/// One `ZSCAN` page of the key index (an empty last page for a key of another type).
+static INDEX_PAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return {'0', {}} end
+return redis.call('ZSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+",
+    )
+});
+
 /// What one read of a key returned.
 #[derive(Debug, Default)]
 pub(crate) struct Read {
@@ -278,18 +305,12 @@ where
             let mut cursor: u64 = 0;
             let mut found = Vec::new();
             loop {
-                let reply: RedisResult<(u64, Vec<String>)> = redis::cmd("ZSCAN")
-                    .arg(self.keys.index())
+                let (next, page): (u64, Vec<String>) = INDEX_PAGE
+                    .key(self.keys.index())
                     .arg(cursor)
-                    .arg("COUNT")
                     .arg(1000)
-                    .query_async(&mut connection)
-                    .await;
-                let (next, page) = match reply {
-                    Ok(reply) => reply,
-                    Err(error) if is_wrong_type(&error) => return Ok(found),
-                    Err(error) => return Err(error),
-                };
+                    .invoke_async(&mut connection)
+                    .await?;
                 // ZSCAN pages alternate member, score.
                 found.extend(
                     page.into_iter()
@@ -307,16 +328,10 @@ where
     fn tagged<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let reply: RedisResult<Vec<String>> = redis::cmd("ZRANGE")
-                .arg(self.keys.tag(tag))
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut connection)
-                .await;
-            match reply {
-                Err(error) if is_wrong_type(&error) => Ok(Vec::new()),
-                other => other,
-            }
+            TAGGED
+                .key(self.keys.tag(tag))
+                .invoke_async(&mut connection)
+                .await
         })
     }
 
@@ -366,9 +381,9 @@ where
     fn locked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, RedisResult<bool>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let exists: u64 = redis::cmd("EXISTS")
-                .arg(self.keys.lock(key))
-                .query_async(&mut connection)
+            let exists: u64 = LOCKED
+                .key(self.keys.lock(key))
+                .invoke_async(&mut connection)
                 .await?;
             Ok(exists == 1)
         })
