@@ -184,3 +184,62 @@ fn primary_credentials_without_sentinels_stop_start_up_naming_the_variable() {
         assert!(!log.contains("listening on"), "started anyway:\n{log}");
     }
 }
+
+#[test]
+fn over_tls_the_sentinels_and_the_primary_are_trusted_through_redis_ca_file() {
+    let mut set = RedisSentinel::start_tls_with_password(PASSWORD);
+    let ca = set.tls_material().unwrap().ca_file.display().to_string();
+    // The sentinels are reached on their TLS ports only, and they report the servers' TLS ports: a decision from
+    // Redis means TLS to both.
+    let sentinels = set.sentinel_tls_urls().join(",");
+    assert!(sentinels.starts_with("rediss://"), "{sentinels}");
+    let prefix = prefix("sentinel-tls");
+    let api = start_api(
+        &sentinels,
+        set.master_name(),
+        &[
+            ("REDIS_PASSWORD", PASSWORD),
+            ("REDIS_CA_FILE", &ca),
+            ("REDIS_PREFIX", &prefix),
+        ],
+    );
+    let address = api.address();
+    assert_eq!(
+        get(address, "/health").json()["mode"],
+        "redis",
+        "{}",
+        api.log()
+    );
+    assert_eq!(items(address, "free_ada").status, 200);
+    let pattern = format!("{prefix}api:rl:*");
+    assert!(!keys(set.primary_port(), 0, &pattern).is_empty());
+
+    set.kill_primary();
+    let promoted = set.wait_for_new_primary(Duration::from_secs(20));
+    let bob = format!("{prefix}api:rl:{{hdr:x-api-key:free_bob}}:*");
+    let counted = poll(Duration::from_secs(10), || {
+        let reply = items(address, "free_bob");
+        (reply.status == 200 && !keys(promoted, 0, &bob).is_empty()).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "no counter for free_bob on the promoted replica over TLS\n{}",
+        api.log()
+    );
+
+    // Without the CA file the system's roots do not know the test CA: the API runs on its local limiter.
+    let untrusted = start_api(
+        &sentinels,
+        set.master_name(),
+        &[("REDIS_PASSWORD", PASSWORD), ("REDIS_PREFIX", &prefix)],
+    );
+    let address = untrusted.address();
+    assert_eq!(
+        get(address, "/health").json()["mode"],
+        "single-instance",
+        "{}",
+        untrusted.log()
+    );
+    let log = untrusted.log();
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}
