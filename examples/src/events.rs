@@ -2,10 +2,32 @@
 //! gateway's `GET /events`.
 //!
 //! With Redis, an event is written once to the stream `{REDIS_PREFIX}events` (`XADD ... MAXLEN ~ 1000`, then
-//! `PEXPIRE` 24 h, in one transaction), and each gateway runs one reader (`XREAD BLOCK` on a connection of its own)
-//! that fans the entries out to its clients through a `tokio::sync::broadcast`. The stream's ids are the SSE `id:`s,
-//! so a client that reconnects with `Last-Event-ID` gets `XRANGE (id +` first, then the live feed, deduplicated by
-//! id. Without Redis, events go through the broadcast alone, with the last 1000 kept in memory for `Last-Event-ID`.
+//! `PEXPIRE` 24 h, in one script that also records in the entry the id of the entry before it, `prev`), and each
+//! gateway runs one reader (`XREAD BLOCK` on a connection of its own) that fans the entries out to its clients
+//! through a `tokio::sync::broadcast`. The stream's ids are the SSE `id:`s, so a client that reconnects with
+//! `Last-Event-ID` gets the entries after that id first, then the live feed, deduplicated by id. Without Redis,
+//! events go through the broadcast alone, with the last 1000 kept in memory for `Last-Event-ID`.
+//!
+//! # Resuming, and the `events.reset` event
+//!
+//! A `Last-Event-ID` resumes without a notice exactly when nothing published after it is gone: it is not newer
+//! than the newest event, and it is at least the id of the last event dropped from the window (the oldest retained
+//! entry's `prev`; in memory, the last event the ring evicted), or `0-0` ("from the beginning") when nothing was
+//! ever dropped. Otherwise the client first gets
+//!
+//! ```text
+//! event: events.reset
+//! id: <the last dropped id, or 0-0>
+//! data: {"reason":"beyond-window","last_event_id":"<what it sent>","oldest":"<oldest retained id, or null>"}
+//! ```
+//!
+//! then every retained event and the live feed, and should fetch the state afresh. `reason` is `beyond-window`
+//! (events after that id were trimmed, or evicted from the ring), `unknown-id` (a well-formed id this stream never
+//! issued: older than its first entry, as after it expired or Redis was emptied, newer than its newest, or from
+//! another process's ring), `invalid-id` (not a stream id `<ms>-<seq>` or `<ms>`; an empty header counts as none),
+//! or `lagged` (a connected client fell so far behind that events went out of the window before it caught up).
+//! The reset's `id:` is where its replay starts, so a client that reconnects with it resumes without a second reset
+//! unless the window moved past it meanwhile.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -101,6 +123,88 @@ struct Ring {
     epoch: u64,
     next: u64,
     events: VecDeque<Event>,
+    /// The id of the last event evicted, if any was.
+    evicted: Option<String>,
+}
+
+/// Publishes one event, atomically: records the id of the newest entry (`0-0` in a new stream) as the new entry's
+/// `prev`, adds it with approximate trimming, and renews the expiry. Returns the new id. `KEYS[1]` the stream;
+/// `ARGV` the `MAXLEN`, type, data and expiry in ms.
+const PUBLISH: &str = "\
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if top[1] then prev = top[1][1] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3], 'prev', prev)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return id
+";
+
+/// What the stream or the ring held at one instant, for deciding whether a client resumes without a gap.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Window {
+    /// The oldest retained event's id, and the id of the event before it: `0-0` when none came before it, `None`
+    /// when unknown (an entry written without `prev`).
+    oldest: Option<(String, Option<String>)>,
+    /// The newest event's id.
+    newest: Option<String>,
+}
+
+impl Window {
+    /// The id of the last event dropped before the oldest retained one (`0-0`: none was, or it is unknown): the
+    /// position a reset replays from.
+    fn dropped(&self) -> String {
+        self.oldest
+            .as_ref()
+            .and_then(|(_, before)| before.as_deref())
+            .and_then(position)
+            .map_or_else(|| "0-0".to_owned(), |(ms, seq)| format!("{ms}-{seq}"))
+    }
+}
+
+/// Why a client whose last event was `cursor` (`None`: its `Last-Event-ID` is not a stream id) cannot resume from
+/// it without a gap; `None` when it can: every event published after `cursor` is still retained.
+fn gap(cursor: Option<(u64, u64)>, window: &Window) -> Option<&'static str> {
+    let Some(cursor) = cursor else {
+        return Some("invalid-id");
+    };
+    let from_the_start = cursor == (0, 0);
+    let (Some((oldest, before)), Some(newest)) = (&window.oldest, &window.newest) else {
+        // Nothing retained (the stream expired or Redis was emptied; a fresh ring): only "from the beginning"
+        // misses nothing.
+        return (!from_the_start).then_some("unknown-id");
+    };
+    if Some(cursor) > position(newest) {
+        return Some("unknown-id");
+    }
+    if Some(cursor) >= position(oldest) {
+        return None;
+    }
+    match before.as_deref().and_then(position) {
+        // The oldest entry is the first this stream (or ring) ever had: an older id is from before it began.
+        Some((0, 0)) => (!from_the_start).then_some("unknown-id"),
+        // Trimming drops the oldest entries only: nothing after `cursor` was dropped.
+        Some(dropped) if cursor >= dropped => None,
+        // Something after `cursor` was dropped (or, without `prev`, it cannot be told that nothing was).
+        _ => Some("beyond-window"),
+    }
+}
+
+/// What a client gets before the live feed.
+#[derive(Debug)]
+struct Replay {
+    /// Why it must start afresh, if it must.
+    reset: Option<Reset>,
+    /// The id the replay starts after (the deduplication cursor).
+    cursor: String,
+    /// The events after `cursor`, oldest first.
+    events: Vec<Event>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Reset {
+    reason: &'static str,
+    /// The oldest retained id.
+    oldest: Option<String>,
 }
 
 impl Events {
@@ -122,6 +226,7 @@ impl Events {
                     }),
                 next: 0,
                 events: VecDeque::new(),
+                evicted: None,
             })),
         };
         let events = Self {
@@ -152,27 +257,20 @@ impl Events {
                 timeout,
             } => {
                 let mut connection = connection.clone();
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("XADD")
+                let mut command = redis::cmd("EVAL");
+                command
+                    .arg(PUBLISH)
+                    .arg(1)
                     .arg(key)
-                    .arg("MAXLEN")
-                    .arg("~")
                     .arg(WINDOW)
-                    .arg("*")
-                    .arg("type")
                     .arg(kind)
-                    .arg("data")
                     .arg(&data)
-                    .cmd("PEXPIRE")
-                    .arg(key)
-                    .arg(u64::try_from(STREAM_TTL.as_millis()).unwrap_or(u64::MAX))
-                    .ignore();
+                    .arg(u64::try_from(STREAM_TTL.as_millis()).unwrap_or(u64::MAX));
                 let written =
-                    tokio::time::timeout(*timeout, pipe.query_async::<(String,)>(&mut connection))
+                    tokio::time::timeout(*timeout, command.query_async::<String>(&mut connection))
                         .await;
                 match written {
-                    Ok(Ok((id,))) => tracing::debug!(%id, kind, "event published"),
+                    Ok(Ok(id)) => tracing::debug!(%id, kind, "event published"),
                     Ok(Err(error)) => tracing::warn!(%error, kind, "event not published"),
                     Err(_) => {
                         tracing::warn!(kind, "event not published: Redis did not answer in time");
@@ -187,8 +285,10 @@ impl Events {
                     kind: kind.to_owned(),
                     data,
                 };
-                if ring.events.len() == WINDOW {
-                    ring.events.pop_front();
+                if ring.events.len() == WINDOW
+                    && let Some(evicted) = ring.events.pop_front()
+                {
+                    ring.evicted = Some(evicted.id);
                 }
                 ring.events.push_back(event.clone());
                 // Sent under the lock, so that the feed and the ring agree on the order.
@@ -209,8 +309,37 @@ impl Events {
         })
     }
 
-    /// The retained events after `after` (exclusive), oldest first.
-    async fn after(&self, after: &str) -> Result<Vec<Event>, String> {
+    /// What a client that last saw `last` gets before the live feed: the retained events after it, or, when some
+    /// event published after it is gone or `last` cannot be placed, a reset and every retained event.
+    async fn replay(&self, last: &str) -> Result<Replay, String> {
+        let cursor = position(last);
+        let (mut window, mut events) = self.read(cursor).await?;
+        let Some(reason) = gap(cursor, &window) else {
+            let cursor = cursor.map_or_else(String::new, |(ms, seq)| format!("{ms}-{seq}"));
+            return Ok(Replay {
+                reset: None,
+                cursor,
+                events,
+            });
+        };
+        let oldest = |window: &Window| window.oldest.as_ref().map(|(id, _)| id.clone());
+        if events.first().map(|event| event.id.clone()) != oldest(&window) {
+            // `last` is newer than the newest event: read everything.
+            (window, events) = self.read(None).await?;
+        }
+        Ok(Replay {
+            reset: Some(Reset {
+                reason,
+                oldest: oldest(&window),
+            }),
+            cursor: window.dropped(),
+            events,
+        })
+    }
+
+    /// The window, and the retained events after `after` (exclusive; all of them for `None`), oldest first, at one
+    /// instant.
+    async fn read(&self, after: Option<(u64, u64)>) -> Result<(Window, Vec<Event>), String> {
         match &self.inner.backend {
             Backend::Redis {
                 connection,
@@ -218,36 +347,67 @@ impl Events {
                 timeout,
             } => {
                 let mut connection = connection.clone();
-                let mut command = redis::cmd("XRANGE");
-                command
+                let from = after.map_or_else(|| "-".to_owned(), |(ms, seq)| format!("{ms}-{seq}"));
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("XRANGE")
                     .arg(key)
-                    .arg(format!("({after}"))
+                    .arg("-")
                     .arg("+")
                     .arg("COUNT")
-                    .arg(WINDOW * 2);
-                let reply =
-                    tokio::time::timeout(*timeout, command.query_async::<Value>(&mut connection))
-                        .await
-                        .map_err(|_| "Redis did not answer in time".to_owned())?
-                        .map_err(|error| error.to_string())?;
-                Ok(entries(&reply))
+                    .arg(1)
+                    .cmd("XREVRANGE")
+                    .arg(key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    // Inclusive (an exclusive start after the largest id is an error); `after` is left out below.
+                    .cmd("XRANGE")
+                    .arg(key)
+                    .arg(from)
+                    .arg("+");
+                let (first, last, range) = tokio::time::timeout(
+                    *timeout,
+                    pipe.query_async::<(Value, Value, Value)>(&mut connection),
+                )
+                .await
+                .map_err(|_| "Redis did not answer in time".to_owned())?
+                .map_err(|error| error.to_string())?;
+                let window = Window {
+                    oldest: oldest_entry(&first),
+                    newest: entries(&last).pop().map(|event| event.id),
+                };
+                let events = entries(&range)
+                    .into_iter()
+                    .filter(|event| after.is_none() || event.position() > after)
+                    .collect();
+                Ok((window, events))
             }
             Backend::Memory(ring) => {
-                let bound = position(after);
                 let ring = ring
                     .lock()
                     .map_err(|_| "the event ring is poisoned".to_owned())?;
-                Ok(ring
+                let window = Window {
+                    oldest: ring.events.front().map(|event| {
+                        let before = ring.evicted.clone().unwrap_or_else(|| "0-0".to_owned());
+                        (event.id.clone(), Some(before))
+                    }),
+                    newest: ring.events.back().map(|event| event.id.clone()),
+                };
+                let events = ring
                     .events
                     .iter()
-                    .filter(|event| event.position() > bound)
+                    .filter(|event| after.is_none() || event.position() > after)
                     .cloned()
-                    .collect())
+                    .collect();
+                Ok((window, events))
             }
         }
     }
 
-    /// The SSE response for a client that last saw `last_event_id`: the missed events, then the live ones.
+    /// The SSE response for a client that last saw `last_event_id`: the missed events, then the live ones; an
+    /// `events.reset` first when some of them are gone (see the module's documentation).
     pub fn sse(
         &self,
         last_event_id: Option<String>,
@@ -255,9 +415,13 @@ impl Events {
         let feed = Feed {
             events: self.clone(),
             live: self.inner.fanout.subscribe(),
+            notice: None,
             pending: VecDeque::new(),
-            last: last_event_id.filter(|id| position(id).is_some()),
-            replay: true,
+            last: None,
+            // An empty `Last-Event-ID` is none (`EventSource` sends none then).
+            resume: last_event_id
+                .map(|id| id.trim().to_owned())
+                .filter(|id| !id.is_empty()),
             done: false,
         };
         Sse::new(futures_util::stream::unfold(feed, Feed::next))
@@ -269,27 +433,29 @@ impl Events {
 struct Feed {
     events: Events,
     live: broadcast::Receiver<Event>,
+    /// An `events.reset` to send before the pending events.
+    notice: Option<sse::Event>,
     pending: VecDeque<Event>,
-    /// The id of the last event this client got.
+    /// The id of the last event this client got (or that its replay starts after).
     last: Option<String>,
-    /// Whether the missed events are still to be read.
-    replay: bool,
+    /// The `Last-Event-ID` the client sent, until its missed events are read.
+    resume: Option<String>,
     done: bool,
 }
 
 impl Feed {
     async fn next(mut self) -> Option<(Result<sse::Event, Infallible>, Self)> {
-        if self.replay {
-            self.replay = false;
-            if let Some(last) = self.last.clone()
-                && let Err(error) = self.catch_up(&last).await
-            {
-                return Some(self.close("events.unavailable", &error));
-            }
+        if let Some(requested) = self.resume.take()
+            && let Err(error) = self.catch_up(&requested, None).await
+        {
+            return Some(self.close("events.unavailable", &error));
         }
         loop {
             if self.done {
                 return None;
+            }
+            if let Some(notice) = self.notice.take() {
+                return Some((Ok(notice), self));
             }
             if let Some(event) = self.pending.pop_front() {
                 // Skip what the client already has (the replay and the live feed overlap).
@@ -314,7 +480,7 @@ impl Feed {
                             return Some(self.close("events.lagged", &reason));
                         };
                         tracing::debug!(missed, "a slow SSE client resynchronises");
-                        if let Err(error) = self.catch_up(&last).await {
+                        if let Err(error) = self.catch_up(&last, Some("lagged")).await {
                             return Some(self.close("events.lagged", &error));
                         }
                     }
@@ -324,10 +490,27 @@ impl Feed {
         }
     }
 
-    /// Queues the retained events after `last`.
-    async fn catch_up(&mut self, last: &str) -> Result<(), String> {
-        let missed = self.events.after(last).await?;
-        self.pending.extend(missed);
+    /// Queues the retained events after `last`, or, when some are gone, an `events.reset` (with `reason`, or the
+    /// reason found) and every retained event.
+    async fn catch_up(&mut self, last: &str, reason: Option<&'static str>) -> Result<(), String> {
+        let replay = self.events.replay(last).await?;
+        if let Some(reset) = replay.reset {
+            let reason = reason.unwrap_or(reset.reason);
+            tracing::debug!(reason, last, "an SSE client starts afresh");
+            let data = serde_json::json!({
+                "reason": reason,
+                "last_event_id": last,
+                "oldest": reset.oldest,
+            });
+            self.notice = Some(
+                sse::Event::default()
+                    .event("events.reset")
+                    .id(&replay.cursor)
+                    .data(data.to_string()),
+            );
+        }
+        self.last = Some(replay.cursor).filter(|cursor| !cursor.is_empty());
+        self.pending.extend(replay.events);
         Ok(())
     }
 
@@ -486,7 +669,17 @@ fn entries(reply: &Value) -> Vec<Event> {
     entries.iter().filter_map(entry).collect()
 }
 
-fn entry(entry: &Value) -> Option<Event> {
+/// The first entry of an `XRANGE ... COUNT 1` reply: its id and its `prev` field.
+fn oldest_entry(reply: &Value) -> Option<(String, Option<String>)> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let (id, fields) = fields(entries.first()?)?;
+    Some((id, field(&fields, "prev")))
+}
+
+/// An entry's id and its fields, as `[name, value, ...]`.
+fn fields(entry: &Value) -> Option<(String, Vec<String>)> {
     let Value::Array(parts) = entry else {
         return None;
     };
@@ -500,16 +693,22 @@ fn entry(entry: &Value) -> Option<Event> {
             .collect(),
         _ => return None,
     };
-    let field = |name: &str| {
-        fields
-            .chunks(2)
-            .find(|pair| pair.first().map(String::as_str) == Some(name))
-            .and_then(|pair| pair.get(1).cloned())
-    };
+    Some((id, fields))
+}
+
+fn field(fields: &[String], name: &str) -> Option<String> {
+    fields
+        .chunks(2)
+        .find(|pair| pair.first().map(String::as_str) == Some(name))
+        .and_then(|pair| pair.get(1).cloned())
+}
+
+fn entry(entry: &Value) -> Option<Event> {
+    let (id, fields) = fields(entry)?;
     Some(Event {
         id,
-        kind: field("type").unwrap_or_else(|| "message".to_owned()),
-        data: field("data").unwrap_or_default(),
+        kind: field(&fields, "type").unwrap_or_else(|| "message".to_owned()),
+        data: field(&fields, "data").unwrap_or_default(),
     })
 }
 
@@ -529,18 +728,68 @@ mod tests {
     fn stream_ids_order_by_time_then_sequence() {
         assert!(position("2-0") > position("1-9"));
         assert!(position("1-10") > position("1-9"));
+        assert_eq!(position("7"), Some((7, 0)));
         assert_eq!(position("nonsense"), None);
+        assert_eq!(position("1-2-3"), None);
+        assert_eq!(position("-"), None);
+    }
+
+    fn window(oldest: &str, before: Option<&str>, newest: &str) -> Window {
+        Window {
+            oldest: Some((oldest.to_owned(), before.map(str::to_owned))),
+            newest: Some(newest.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_cursor_resumes_without_a_reset_exactly_when_nothing_after_it_is_gone() {
+        // Entries 5-0 .. 9-0 retained; 4-0 was the last one trimmed.
+        let trimmed = window("5-0", Some("4-0"), "9-0");
+        for fine in ["4-0", "4-1", "5-0", "7-3", "9-0"] {
+            assert_eq!(gap(position(fine), &trimmed), None, "{fine}");
+        }
+        assert_eq!(gap(position("3-9"), &trimmed), Some("beyond-window"));
+        assert_eq!(gap(position("0-0"), &trimmed), Some("beyond-window"));
+        assert_eq!(gap(position("9-1"), &trimmed), Some("unknown-id"));
+        assert_eq!(gap(None, &trimmed), Some("invalid-id"));
+        // Nothing ever trimmed: only ids from the stream's first entry on, or 0-0, are known.
+        let whole = window("5-0", Some("0-0"), "9-0");
+        assert_eq!(gap(position("0-0"), &whole), None);
+        assert_eq!(gap(position("5-0"), &whole), None);
+        assert_eq!(gap(position("4-0"), &whole), Some("unknown-id"));
+        // An entry without `prev` (written by an older gateway): only ids it still holds are safe.
+        let unknown = window("5-0", None, "9-0");
+        assert_eq!(gap(position("5-0"), &unknown), None);
+        assert_eq!(gap(position("4-0"), &unknown), Some("beyond-window"));
+        // Nothing retained.
+        let empty = Window::default();
+        assert_eq!(gap(position("0-0"), &empty), None);
+        assert_eq!(gap(position("4-0"), &empty), Some("unknown-id"));
     }
 
     fn feed(events: &Events) -> Feed {
         Feed {
             events: events.clone(),
             live: events.inner.fanout.subscribe(),
+            notice: None,
             pending: VecDeque::new(),
             last: None,
-            replay: true,
+            resume: None,
             done: false,
         }
+    }
+
+    async fn publish(events: &Events, count: usize) {
+        for n in 0..count {
+            events
+                .publish("user.created", &serde_json::json!({ "n": n }))
+                .await;
+        }
+    }
+
+    async fn all(events: &Events) -> Vec<String> {
+        let (_, all) = events.read(None).await.unwrap_or_default();
+        all.into_iter().map(|event| event.id).collect()
     }
 
     #[tokio::test]
@@ -548,30 +797,55 @@ mod tests {
         let (_trigger, stop) = crate::lifecycle::stop_pair();
         let events = Events::new(None, "t:", stop);
         let mut slow = feed(&events);
-        events
-            .publish("user.created", &serde_json::json!({ "n": 0 }))
-            .await;
+        publish(&events, 1).await;
         let Some((_, next)) = slow.next().await else {
             panic!("the first event did not arrive");
         };
         slow = next;
         let total = FANOUT_CAPACITY + 50;
-        for n in 1..=total {
-            events
-                .publish("user.created", &serde_json::json!({ "n": n }))
-                .await;
-        }
-        let all = events.after("0-0").await.unwrap_or_default();
+        publish(&events, total).await;
+        let all = all(&events).await;
         let mut delivered = Vec::new();
         while delivered.len() < total {
+            let Some((message, next)) = slow.next().await else {
+                panic!("the feed ended after {} events", delivered.len());
+            };
+            assert!(!format!("{message:?}").contains("events.reset"));
+            slow = next;
+            delivered.push(slow.last.clone().unwrap_or_default());
+        }
+        assert_eq!(delivered, all[1..]);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_out_of_the_window_is_told_then_gets_what_is_retained() {
+        let (_trigger, stop) = crate::lifecycle::stop_pair();
+        let events = Events::new(None, "t:", stop);
+        let mut slow = feed(&events);
+        publish(&events, 1).await;
+        let Some((_, next)) = slow.next().await else {
+            panic!("the first event did not arrive");
+        };
+        slow = next;
+        publish(&events, WINDOW + 10).await;
+        let retained = all(&events).await;
+        assert_eq!(retained.len(), WINDOW);
+        let Some((reset, next)) = slow.next().await else {
+            panic!("the feed ended");
+        };
+        let reset = format!("{reset:?}");
+        assert!(reset.contains("event: events.reset"), "{reset}");
+        assert!(reset.contains(r#"\"reason\":\"lagged\""#), "{reset}");
+        slow = next;
+        let mut delivered = Vec::new();
+        while delivered.len() < WINDOW {
             let Some((_, next)) = slow.next().await else {
                 panic!("the feed ended after {} events", delivered.len());
             };
             slow = next;
             delivered.push(slow.last.clone().unwrap_or_default());
         }
-        let expected: Vec<String> = all[1..].iter().map(|event| event.id.clone()).collect();
-        assert_eq!(delivered, expected);
+        assert_eq!(delivered, retained);
     }
 
     #[tokio::test]
@@ -579,11 +853,7 @@ mod tests {
         let (_trigger, stop) = crate::lifecycle::stop_pair();
         let events = Events::new(None, "t:", stop);
         let slow = feed(&events);
-        for n in 0..=FANOUT_CAPACITY {
-            events
-                .publish("user.created", &serde_json::json!({ "n": n }))
-                .await;
-        }
+        publish(&events, FANOUT_CAPACITY + 1).await;
         let Some((_, slow)) = slow.next().await else {
             panic!("no closing event");
         };
@@ -600,11 +870,74 @@ mod tests {
                 .publish("user.created", &serde_json::json!({ "id": n }))
                 .await;
         }
-        let first = events.after("0-0").await.unwrap_or_default();
+        let first = all(&events).await;
         assert_eq!(first.len(), 3);
-        let after = events.after(&first[0].id).await.unwrap_or_default();
-        let ids: Vec<&str> = after.iter().map(|event| event.id.as_str()).collect();
-        assert_eq!(ids, [first[1].id.as_str(), first[2].id.as_str()]);
-        assert_eq!(after[0].data, r#"{"id":2}"#);
+        let Ok(after) = events.replay(&first[0]).await else {
+            panic!("no replay");
+        };
+        assert_eq!(after.reset, None);
+        let ids: Vec<&str> = after.events.iter().map(|event| event.id.as_str()).collect();
+        assert_eq!(ids, [first[1].as_str(), first[2].as_str()]);
+        assert_eq!(after.events[0].data, r#"{"id":2}"#);
+        // From the beginning: everything, no reset (nothing was ever evicted).
+        let Ok(everything) = events.replay("0-0").await else {
+            panic!("no replay");
+        };
+        assert_eq!((everything.reset, everything.events.len()), (None, 3));
+    }
+
+    #[tokio::test]
+    async fn the_memory_ring_resets_exactly_the_ids_it_cannot_resume_from() {
+        let (_trigger, stop) = crate::lifecycle::stop_pair();
+        let events = Events::new(None, "t:", stop);
+        publish(&events, WINDOW + 5).await;
+        let retained = all(&events).await;
+        let epoch = retained[0].split_once('-').map(|(ms, _)| ms).unwrap_or("");
+        // Events 1..=5 were evicted: 5 is the last one, 6 the oldest retained.
+        assert_eq!(retained[0], format!("{epoch}-6"));
+        let replay = |id: String| {
+            let events = events.clone();
+            async move {
+                let Ok(replay) = events.replay(&id).await else {
+                    panic!("no replay");
+                };
+                replay
+            }
+        };
+        let fine = replay(format!("{epoch}-5")).await;
+        assert_eq!((fine.reset, fine.events.len()), (None, WINDOW));
+        let fine = replay(format!("{epoch}-6")).await;
+        assert_eq!((fine.reset, fine.events.len()), (None, WINDOW - 1));
+        for (id, reason) in [
+            (format!("{epoch}-4"), "beyond-window"),
+            ("0-0".to_owned(), "beyond-window"),
+            (format!("{epoch}-{}", WINDOW + 6), "unknown-id"),
+            ("1-1".to_owned(), "beyond-window"),
+            ("not-an-id".to_owned(), "invalid-id"),
+        ] {
+            let reset = replay(id.clone()).await;
+            assert_eq!(
+                reset.reset,
+                Some(Reset {
+                    reason,
+                    oldest: Some(retained[0].clone()),
+                }),
+                "{id}"
+            );
+            assert_eq!(reset.cursor, format!("{epoch}-5"), "{id}");
+            assert_eq!(reset.events.len(), WINDOW, "{id}");
+        }
+        // Another process's ring (an earlier epoch), before anything was evicted here.
+        let (_trigger, stop) = crate::lifecycle::stop_pair();
+        let fresh = Events::new(None, "t:", stop);
+        publish(&fresh, 2).await;
+        let Ok(other) = fresh
+            .replay(&format!("{}-3", epoch.parse::<u64>().unwrap_or(1) - 1))
+            .await
+        else {
+            panic!("no replay");
+        };
+        assert_eq!(other.reset.map(|reset| reset.reason), Some("unknown-id"));
+        assert_eq!((other.cursor.as_str(), other.events.len()), ("0-0", 2));
     }
 }

@@ -1,7 +1,7 @@
 //! Live events end to end: the gateway's `GET /events` (Server-Sent Events) over real processes. Two gateways share
 //! one `redis-server`; SSE clients on both see every change made through either, exactly once, and a client that
-//! reconnects with `Last-Event-ID` gets exactly what it missed. Without Redis, the one gateway's clients get its
-//! events.
+//! reconnects with `Last-Event-ID` gets exactly what it missed, or, when some of it is no longer retained, an
+//! `events.reset` first. Without Redis, the one gateway's clients get its events.
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves
 
 use std::collections::HashMap;
@@ -148,8 +148,40 @@ fn shared_env(redis: &RedisServer, prefix: &str) -> Vec<(&'static str, String)> 
         ("REDIS_URL", redis.url()),
         ("REDIS_PREFIX", prefix.to_owned()),
         ("PORT", "0".to_owned()),
-        ("RATE_LIMIT_WRITES", "1000/1m".to_owned()),
+        ("RATE_LIMIT_WRITES", "100000/1m".to_owned()),
     ]
+}
+
+/// How many recent events a client can resume from (`examples::events::WINDOW`).
+const WINDOW: usize = 1000;
+
+/// Creates `count` users through `gateways` in turn, from four threads at once (the order of their events is the
+/// stream's, which the clients see).
+fn churn(gateways: &[SocketAddr], count: usize) {
+    let threads: Vec<_> = (0..4)
+        .map(|thread| {
+            let gateways = gateways.to_vec();
+            std::thread::spawn(move || {
+                for n in (thread..count).step_by(4) {
+                    create_user(gateways[n % gateways.len()], &format!("churn-{n}"));
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
+fn ids(events: &[SseEvent]) -> Vec<&str> {
+    events.iter().map(|event| event.id.as_str()).collect()
+}
+
+fn resets(events: &[SseEvent]) -> Vec<&SseEvent> {
+    events
+        .iter()
+        .filter(|event| event.kind.starts_with("events."))
+        .collect()
 }
 
 /// The user and order services and two gateways on `redis`; the gateways' addresses once both can reach both
@@ -377,4 +409,175 @@ fn without_redis_the_gateway_delivers_its_own_events_and_resumes_from_memory() {
     let live = create_user(gateway, "kurt");
     let events = again.wait_for(2);
     assert_eq!(summary(&events[1..]), [("user.created".to_owned(), live)]);
+}
+
+/// The ids the stream holds, oldest first, and the `prev` of its oldest entry.
+fn retained(redis: &RedisServer, key: &str) -> (Vec<String>, String) {
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(&mut connection)
+        .unwrap();
+    let prev = entries
+        .first()
+        .and_then(|(_, fields)| fields.get("prev").cloned())
+        .unwrap_or_default();
+    (entries.into_iter().map(|(id, _)| id).collect(), prev)
+}
+
+#[test]
+fn a_resume_from_beyond_the_redis_window_is_told_so_and_one_inside_it_is_not() {
+    let redis = RedisServer::start();
+    let prefix = prefix("events-window");
+    let key = format!("{prefix}events");
+    let (_procs, a, b) = two_gateways(&redis, &prefix);
+    let watcher = SseClient::connect(a, None);
+    // Enough events that `MAXLEN ~ 1000` trims whole nodes off the stream.
+    let total = WINDOW + 150;
+    churn(&[a, b], total);
+    let all = watcher.wait_for(total);
+    assert_eq!(all.len(), total);
+    assert!(resets(&all).is_empty(), "{:?}", resets(&all));
+    let (kept, prev) = retained(&redis, &key);
+    assert!(kept.len() >= WINDOW && kept.len() < total, "{}", kept.len());
+    let at = all.len() - kept.len();
+    assert_eq!(ids(&all[at..]), kept, "the stream holds the newest events");
+    // The oldest entry records the event before it: the last one trimmed.
+    assert_eq!(prev, all[at - 1].id);
+
+    // From the last trimmed event: nothing after it is gone, so no reset, just the retained events.
+    let boundary = SseClient::connect(b, Some(&all[at - 1].id));
+    // From the event before it: one event is gone. Told first, then every retained event.
+    let beyond = SseClient::connect(b, Some(&all[at - 2].id));
+    // From inside the window: exactly the two missed events.
+    let near = SseClient::connect(a, Some(&all[total - 3].id));
+    // Not a stream id: told, then every retained event.
+    let invalid = SseClient::connect(a, Some("yesterday"));
+
+    let got = boundary.wait_for(kept.len());
+    assert_eq!(ids(&got), kept);
+    let got = beyond.wait_for(1 + kept.len());
+    assert_eq!(got[0].kind, "events.reset");
+    assert_eq!(
+        got[0].data,
+        json!({"reason": "beyond-window", "last_event_id": all[at - 2].id, "oldest": kept[0]})
+    );
+    // The reset's id is where its replay starts: resuming from it loses nothing.
+    assert_eq!(got[0].id, all[at - 1].id);
+    assert_eq!(ids(&got[1..]), kept);
+    let got = near.wait_for(2);
+    assert_eq!(ids(&got), ids(&all[total - 2..]));
+    let got = invalid.wait_for(1 + kept.len());
+    assert_eq!(
+        (got[0].kind.as_str(), &got[0].data),
+        (
+            "events.reset",
+            &json!({"reason": "invalid-id", "last_event_id": "yesterday", "oldest": kept[0]})
+        )
+    );
+    assert_eq!(ids(&got[1..]), kept);
+
+    // The live feed follows, once, and nothing else arrived meanwhile (no duplicate, no second reset).
+    let live = create_user(b, "live");
+    for (client, before) in [
+        (&boundary, kept.len()),
+        (&beyond, kept.len() + 1),
+        (&near, 2),
+        (&invalid, kept.len() + 1),
+    ] {
+        let got = client.wait_for(before + 1);
+        assert_eq!(got.len(), before + 1);
+        assert_eq!(got[before].data["id"], live.as_str());
+    }
+    assert!(resets(&boundary.events()).is_empty());
+    assert!(resets(&near.events()).is_empty());
+    let live_id = near.events()[2].id.clone();
+
+    // The stream is gone (expired, or Redis was emptied): an id from it cannot be placed.
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut connection).unwrap();
+    let gone = SseClient::connect(a, Some(&live_id));
+    let got = gone.wait_for(1);
+    assert_eq!(
+        (got[0].kind.as_str(), got[0].id.as_str(), &got[0].data),
+        (
+            "events.reset",
+            "0-0",
+            &json!({"reason": "unknown-id", "last_event_id": live_id, "oldest": null})
+        )
+    );
+    let after = create_user(a, "after");
+    let got = gone.wait_for(2);
+    assert_eq!(got[1].data["id"], after.as_str());
+    // The new stream's first entry starts a new history: an id from before it is unknown too.
+    let again = SseClient::connect(b, Some(&live_id));
+    let got = again.wait_for(2);
+    assert_eq!(got[0].data["reason"], "unknown-id");
+    assert_eq!(got[0].data["oldest"], got[1].id.as_str());
+    assert_eq!(got[1].data["id"], after.as_str());
+}
+
+#[test]
+fn without_redis_a_resume_from_beyond_the_memory_ring_is_told_so_and_one_inside_it_is_not() {
+    let demo = start(
+        "demo",
+        &[
+            ("REDIS_URL", format!("redis://127.0.0.1:{}", closed_port())),
+            ("REDIS_CONNECT_TIMEOUT_MS", "300".to_owned()),
+            ("RATE_LIMIT_WRITES", "100000/1m".to_owned()),
+            ("USER_SERVICE_PORT", "0".to_owned()),
+            ("ORDER_SERVICE_PORT", "0".to_owned()),
+            ("GATEWAY_PORT", "0".to_owned()),
+        ],
+    );
+    let gateway = demo.address_of("gateway");
+    poll(Duration::from_secs(20), || {
+        get(gateway, "/services")
+            .body
+            .contains("\"user-service\"")
+            .then_some(())
+    })
+    .expect("the gateway never saw the user service");
+    let watcher = SseClient::connect(gateway, None);
+    let total = WINDOW + 20;
+    churn(&[gateway], total);
+    let all = watcher.wait_for(total);
+    assert_eq!(all.len(), total);
+    // The ring keeps the newest WINDOW events: the first 20 were evicted.
+    let at = total - WINDOW;
+
+    let boundary = SseClient::connect(gateway, Some(&all[at - 1].id));
+    let beyond = SseClient::connect(gateway, Some(&all[at - 2].id));
+    let near = SseClient::connect(gateway, Some(&all[total - 2].id));
+    let got = boundary.wait_for(WINDOW);
+    assert_eq!(ids(&got), ids(&all[at..]));
+    let got = beyond.wait_for(1 + WINDOW);
+    assert_eq!(
+        (got[0].kind.as_str(), got[0].id.as_str(), &got[0].data),
+        (
+            "events.reset",
+            all[at - 1].id.as_str(),
+            &json!({"reason": "beyond-window", "last_event_id": all[at - 2].id, "oldest": all[at].id})
+        )
+    );
+    assert_eq!(ids(&got[1..]), ids(&all[at..]));
+    let got = near.wait_for(1);
+    assert_eq!(ids(&got), [all[total - 1].id.as_str()]);
+
+    let live = create_user(gateway, "live");
+    for (client, before) in [(&boundary, WINDOW), (&beyond, WINDOW + 1), (&near, 1)] {
+        let got = client.wait_for(before + 1);
+        assert_eq!(got.len(), before + 1);
+        assert_eq!(got[before].data["id"], live.as_str());
+    }
+    assert!(resets(&boundary.events()).is_empty());
+    assert!(resets(&near.events()).is_empty());
 }
