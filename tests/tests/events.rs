@@ -1,7 +1,7 @@
 //! Live events end to end: the gateway's `GET /events` (Server-Sent Events) over real processes. Two gateways share
-//! one `redis-server`; SSE clients on both see every change made through either, exactly once, and a client that
-//! reconnects with `Last-Event-ID` gets exactly what it missed, or, when some of it is no longer retained, an
-//! `events.reset` first. Without Redis, the one gateway's clients get its events.
+//! one `redis-server` (or a 3-master Redis Cluster); SSE clients on both see every change made through either,
+//! exactly once, and a client that reconnects with `Last-Event-ID` gets exactly what it missed, or, when some of it
+//! is no longer retained, an `events.reset` first. Without Redis, the one gateway's clients get its events.
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis_fixtures::RedisServer;
+use redis_fixtures::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 
 mod support;
@@ -580,4 +580,80 @@ fn without_redis_a_resume_from_beyond_the_memory_ring_is_told_so_and_one_inside_
     }
     assert!(resets(&boundary.events()).is_empty());
     assert!(resets(&near.events()).is_empty());
+}
+
+#[test]
+fn on_a_redis_cluster_both_gateways_deliver_every_change_once_and_resume() {
+    let cluster = RedisCluster::start();
+    let env = vec![
+        ("REDIS_CLUSTER_NODES", cluster.urls().join(",")),
+        ("REDIS_PREFIX", prefix("events-cluster")),
+        ("PORT", "0".to_owned()),
+        ("RATE_LIMIT_WRITES", "1000/1m".to_owned()),
+    ];
+    let (_procs, a, b) = support::two_gateways(&env);
+    let on_a = SseClient::connect(a, None);
+    let on_b = SseClient::connect(b, None);
+    let health = get(b, "/health").json();
+    assert_eq!(health["events"]["backend"], "redis-stream", "{health}");
+
+    let user = create_user(a, "ada");
+    write(
+        b,
+        "PUT",
+        &format!("/users/{user}"),
+        &json!({"name": "Ada King"}),
+    );
+    let order = write(
+        a,
+        "POST",
+        "/orders",
+        &json!({"user_id": user, "item": "engine"}),
+    );
+    write(
+        b,
+        "PATCH",
+        &format!("/orders/{order}"),
+        &json!({"status": "paid"}),
+    );
+    let last = create_user(b, "grace");
+    let mut expected = vec![
+        ("user.created".to_owned(), user.clone()),
+        ("user.updated".to_owned(), user),
+        ("order.created".to_owned(), order.clone()),
+        ("order.updated".to_owned(), order),
+        ("user.created".to_owned(), last),
+    ];
+    for client in [&on_a, &on_b] {
+        let events = client.wait_for(expected.len());
+        assert_eq!(summary(&events), expected);
+    }
+    assert_eq!(on_a.events(), on_b.events());
+    let seen = on_a.events()[4].id.clone();
+    drop(on_a);
+
+    // A client of A reconnects to B with its Last-Event-ID: exactly what it missed, then the live feed.
+    let missed = [create_user(a, "missed-1"), create_user(b, "missed-2")];
+    let again = SseClient::connect(b, Some(&seen));
+    let live = create_user(a, "live");
+    let events = again.wait_for(3);
+    assert_eq!(
+        summary(&events),
+        [
+            ("user.created".to_owned(), missed[0].clone()),
+            ("user.created".to_owned(), missed[1].clone()),
+            ("user.created".to_owned(), live.clone()),
+        ]
+    );
+    let barrier = create_user(b, "barrier");
+    let events = again.wait_for(4);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[3].data["id"], barrier.as_str());
+    // The client that stayed saw all of it, once, in order, with the same ids.
+    expected.extend(
+        [&missed[0], &missed[1], &live, &barrier].map(|id| ("user.created".to_owned(), id.clone())),
+    );
+    let all = on_b.wait_for(expected.len());
+    assert_eq!(summary(&all), expected);
+    assert_eq!(all[5..], events[..]);
 }
