@@ -25,7 +25,11 @@ pin_project! {
     pub struct ResponseBody<B, E> {
         #[pin]
         inner: B,
-        eos: Option<PendingEos<E>>,
+        // Boxed: only responses classified at the end of the stream (gRPC with trailers) carry it, and a pointer
+        // keeps every other response within 16 bytes of the inner one. A response is moved several times on its
+        // way out, and past 128 bytes each move is a `memcpy` call rather than a few register moves (measured:
+        // it was a third of the layer's cost per call).
+        eos: Option<Box<PendingEos<E>>>,
     }
 
     impl<B, E> PinnedDrop for ResponseBody<B, E> {
@@ -43,11 +47,11 @@ impl<B, E> ResponseBody<B, E> {
         Self { inner, eos: None }
     }
 
-    /// A body whose end decides the call's outcome.
+    /// A body whose end decides the call's outcome (one allocation: the classifier and the permit).
     pub(crate) fn classified_at_end(inner: B, classifier: E, permit: Permit) -> Self {
         Self {
             inner,
-            eos: Some(PendingEos { classifier, permit }),
+            eos: Some(Box::new(PendingEos { classifier, permit })),
         }
     }
 }
@@ -67,7 +71,7 @@ impl<B: Default, E> Default for ResponseBody<B, E> {
     }
 }
 
-fn finish<E>(eos: &mut Option<PendingEos<E>>, trailers: Option<&HeaderMap>)
+fn finish<E>(eos: &mut Option<Box<PendingEos<E>>>, trailers: Option<&HeaderMap>)
 where
     E: ClassifyEos,
     E::FailureClass: IntoOutcome,

@@ -150,6 +150,42 @@ fn the_layer_closed_path_allocates_nothing() {
 }
 
 #[test]
+fn the_layer_closed_path_with_the_default_classifier_allocates_nothing_for_http() {
+    let mut service = BreakerLayer::new(breaker()).layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+async fn grpc_streaming(_request: Request<()>) -> Result<Response<Empty<Bytes>>, Infallible> {
+    // No grpc-status in the headers: the status comes in the trailers, at the end of the body.
+    Ok(Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Empty::new())
+        .expect("a valid response"))
+}
+
+#[test]
+fn a_grpc_response_classified_at_its_end_makes_one_allocation() {
+    let mut service = BreakerLayer::new(breaker())
+        .for_grpc()
+        .layer(service_fn(grpc_streaming));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a response");
+        std::hint::black_box(response);
+    });
+    // The handler's own content-type header makes the HeaderMap allocations counted in the control.
+    let control = measure(|| {
+        let response = call_now(&mut service_fn(grpc_streaming)).expect("a response");
+        std::hint::black_box(response);
+    });
+    // The pending classification (classifier and permit) is boxed so that other responses stay small.
+    assert_eq!(info.count_total, control.count_total + CALLS, "{info:?}");
+}
+
+#[test]
 fn the_layer_rejects_while_forced_open_without_allocating() {
     // A forced-open breaker gives no retry-after, so the 503 has no header to insert.
     let breaker = breaker();
