@@ -16,6 +16,11 @@
 //! `throughput`: 8 tasks on a multi-thread tokio runtime with 2 workers share one service (clones of it, so one
 //! breaker), each making `CALLS_PER_TASK` calls through `ready().await` + `call().await`. The service does a small
 //! fixed amount of work per call, so the figure reflects a service rather than a no-op. Criterion reports calls/s.
+//!
+//! `interleaved` (printed after criterion, on a plain `cargo bench` run or with the filter `interleaved`): the same
+//! closed-path and 8-task variants again, measured in rounds that alternate the variants (order rotating each
+//! round), with medians per variant. On a shared machine, load that comes and goes while criterion runs one variant
+//! after the other skews the ratios between variants; interleaving spreads it over all of them.
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -23,10 +28,10 @@ use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -328,9 +333,159 @@ fn config() -> Criterion {
         .sample_size(40)
 }
 
+/// Rounds of the interleaved section, and calls per closed-path batch.
+const ROUNDS: usize = 100;
+const BATCH: u32 = 20_000;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs `measure(variant)` for every variant in every round, the order rotating each round; returns the samples
+/// per variant.
+fn rounds(variants: usize, mut measure: impl FnMut(usize) -> f64) -> Vec<Vec<f64>> {
+    let mut samples = vec![Vec::with_capacity(ROUNDS); variants];
+    for round in 0..ROUNDS {
+        for offset in 0..variants {
+            let index = (round + offset) % variants;
+            measure(index); // untimed: the first run after another variant pays for the switch
+            samples[index].push(measure(index));
+        }
+    }
+    samples
+}
+
+fn interleaved_closed() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut bare_service = service_fn(bare);
+    let core = tower_breaker("interleaved-core");
+    let mut core_service = service_fn(bare);
+    let mut layer = BreakerLayer::new(tower_breaker("interleaved-layer"))
+        .for_http()
+        .layer(service_fn(bare));
+    let mut layer_static = BreakerLayer::new(static_breaker("interleaved-layer-static"))
+        .for_http()
+        .layer(service_fn(bare));
+    let mut resilience = resilience_layer().layer(service_fn(bare));
+    let names = [
+        "bare",
+        "tower-breaker core",
+        "tower-breaker layer",
+        "tower-breaker layer, static",
+        "tower-resilience layer",
+    ];
+    let samples = rounds(names.len(), |index| {
+        let started = Instant::now();
+        for _ in 0..BATCH {
+            match index {
+                0 => drop(black_box(call_now(&mut bare_service, &mut cx))),
+                1 => {
+                    let permit = core.try_acquire().expect("closed");
+                    let response = call_now(&mut core_service, &mut cx);
+                    permit.success();
+                    drop(black_box(response));
+                }
+                2 => drop(black_box(call_now(&mut layer, &mut cx))),
+                3 => drop(black_box(call_now(&mut layer_static, &mut cx))),
+                _ => drop(black_box(call_now(&mut resilience, &mut cx))),
+            }
+        }
+        started.elapsed().as_nanos() as f64 / f64::from(BATCH)
+    });
+    let medians: Vec<f64> = samples.into_iter().map(median).collect();
+    let rival = medians[4] - medians[0];
+    println!(
+        "\n## interleaved: closed path, one call ({ROUNDS} rounds of {BATCH} calls, medians)\n"
+    );
+    println!(
+        "| variant | ns/call | overhead over bare | tower-resilience's overhead ÷ this one's |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (name, median) in names.iter().zip(&medians) {
+        let overhead = median - medians[0];
+        if *name == "bare" {
+            println!("| {name} | {median:.1} | — | |");
+        } else {
+            println!(
+                "| {name} | {median:.1} | {overhead:+.1} | {:.1}× |",
+                rival / overhead
+            );
+        }
+    }
+}
+
+fn interleaved_throughput<F, Fut>(runtime: &tokio::runtime::Runtime, label: &str, handler: F)
+where
+    F: Fn(Request<()>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let bare_service = service_fn(handler.clone());
+    let layer = BreakerLayer::new(tower_breaker("interleaved-throughput"))
+        .for_http()
+        .layer(service_fn(handler.clone()));
+    let layer_static = BreakerLayer::new(static_breaker("interleaved-throughput-static"))
+        .for_http()
+        .layer(service_fn(handler.clone()));
+    let resilience = resilience_layer().layer(service_fn(handler));
+    let names = [
+        "bare",
+        "tower-breaker layer",
+        "tower-breaker layer, static",
+        "tower-resilience layer",
+    ];
+    let samples = rounds(names.len(), |index| {
+        let started = Instant::now();
+        match index {
+            0 => runtime.block_on(run_tasks(&bare_service)),
+            1 => runtime.block_on(run_tasks(&layer)),
+            2 => runtime.block_on(run_tasks(&layer_static)),
+            _ => runtime.block_on(run_tasks(&resilience)),
+        }
+        (TASKS * CALLS_PER_TASK) as f64 / started.elapsed().as_secs_f64()
+    });
+    let medians: Vec<f64> = samples.into_iter().map(median).collect();
+    println!(
+        "\n## interleaved: 8 tasks, 2 workers, {label} ({ROUNDS} rounds of {} calls, medians)\n",
+        TASKS * CALLS_PER_TASK
+    );
+    println!("| variant | calls/s | vs bare |");
+    println!("|---|---:|---:|");
+    for (name, median) in names.iter().zip(&medians) {
+        println!(
+            "| {name} | {:.3} M | {:.2} |",
+            median / 1e6,
+            median / medians[0]
+        );
+    }
+}
+
+fn interleaved() {
+    interleaved_closed();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    interleaved_throughput(&runtime, "tiny handler", working);
+    interleaved_throughput(&runtime, "~1 µs handler", working_1us);
+}
+
 criterion_group! {
     name = benches;
     config = config();
     targets = overhead, throughput
 }
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    // A plain `cargo bench` passes only `--bench`; a filter naming `interleaved` runs it alone.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let plain_run = args.iter().all(|arg| arg == "--bench");
+    if args.iter().any(|arg| arg == "--bench")
+        && (plain_run || args.iter().any(|arg| arg.contains("interleaved")))
+    {
+        interleaved();
+    }
+}
