@@ -345,45 +345,7 @@ impl Events {
                 connection,
                 key,
                 timeout,
-            } => {
-                let mut connection = connection.clone();
-                let from = after.map_or_else(|| "-".to_owned(), |(ms, seq)| format!("{ms}-{seq}"));
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("XRANGE")
-                    .arg(key)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1)
-                    .cmd("XREVRANGE")
-                    .arg(key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    // Inclusive (an exclusive start after the largest id is an error); `after` is left out below.
-                    .cmd("XRANGE")
-                    .arg(key)
-                    .arg(from)
-                    .arg("+");
-                let (first, last, range) = tokio::time::timeout(
-                    *timeout,
-                    pipe.query_async::<(Value, Value, Value)>(&mut connection),
-                )
-                .await
-                .map_err(|_| "Redis did not answer in time".to_owned())?
-                .map_err(|error| error.to_string())?;
-                let window = Window {
-                    oldest: oldest_entry(&first),
-                    newest: entries(&last).pop().map(|event| event.id),
-                };
-                let events = entries(&range)
-                    .into_iter()
-                    .filter(|event| after.is_none() || event.position() > after)
-                    .collect();
-                Ok((window, events))
-            }
+            } => read_stream_window(connection.clone(), key, *timeout, after).await,
             Backend::Memory(ring) => {
                 let ring = ring
                     .lock()
@@ -624,6 +586,90 @@ async fn read_stream(events: Events, subscriber: Subscriber, cluster: bool) {
         () = stop.wait() => {}
         () = read => {}
     }
+}
+
+/// How many entries one `XRANGE` of a replay reads, so that each answer comes within the command timeout.
+const PAGE: usize = 100;
+
+/// How many times a replay is read again when the stream was trimmed past it while it was read page by page.
+const REREADS: usize = 3;
+
+/// The stream's window, and its entries after `after` (exclusive; all of them for `None`), oldest first: the window
+/// and the first page at one instant (`MULTI`), then page by page. Each entry names the one before it (`prev`), so a
+/// page that does not follow on from the last one read (the stream was trimmed past it meanwhile) is noticed, and
+/// the whole read starts again.
+async fn read_stream_window(
+    mut connection: RedisConnection,
+    key: &str,
+    timeout: Duration,
+    after: Option<(u64, u64)>,
+) -> Result<(Window, Vec<Event>), String> {
+    'read: for _ in 0..REREADS {
+        let from = after.map_or_else(|| "-".to_owned(), |(ms, seq)| format!("{ms}-{seq}"));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            // Inclusive (an exclusive start after the largest id is an error); `after` is left out below.
+            .cmd("XRANGE")
+            .arg(key)
+            .arg(from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE);
+        let (first, last, page) = tokio::time::timeout(
+            timeout,
+            pipe.query_async::<(Value, Value, Value)>(&mut connection),
+        )
+        .await
+        .map_err(|_| "Redis did not answer in time".to_owned())?
+        .map_err(|error| error.to_string())?;
+        let window = Window {
+            oldest: oldest_entry(&first),
+            newest: entries(&last).pop().map(|event| event.id),
+        };
+        let mut page = entries(&page);
+        let mut events = Vec::new();
+        loop {
+            let full = page.len() == PAGE;
+            let read = page.last().map(|event| event.id.clone());
+            events.extend(
+                page.into_iter()
+                    .filter(|event| after.is_none() || event.position() > after),
+            );
+            let (true, Some(read)) = (full, read) else {
+                return Ok((window, events));
+            };
+            let mut command = redis::cmd("XRANGE");
+            command
+                .arg(key)
+                .arg(format!("({read}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE);
+            let next = tokio::time::timeout(timeout, command.query_async::<Value>(&mut connection))
+                .await
+                .map_err(|_| "Redis did not answer in time".to_owned())?
+                .map_err(|error| error.to_string())?;
+            if let Some((_, Some(prev))) = oldest_entry(&next)
+                && prev != read
+            {
+                continue 'read;
+            }
+            page = entries(&next);
+        }
+    }
+    Err("the stream was trimmed faster than it could be read".to_owned())
 }
 
 /// The id of the stream's newest entry, if any.

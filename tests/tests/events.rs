@@ -110,7 +110,8 @@ impl Drop for SseClient {
     }
 }
 
-/// An SSE block as an event; `None` for a comment (keep-alive).
+/// An SSE block as an event (`id` empty when it has none: a closing `events.lagged` or `events.unavailable`); `None`
+/// for a comment (keep-alive).
 fn parse(block: &str) -> Option<SseEvent> {
     let mut fields = HashMap::new();
     for line in block.lines() {
@@ -124,7 +125,7 @@ fn parse(block: &str) -> Option<SseEvent> {
         }
     }
     Some(SseEvent {
-        id: fields.get("id")?.clone(),
+        id: fields.get("id").cloned().unwrap_or_default(),
         kind: fields.get("event")?.clone(),
         data: serde_json::from_str(fields.get("data")?).unwrap(),
     })
