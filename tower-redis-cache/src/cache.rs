@@ -32,6 +32,10 @@ pub(crate) struct Inner {
     pub(crate) redis: Option<RedisTier>,
     replicas: Vec<RedisTier>,
     flights: DashMap<String, Arc<watch::Sender<Option<Arc<Entry>>>>>,
+    /// Held shared by every background write from the moment it is queued; an invalidation takes it exclusively
+    /// for an instant first, so the writes queued before it reach Redis before it deletes (otherwise a write still
+    /// queued could store an entry just after the invalidation removed it).
+    writes: Arc<tokio::sync::RwLock<()>>,
     pub(crate) stats: Stats,
     pub(crate) name: String,
     pub(crate) fill_lock: Option<Duration>,
@@ -261,6 +265,7 @@ impl CacheBuilder {
                 redis,
                 replicas,
                 flights: DashMap::new(),
+                writes: Arc::default(),
                 stats: Stats::named(&self.name),
                 name: self.name,
                 fill_lock: self.fill_lock,
@@ -403,6 +408,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
+        self.settle_writes(redis).await;
         let deleted = admin(redis, || redis.store.delete(keys)).await?;
         self.announce(redis, Message::Keys(keys)).await;
         Ok(deleted)
@@ -422,6 +428,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
+        self.settle_writes(redis).await;
         let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
         let deleted = admin(redis, || redis.store.delete(&keys)).await?;
         self.announce(redis, Message::Prefix(prefix)).await;
@@ -445,6 +452,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(in_memory as u64);
         };
+        self.settle_writes(redis).await;
         let keys = admin(redis, || redis.store.tagged(tag)).await?;
         if let Some(memory) = &self.inner.memory {
             for key in &keys {
@@ -568,13 +576,25 @@ impl Cache {
         };
         let cache = self.clone();
         let key = key.to_owned();
+        // Taken now, not when the task runs: an invalidation that starts before the task does still waits for it.
+        let queued = self.inner.writes.clone().try_read_owned().ok();
         spawn(async move {
+            // Only `None` while an invalidation is draining the earlier writes: this one comes after it.
+            let _pending = match queued {
+                Some(pending) => pending,
+                None => cache.inner.writes.clone().read_owned().await,
+            };
             cache.write(write).await;
             // Other instances waiting on our fill lock find the entry now; release it for the next fill.
             if let Some(token) = lock {
                 cache.unlock(&key, &token).await;
             }
         });
+    }
+
+    /// Waits (at most as long as a write may take) until the background writes queued so far have reached Redis.
+    async fn settle_writes(&self, redis: &RedisTier) {
+        let _ = tokio::time::timeout(redis.timeout * 4, self.inner.writes.write()).await;
     }
 
     async fn write(&self, write: Write) {

@@ -517,3 +517,54 @@ async fn tags_work_without_redis() {
     assert!(!get(address, "/r/2").await.is_hit());
     assert_eq!(cache.invalidate_tag("nobody").await.unwrap(), 0);
 }
+
+/// A response's Redis write is queued in the background; an invalidation made before that task has even run must
+/// not be undone by it (the gateway's "rename a user, then read their order" found this under load). On a
+/// current-thread runtime nothing else runs until the test awaits Redis, so the write is still queued when
+/// `invalidate` starts.
+#[tokio::test(flavor = "current_thread")]
+async fn an_invalidation_waits_for_the_writes_queued_before_it() {
+    use tower::ServiceExt;
+    let server = RedisServer::start();
+    let connection = server.connection_manager().await;
+    let calls = Calls::default();
+    let headers: &'static [_] = &[("cache-control", "max-age=60"), ("surrogate-key", "user-7")];
+    let cache = Cache::builder()
+        .redis(connection.clone())
+        .prefix("settle:")
+        .build()
+        .unwrap();
+    let app = origin(&calls, headers).layer(cache.layer());
+    for round in 0..20 {
+        let path = format!("/r/{round}");
+        let request = axum::http::Request::builder()
+            .uri(&path)
+            .header("host", "test")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert!(body.starts_with(format!("{round} call").as_bytes()));
+        // By key on even rounds, by tag on odd ones.
+        let key = format!("http://test{path}");
+        if round % 2 == 0 {
+            cache.invalidate(std::slice::from_ref(&key)).await.unwrap();
+        } else {
+            cache.invalidate_tag("user-7").await.unwrap();
+        }
+        // Let every queued task run, then look: the entry must not be in Redis.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut check = connection.clone();
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg(cache.redis_key(&key).unwrap())
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        assert_eq!(
+            exists, 0,
+            "round {round}: the queued write landed after the invalidation"
+        );
+    }
+}

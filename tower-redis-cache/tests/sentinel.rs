@@ -168,21 +168,39 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     );
 
     // An invalidation made through one instance now clears the other's memory tier: b serves a path from memory,
-    // a invalidates it, and b's next answer is a fresh origin call.
-    let first = get(b, "/slow/k").await;
-    assert_eq!(first.status, StatusCode::OK);
-    let cached = get(b, "/slow/k").await;
+    // a invalidates it, and b's next answer is a fresh origin call. b's copy must be in Redis before a invalidates,
+    // or b's background write could land after a's delete (the cross-instance window the README's Limits name) and
+    // this would test that race instead; b's first write after the failover may also meet its broken connection, so
+    // each attempt takes a new path until one is stored.
+    let promoted_client = redis::Client::open(format!("redis://127.0.0.1:{promoted}")).unwrap();
+    let promoted_connection = promoted_client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut stored = None;
+    for attempt in 0..10 {
+        let path = format!("/slow/k{attempt}");
+        let first = get(b, &path).await;
+        assert_eq!(first.status, StatusCode::OK);
+        let key = format!("http://test{path}");
+        if support::stored_in_redis(&promoted_connection, &two.redis_key(&key).unwrap()).await {
+            stored = Some((path, key, first));
+            break;
+        }
+    }
+    let (path, key, first) = stored.expect("b never stored a response in Redis after the failover");
+    let cached = get(b, &path).await;
     assert!(cached.is_hit(), "{cached:?}");
     assert_eq!(cached.body, first.body);
-    let deleted = one.invalidate(&["http://test/slow/k".to_owned()]).await;
+    let deleted = one.invalidate(&[key]).await;
     assert!(deleted.is_ok(), "{deleted:?}");
     assert!(
         eventually(Duration::from_secs(5), || async {
-            get(b, "/slow/k").await.body != first.body
+            get(b, &path).await.body != first.body
         })
         .await,
         "b's memory copy was invalidated through the promoted replica"
     );
     // a itself never lost its own copy's freshness rules: it answers too.
-    assert_eq!(get(a, "/slow/k").await.status, StatusCode::OK);
+    assert_eq!(get(a, &path).await.status, StatusCode::OK);
 }
