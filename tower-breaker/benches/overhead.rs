@@ -480,9 +480,10 @@ criterion_group! {
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    // A plain `cargo bench` passes only `--bench`; a filter naming `interleaved` runs it alone.
+    // A plain `cargo bench` passes only `--bench` (flags such as `--noplot` may follow); a filter naming
+    // `interleaved` runs it alone.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let plain_run = args.iter().all(|arg| arg == "--bench");
+    let plain_run = args.iter().all(|arg| arg.starts_with("--"));
     if args.iter().any(|arg| arg == "--bench")
         && (plain_run || args.iter().any(|arg| arg.contains("interleaved")))
     {
