@@ -185,29 +185,9 @@ fn resets(events: &[SseEvent]) -> Vec<&SseEvent> {
         .collect()
 }
 
-/// The user and order services and two gateways on `redis`; the gateways' addresses once both can reach both
-/// services.
+/// The demo's processes with two gateways on `redis`.
 fn two_gateways(redis: &RedisServer, prefix: &str) -> (Vec<Proc>, SocketAddr, SocketAddr) {
-    let env = shared_env(redis, prefix);
-    let procs = vec![
-        start("user-service", &env),
-        start("order-service", &env),
-        start("gateway", &env),
-        start("gateway", &env),
-    ];
-    let (a, b) = (procs[2].address(), procs[3].address());
-    for gateway in [a, b] {
-        poll(Duration::from_secs(20), || {
-            let reply = get(gateway, "/services");
-            let services = reply.json()["services"].to_string();
-            (reply.status == 200
-                && services.contains("\"user-service\"")
-                && services.contains("\"order-service\""))
-            .then_some(())
-        })
-        .expect("the gateway never saw both services");
-    }
-    (procs, a, b)
+    support::two_gateways(&shared_env(redis, prefix))
 }
 
 fn write(gateway: SocketAddr, method: &str, path: &str, body: &Value) -> String {
@@ -225,16 +205,10 @@ fn create_user(gateway: SocketAddr, name: &str) -> String {
     )
 }
 
-#[test]
-fn a_change_through_either_gateway_reaches_the_clients_of_both_exactly_once() {
-    let redis = RedisServer::start();
-    let (_procs, a, b) = two_gateways(&redis, &prefix("events-fanout"));
-    let on_a = SseClient::connect(a, None);
-    let on_b = SseClient::connect(b, None);
-    let health = get(a, "/health").json();
-    assert_eq!(health["events"]["backend"], "redis-stream", "{health}");
-    assert_eq!(health["events"]["clients"], 1, "{health}");
-
+/// A user created through `a`, renamed through `b`, an order for them through `a`, paid through `b`, and a last user
+/// through `b` (once it has arrived, anything sent twice would have arrived too): the `(type, record id)` each
+/// client should see, in order.
+fn five_changes(a: SocketAddr, b: SocketAddr) -> Vec<(String, String)> {
     let user = create_user(a, "ada");
     write(
         b,
@@ -254,16 +228,27 @@ fn a_change_through_either_gateway_reaches_the_clients_of_both_exactly_once() {
         &format!("/orders/{order}"),
         &json!({"status": "paid"}),
     );
-    // A last change, so that once it has arrived anything sent twice would have arrived too.
     let last = create_user(b, "grace");
-
-    let expected = vec![
+    vec![
         ("user.created".to_owned(), user.clone()),
         ("user.updated".to_owned(), user),
         ("order.created".to_owned(), order.clone()),
         ("order.updated".to_owned(), order),
         ("user.created".to_owned(), last),
-    ];
+    ]
+}
+
+#[test]
+fn a_change_through_either_gateway_reaches_the_clients_of_both_exactly_once() {
+    let redis = RedisServer::start();
+    let (_procs, a, b) = two_gateways(&redis, &prefix("events-fanout"));
+    let on_a = SseClient::connect(a, None);
+    let on_b = SseClient::connect(b, None);
+    let health = get(a, "/health").json();
+    assert_eq!(health["events"]["backend"], "redis-stream", "{health}");
+    assert_eq!(health["events"]["clients"], 1, "{health}");
+
+    let expected = five_changes(a, b);
     for client in [&on_a, &on_b] {
         let events = client.wait_for(expected.len());
         assert_eq!(summary(&events), expected);
@@ -598,33 +583,7 @@ fn on_a_redis_cluster_both_gateways_deliver_every_change_once_and_resume() {
     let health = get(b, "/health").json();
     assert_eq!(health["events"]["backend"], "redis-stream", "{health}");
 
-    let user = create_user(a, "ada");
-    write(
-        b,
-        "PUT",
-        &format!("/users/{user}"),
-        &json!({"name": "Ada King"}),
-    );
-    let order = write(
-        a,
-        "POST",
-        "/orders",
-        &json!({"user_id": user, "item": "engine"}),
-    );
-    write(
-        b,
-        "PATCH",
-        &format!("/orders/{order}"),
-        &json!({"status": "paid"}),
-    );
-    let last = create_user(b, "grace");
-    let mut expected = vec![
-        ("user.created".to_owned(), user.clone()),
-        ("user.updated".to_owned(), user),
-        ("order.created".to_owned(), order.clone()),
-        ("order.updated".to_owned(), order),
-        ("user.created".to_owned(), last),
-    ];
+    let mut expected = five_changes(a, b);
     for client in [&on_a, &on_b] {
         let events = client.wait_for(expected.len());
         assert_eq!(summary(&events), expected);
