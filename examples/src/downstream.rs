@@ -20,7 +20,7 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_breaker::{BreakerLayer, CircuitBreaker, FallbackReason, FallbackRequest};
 use tower_discovery::{
     BalanceOptions, Discovery, Ejecting, EjectionOptions, HttpEndpoint, Instance, NoEndpoints,
-    Unavailable, balance,
+    Unavailable, WatchHandle, WatchStats, balance,
 };
 
 use crate::env::HttpClient;
@@ -34,6 +34,7 @@ pub struct Downstream {
     name: &'static str,
     service: BoxCloneSyncService<Request<CallBody>, Response<Body>, BoxError>,
     breaker: CircuitBreaker,
+    watch: WatchHandle,
 }
 
 impl std::fmt::Debug for Downstream {
@@ -82,6 +83,7 @@ impl Downstream {
             base: Duration::from_millis(500),
             max: Duration::from_secs(10),
         };
+        let watch = discovery.handle();
         let balanced = balance(
             discovery,
             move |instance: &Instance| {
@@ -128,12 +130,18 @@ impl Downstream {
             name,
             service: BoxCloneSyncService::new(service),
             breaker,
+            watch,
         })
     }
 
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// What discovery knows of the service now (instances, polls, hints, whether the registry answers).
+    pub fn discovery(&self) -> WatchStats {
+        self.watch.stats()
     }
 
     /// The breaker guarding the service.

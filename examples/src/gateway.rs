@@ -10,7 +10,7 @@
 //! | `PATCH /orders/{id}` | rate limit | changes an order's status, then invalidates `/orders/{id}` |
 //! | `GET /events` | | every user and order created or changed, through any gateway, as Server-Sent Events |
 //! | `GET /services` | | the registry: every service and its instances |
-//! | `GET /health` | | the gateway, its downstream breakers, limiter and cache |
+//! | `GET /health` | | the gateway, its downstream breakers and discovery (instances known, polls, hints), limiter and cache |
 //! | `GET /health/redis` | | `PING` status and latency |
 //! | `GET /metrics` | | Prometheus text |
 //!
@@ -511,8 +511,14 @@ async fn health<R: Registry>(State(state): State<Arc<Gateway<R>>>) -> Response<B
             "mode": state.env.mode().as_str(),
             "requests": state.info.requests(),
             "downstream": {
-                crate::users::NAME: { "breaker": state.users.breaker().state() },
-                crate::orders::NAME: { "breaker": state.orders.breaker().state() },
+                crate::users::NAME: {
+                    "breaker": state.users.breaker().state(),
+                    "discovery": state.users.discovery(),
+                },
+                crate::orders::NAME: {
+                    "breaker": state.orders.breaker().state(),
+                    "discovery": state.orders.discovery(),
+                },
             },
             "rate_limiter": {
                 "local_only": state.local_limiter,

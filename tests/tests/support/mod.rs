@@ -233,8 +233,9 @@ impl Proc {
     }
 }
 
-/// The user and order services and two gateways started with `env`; the gateways' addresses once both see both
-/// services.
+/// The user and order services and two gateways started with `env`; the gateways' addresses once the discovery of
+/// each knows an instance of both services (listed in the registry is not enough: a gateway balances over what
+/// its own watch has read).
 pub(crate) fn two_gateways(env: &[(&str, String)]) -> (Vec<Proc>, SocketAddr, SocketAddr) {
     let procs = vec![
         start("user-service", env),
@@ -245,14 +246,17 @@ pub(crate) fn two_gateways(env: &[(&str, String)]) -> (Vec<Proc>, SocketAddr, So
     let (a, b) = (procs[2].address(), procs[3].address());
     for gateway in [a, b] {
         poll(Duration::from_secs(20), || {
-            let reply = get(gateway, "/services");
-            let services = reply.json()["services"].to_string();
-            (reply.status == 200
-                && services.contains("\"user-service\"")
-                && services.contains("\"order-service\""))
-            .then_some(())
+            let health = get(gateway, "/health").json();
+            ["user-service", "order-service"]
+                .iter()
+                .all(|service| {
+                    health["downstream"][service]["discovery"]["instances"]
+                        .as_u64()
+                        .is_some_and(|instances| instances > 0)
+                })
+                .then_some(())
         })
-        .expect("the gateway never saw both services");
+        .expect("the gateway's discovery never knew both services");
     }
     (procs, a, b)
 }
