@@ -72,6 +72,14 @@ async fn the_primary_and_the_promoted_replica_are_reached_with_the_configured_pa
     assert!(decision.allowed);
     assert_eq!(decision.source, DecisionSource::Redis);
 
+    // Replication is asynchronous: make sure the replica has what the last assertion expects before the kill.
+    let acknowledged: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(acknowledged, 1, "the replica never acknowledged the writes");
     set.kill_primary();
     let promoted = set.wait_for_new_primary(Duration::from_secs(20));
     let until = Instant::now() + Duration::from_secs(10);
