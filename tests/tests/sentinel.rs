@@ -5,8 +5,7 @@
 //! invalidation subscriptions are on the promoted replica.
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,56 +15,8 @@ use serde_json::json;
 
 mod support;
 
+use support::sse::SseClient;
 use support::{get, poll, prefix, request, two_gateways};
-
-/// The raw text of `GET /events`, read on a thread until the test ends.
-struct Sse {
-    stream: TcpStream,
-    text: Arc<Mutex<String>>,
-}
-
-impl Sse {
-    fn connect(address: SocketAddr) -> Self {
-        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
-        stream
-            .write_all(
-                format!(
-                    "GET /events HTTP/1.0\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-        let text = Arc::new(Mutex::new(String::new()));
-        let (mut reader, sink) = (stream.try_clone().unwrap(), text.clone());
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 4096];
-            while let Ok(read) = reader.read(&mut buffer) {
-                if read == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
-            }
-        });
-        let sse = Self { stream, text };
-        poll(Duration::from_secs(10), || {
-            sse.text().starts_with("HTTP/1.").then_some(())
-        })
-        .expect("GET /events never answered");
-        sse
-    }
-
-    fn text(&self) -> String {
-        self.text.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Sse {
-    fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
 
 /// How many clients are subscribed to `channel` on the server at `port` (0 when it does not answer).
 fn subscribers(port: u16, channel: &str) -> i64 {
@@ -111,7 +62,7 @@ fn the_demo_rides_through_a_sentinel_failover_and_its_subscriptions_follow_the_n
         ("RATE_LIMIT_WRITES", "100000/1m".to_owned()),
     ];
     let (_procs, a, b) = two_gateways(&env);
-    let events_on_b = Sse::connect(b);
+    let events_on_b = SseClient::connect(b, None);
     let invalidations = format!("{prefix}cache:invalidate");
     assert!(
         poll(Duration::from_secs(10), || {
@@ -178,8 +129,9 @@ fn the_demo_rides_through_a_sentinel_failover_and_its_subscriptions_follow_the_n
         assert_eq!(status, 201);
         poll(Duration::from_secs(2), || {
             events_on_b
-                .text()
-                .contains(&format!("\"id\":\"{id}\""))
+                .events()
+                .iter()
+                .any(|event| event.data["id"] == id.as_str())
                 .then_some(())
         })
     });
@@ -188,8 +140,8 @@ fn the_demo_rides_through_a_sentinel_failover_and_its_subscriptions_follow_the_n
     load.join().unwrap();
     assert!(
         delivered.is_some(),
-        "no event made after the failover reached b's SSE client: {}",
-        events_on_b.text()
+        "no event made after the failover reached b's SSE client: {:?}",
+        events_on_b.events()
     );
     assert!(
         during > 40,

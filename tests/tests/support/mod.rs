@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub(crate) mod sse;
+
 // ---------------------------------------------------------------------------------------------------------------
 // Building and running the binaries.
 
