@@ -12,7 +12,7 @@ use tokio::time::Sleep;
 use tower_http::classify::{ClassifiedResponse, ClassifyResponse};
 
 use crate::body::ResponseBody;
-use crate::breaker::{CircuitBreaker, Outcome, Permit};
+use crate::breaker::{Outcome, Permit, SharedRef};
 use crate::classifier::IntoOutcome;
 use crate::fallback::{Fallback, FallbackReason, FallbackRequest};
 use crate::reject;
@@ -39,7 +39,7 @@ pin_project! {
         Fallback {
             #[pin]
             future: FF,
-            breaker: Option<CircuitBreaker>,
+            breaker: Option<SharedRef>,
         },
         Immediate {
             response: Option<R>,
@@ -106,7 +106,7 @@ where
         }
     }
 
-    pub(crate) fn fallback(future: F::Future, breaker: CircuitBreaker) -> Self {
+    pub(crate) fn fallback(future: F::Future, breaker: SharedRef) -> Self {
         Self {
             state: State::Fallback {
                 future,
@@ -203,7 +203,7 @@ where
                         classified.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
                     match fallback {
                         Some(fallback) if outcome == Outcome::Failure => {
-                            let breaker = permit.breaker();
+                            let breaker = permit.shared_ref();
                             permit.record(outcome);
                             let reason = FallbackReason::FailureResponse(response.status());
                             Self::run_fallback(fallback, breaker, reason, grpc, state, cx)
@@ -222,7 +222,7 @@ where
                 let outcome = classifier.classify_error(&error).into_outcome();
                 match fallback {
                     Some(fallback) if outcome == Outcome::Failure => {
-                        let breaker = permit.breaker();
+                        let breaker = permit.shared_ref();
                         permit.record(outcome);
                         let reason = FallbackReason::Error(error.to_string());
                         Self::run_fallback(fallback, breaker, reason, grpc, state, cx)
@@ -249,8 +249,8 @@ where
             grpc,
             ..
         } = admitted;
-        let breaker = permit.breaker();
-        let timeout = breaker.config().call_timeout.unwrap_or_default();
+        let breaker = permit.shared_ref();
+        let timeout = breaker.config.call_timeout.unwrap_or_default();
         permit.timeout();
         match fallback {
             Some(fallback) => Self::run_fallback(
@@ -269,7 +269,7 @@ where
     #[cold]
     fn run_fallback(
         mut fallback: F,
-        breaker: CircuitBreaker,
+        breaker: SharedRef,
         reason: FallbackReason,
         grpc: bool,
         mut state: Pin<&mut State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>>,

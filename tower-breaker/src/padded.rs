@@ -66,7 +66,7 @@ thread_local! {
 /// further threads share one stripe with `fetch_add`. Reading sums the stripes.
 #[derive(Debug, Default)]
 pub(crate) struct Striped {
-    stripes: [Padded<[AtomicU64; LANES]>; OWNED_STRIPES + 1],
+    stripes: [Padded<[AtomicU64; LANES]>; STRIPES],
 }
 
 /// How many counters a [`Striped`] keeps per stripe.
@@ -81,23 +81,36 @@ pub(crate) enum Lane {
     WindowSuccesses = 1,
 }
 
+/// This thread's stripe index (`OWNED_STRIPES` for the shared one) and whether the thread owns it; the shared
+/// stripe while the thread is being torn down.
+#[inline(always)]
+pub(crate) fn this_thread_stripe() -> (usize, bool) {
+    SLOT.try_with(|slot| (slot.index, slot.owned))
+        .unwrap_or((OWNED_STRIPES, false))
+}
+
+/// How many stripes there are in all: the owned ones and the shared one.
+pub(crate) const STRIPES: usize = OWNED_STRIPES + 1;
+
 impl Striped {
     /// Adds one to `lane` and returns this stripe's previous value of it.
     #[inline(always)]
     pub(crate) fn increment(&self, lane: Lane) -> u64 {
-        let lane = lane as usize;
-        SLOT.try_with(|slot| {
-            let counter = &self.stripes[slot.index].0[lane];
-            if slot.owned {
-                let value = counter.load(Ordering::Relaxed);
-                counter.store(value + 1, Ordering::Relaxed);
-                value
-            } else {
-                counter.fetch_add(1, Ordering::Relaxed)
-            }
-        })
-        // A thread being torn down has no slot any more: use the shared stripe.
-        .unwrap_or_else(|_| self.stripes[OWNED_STRIPES].0[lane].fetch_add(1, Ordering::Relaxed))
+        let (index, owned) = this_thread_stripe();
+        self.increment_at(index, owned, lane)
+    }
+
+    /// [`Striped::increment`] for the thread whose stripe is `index` ([`this_thread_stripe`]).
+    #[inline(always)]
+    pub(crate) fn increment_at(&self, index: usize, owned: bool, lane: Lane) -> u64 {
+        let counter = &self.stripes[index].0[lane as usize];
+        if owned {
+            let value = counter.load(Ordering::Relaxed);
+            counter.store(value + 1, Ordering::Relaxed);
+            value
+        } else {
+            counter.fetch_add(1, Ordering::Relaxed)
+        }
     }
 
     /// The total of `lane`.

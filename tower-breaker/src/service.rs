@@ -97,7 +97,7 @@ where
                         request: Some(request),
                         grpc,
                     });
-                    ResponseFuture::fallback(future, self.breaker.clone())
+                    ResponseFuture::fallback(future, self.breaker.shared_ref())
                 } else {
                     ResponseFuture::immediate(reject::rejection(&rejected, grpc))
                 }

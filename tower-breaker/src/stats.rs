@@ -1,11 +1,12 @@
 //! Counters, the latency summary, and the [`BreakerStats`] snapshot.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::padded::Striped;
+use crate::padded::{Padded, STRIPES, Striped, this_thread_stripe};
 use crate::state::State;
 
 /// The breaker's counters. The ones every call writes (requests, and successes recorded in the count window) are
@@ -59,15 +60,22 @@ fn bucket_upper(index: usize) -> u64 {
     (1u64 << power) + (half + 1) * (1u64 << (power - 1)) - 1
 }
 
-/// A fixed-size latency histogram (about 12 % relative error), written without locks.
-#[derive(Debug)]
+/// A fixed-size latency histogram (about 12 % relative error), written without locks. Each thread writes a stripe
+/// of its own (allocated on its first timed call), so timed calls on different cores never write the same cache
+/// line; a summary adds the stripes up.
+#[derive(Debug, Default)]
 pub(crate) struct Latency {
+    stripes: [OnceLock<Box<Padded<LatencyStripe>>>; STRIPES],
+}
+
+#[derive(Debug)]
+struct LatencyStripe {
     buckets: [AtomicU64; LATENCY_BUCKETS],
     sum_micros: AtomicU64,
     max_micros: AtomicU64,
 }
 
-impl Default for Latency {
+impl Default for LatencyStripe {
     fn default() -> Self {
         Self {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -77,23 +85,53 @@ impl Default for Latency {
     }
 }
 
+/// Adds `value` to `counter`: a plain load and store on a stripe this thread owns alone, `fetch_add` otherwise.
+fn add(counter: &AtomicU64, value: u64, owned: bool) {
+    if owned {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(value),
+            Ordering::Relaxed,
+        );
+    } else {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+}
+
 impl Latency {
     pub(crate) fn record(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-        // Read first: a new maximum is rare, and a read leaves the line shared between the threads that time calls.
-        if micros > self.max_micros.load(Ordering::Relaxed) {
-            self.max_micros.fetch_max(micros, Ordering::Relaxed);
+        let (index, owned) = this_thread_stripe();
+        let stripe = &self.stripes[index].get_or_init(Box::default).0;
+        add(&stripe.buckets[bucket_of(micros)], 1, owned);
+        add(&stripe.sum_micros, micros, owned);
+        if micros > stripe.max_micros.load(Ordering::Relaxed) {
+            stripe.max_micros.fetch_max(micros, Ordering::Relaxed);
         }
     }
 
     pub(crate) fn summary(&self) -> LatencySummary {
-        let counts: Vec<u64> = self
-            .buckets
+        let stripes: Vec<&LatencyStripe> = self
+            .stripes
             .iter()
-            .map(|bucket| bucket.load(Ordering::Relaxed))
+            .filter_map(|stripe| stripe.get().map(|stripe| &stripe.0))
             .collect();
+        let counts: Vec<u64> = (0..LATENCY_BUCKETS)
+            .map(|bucket| {
+                stripes
+                    .iter()
+                    .map(|stripe| stripe.buckets[bucket].load(Ordering::Relaxed))
+                    .sum()
+            })
+            .collect();
+        let sum: u64 = stripes
+            .iter()
+            .map(|stripe| stripe.sum_micros.load(Ordering::Relaxed))
+            .fold(0, u64::saturating_add);
+        let max = stripes
+            .iter()
+            .map(|stripe| stripe.max_micros.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
         let samples: u64 = counts.iter().sum();
         let quantile = |q: f64| -> u64 {
             if samples == 0 {
@@ -109,14 +147,9 @@ impl Latency {
             }
             bucket_upper(LATENCY_BUCKETS - 1)
         };
-        let max = self.max_micros.load(Ordering::Relaxed);
         LatencySummary {
             samples,
-            mean_micros: self
-                .sum_micros
-                .load(Ordering::Relaxed)
-                .checked_div(samples)
-                .unwrap_or(0),
+            mean_micros: sum.checked_div(samples).unwrap_or(0),
             p50_micros: quantile(0.5).min(max),
             p90_micros: quantile(0.9).min(max),
             p99_micros: quantile(0.99).min(max),

@@ -80,6 +80,69 @@ fn a_breaker_built_for_the_life_of_the_process_behaves_the_same_and_its_clones_s
     assert_accounting(&clone.stats());
 }
 
+/// A counted breaker's permits hold references of their thread's own: the state lives while any permit does, even
+/// one taken on another thread after every handle is gone, and is freed with the last of them. A listener's
+/// captured value shows when the state is dropped.
+#[test]
+fn a_counted_breaker_is_freed_with_its_last_handle_and_its_last_permit() {
+    let token = Arc::new(());
+    let captured = Arc::clone(&token);
+    let breaker = CircuitBreaker::builder()
+        .consecutive_failures(3)
+        .on_transition(move |_| {
+            let _ = &captured;
+        })
+        .build()
+        .unwrap();
+    let mut permits: Vec<_> = std::thread::scope(|scope| {
+        (0..4)
+            .map(|_| scope.spawn(|| breaker.try_acquire().unwrap()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|thread| thread.join().unwrap())
+            .collect()
+    });
+    permits.push(breaker.try_acquire().unwrap());
+    drop(breaker);
+    assert_eq!(Arc::strong_count(&token), 2, "freed while permits were out");
+    let last = permits.pop().unwrap();
+    for permit in permits {
+        permit.failure();
+    }
+    assert_eq!(Arc::strong_count(&token), 2, "freed while a permit was out");
+    last.success();
+    assert_eq!(
+        Arc::strong_count(&token),
+        1,
+        "not freed after the last permit"
+    );
+}
+
+/// Each thread times calls into its own stripe; the summary adds them all up.
+#[test]
+fn the_latency_summary_counts_timed_calls_from_every_thread() {
+    let breaker = CircuitBreaker::builder()
+        .latency_sample_every(1)
+        .build()
+        .unwrap();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..250 {
+                    breaker.try_acquire().unwrap().success();
+                }
+            });
+        }
+    });
+    let permit = breaker.try_acquire().unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    permit.success();
+    let latency = breaker.stats().latency;
+    assert_eq!(latency.samples, 1_001);
+    assert!(latency.max_micros >= 3_000, "{latency:?}");
+    assert!(latency.p50_micros < 3_000, "{latency:?}");
+}
+
 #[test]
 fn only_the_last_n_calls_count() {
     let breaker = CircuitBreaker::builder()
