@@ -52,6 +52,8 @@ pin_project! {
     pub struct ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
     where
         C: ClassifyResponse,
+    C::ClassifyEos: 'static,
+        C::ClassifyEos: 'static,
         F: Fallback<ReqBody, ResBody, E>,
     {
         #[pin]
@@ -64,6 +66,7 @@ pin_project! {
 impl<Fut, C, F, ReqBody, ResBody, E> fmt::Debug for ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
 where
     C: ClassifyResponse,
+    C::ClassifyEos: 'static,
     F: Fallback<ReqBody, ResBody, E>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -81,6 +84,7 @@ where
 impl<Fut, C, F, ReqBody, ResBody, E> ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
 where
     C: ClassifyResponse,
+    C::ClassifyEos: 'static,
     F: Fallback<ReqBody, ResBody, E>,
 {
     #[inline(always)]
@@ -123,6 +127,7 @@ where
     Fut: Future<Output = Result<Response<ResBody>, E>>,
     E: fmt::Display + 'static,
     C: ClassifyResponse,
+    C::ClassifyEos: 'static,
     C::FailureClass: IntoOutcome,
     F: Fallback<ReqBody, ResBody, E>,
     ResBody: Default,
@@ -176,6 +181,7 @@ where
     Fut: Future<Output = Result<Response<ResBody>, E>>,
     E: fmt::Display + 'static,
     C: ClassifyResponse,
+    C::ClassifyEos: 'static,
     C::FailureClass: IntoOutcome,
     F: Fallback<ReqBody, ResBody, E>,
     ResBody: Default,

@@ -51,6 +51,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: fmt::Display + 'static,
     M: MakeClassifier,
+    M::ClassifyEos: 'static,
     M::FailureClass: IntoOutcome,
     F: Fallback<ReqBody, ResBody, S::Error>,
     ResBody: Default,

@@ -168,8 +168,9 @@ async fn grpc_streaming(_request: Request<()>) -> Result<Response<Empty<Bytes>>,
 }
 
 #[test]
-fn a_grpc_response_classified_at_its_end_makes_one_allocation() {
-    let mut service = BreakerLayer::new(breaker())
+fn a_grpc_response_classified_at_its_end_allocates_nothing_when_its_body_is_dropped() {
+    let breaker = breaker();
+    let mut service = BreakerLayer::new(breaker.clone())
         .for_grpc()
         .layer(service_fn(grpc_streaming));
     let info = measure(|| {
@@ -181,8 +182,78 @@ fn a_grpc_response_classified_at_its_end_makes_one_allocation() {
         let response = call_now(&mut service_fn(grpc_streaming)).expect("a response");
         std::hint::black_box(response);
     });
-    // The pending classification (classifier and permit) is boxed so that other responses stay small.
-    assert_eq!(info.count_total, control.count_total + CALLS, "{info:?}");
+    assert_eq!(info.count_total, control.count_total, "{info:?}");
+    // Every body was dropped before its end: ignored (the default `dropped_body`), and recorded.
+    let stats = breaker.stats();
+    assert_eq!(stats.ignored, WARM_UP + CALLS);
+    assert_eq!(stats.requests, WARM_UP + CALLS);
+}
+
+/// A body of trailers only (`grpc-status: 0`), as tonic ends a successful reply.
+#[derive(Default)]
+struct TrailersBody {
+    sent: bool,
+}
+
+impl http_body::Body for TrailersBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return Poll::Ready(None);
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+}
+
+/// A reply whose status comes in trailers, as tonic sends a successful unary reply.
+async fn grpc_with_trailers(_request: Request<()>) -> Result<Response<TrailersBody>, Infallible> {
+    Ok(Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(TrailersBody::default())
+        .expect("a valid response"))
+}
+
+/// Polls `body` to its end with a no-op waker (every body here is ready at once); returns its frames.
+fn read_to_end<B: http_body::Body>(body: B) -> usize {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut body = pin!(body);
+    let mut frames = 0;
+    loop {
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(_))) => frames += 1,
+            Poll::Ready(None) => return frames,
+            Poll::Ready(Some(Err(_))) => panic!("the body failed"),
+            Poll::Pending => panic!("the body is pending"),
+        }
+    }
+}
+
+#[test]
+fn a_grpc_response_read_to_its_trailers_allocates_nothing() {
+    let breaker = breaker();
+    let mut service = BreakerLayer::new(breaker.clone())
+        .for_grpc()
+        .layer(service_fn(grpc_with_trailers));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a response");
+        assert_eq!(read_to_end(response.into_body()), 1);
+    });
+    // The handler's header and trailers allocate the same in the control.
+    let control = measure(|| {
+        let response = call_now(&mut service_fn(grpc_with_trailers)).expect("a response");
+        assert_eq!(read_to_end(response.into_body()), 1);
+    });
+    assert_eq!(info.count_total, control.count_total, "{info:?}");
+    let stats = breaker.stats();
+    assert_eq!(stats.successes, WARM_UP + CALLS);
+    assert_eq!(stats.requests, WARM_UP + CALLS);
 }
 
 #[test]
