@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::clock::{Clock, ManualClock};
@@ -12,7 +12,8 @@ use crate::config::{
     Backoff, BreakerConfig, ConfigError, DroppedBody, OpenDuration, ProbePolicy, Window,
 };
 use crate::events::{Listener, Transition, TransitionReason};
-use crate::padded::{Lane, Padded, STRIPES, this_thread_stripe};
+use crate::lease::{Handle, SharedRef};
+use crate::padded::{Lane, Padded, this_thread_stripe};
 use crate::state::{Probes, State, Word};
 use crate::stats::{BreakerStats, Counters, FallbackStats, Latency, TransitionStats, WindowStats};
 use crate::window::{CountWindow, Sample, TimeWindow, Totals};
@@ -141,90 +142,6 @@ impl fmt::Debug for Shared {
             .field("name", &self.config.name)
             .field("state", &Word(self.word.0.load(Ordering::Relaxed)).state())
             .finish_non_exhaustive()
-    }
-}
-
-/// How a handle reaches the shared state: counted (dropped with the last handle and the last permit), or leaked for
-/// the life of the process, so handles and permits are copied without touching a reference count.
-#[derive(Clone)]
-pub(crate) enum Handle {
-    Counted(Arc<Counted>),
-    Static(&'static Shared),
-}
-
-/// A counted breaker's state, and the references to it that its permits clone.
-///
-/// A permit must keep the state alive, so it holds a counted reference. Were it a clone of one `Arc<Shared>`, every
-/// call on every core would write that one reference count, and the cache line would move between cores on each
-/// call (measured: a quarter of the throughput of 8 tasks on 2 cores). Each thread's permits clone a lease of the
-/// thread's own instead: an `Arc` to a reference of its own to the state, made on the thread's first call, whose
-/// count only that thread writes while its permits end where they started.
-// Aligned so that the reference count of this allocation (written by every clone of the handle) has a cache line of
-// its own, away from the fields every call reads.
-#[repr(align(128))]
-pub(crate) struct Counted {
-    shared: Arc<Shared>,
-    leases: [OnceLock<Arc<Lease>>; STRIPES],
-}
-
-/// One thread's reference to a counted breaker's state. Aligned so that its reference count has a cache line of
-/// its own.
-#[repr(align(128))]
-pub(crate) struct Lease(Arc<Shared>);
-
-impl Handle {
-    /// A reference to the state for a permit made on the thread of `stripe`.
-    #[inline(always)]
-    fn lease(&self, stripe: usize) -> SharedRef {
-        match self {
-            Self::Static(shared) => SharedRef::Static(shared),
-            Self::Counted(counted) => SharedRef::Leased(Arc::clone(
-                counted.leases[stripe].get_or_init(|| Arc::new(Lease(Arc::clone(&counted.shared)))),
-            )),
-        }
-    }
-}
-
-impl std::ops::Deref for Handle {
-    type Target = Shared;
-
-    #[inline]
-    fn deref(&self) -> &Shared {
-        match self {
-            Self::Counted(counted) => &counted.shared,
-            Self::Static(shared) => shared,
-        }
-    }
-}
-
-impl fmt::Debug for Handle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        (**self).fmt(f)
-    }
-}
-
-/// What a permit (and a running fallback) holds to reach the state: its thread's lease, or the leaked state.
-#[derive(Clone)]
-pub(crate) enum SharedRef {
-    Leased(Arc<Lease>),
-    Static(&'static Shared),
-}
-
-impl std::ops::Deref for SharedRef {
-    type Target = Shared;
-
-    #[inline]
-    fn deref(&self) -> &Shared {
-        match self {
-            Self::Leased(lease) => &lease.0,
-            Self::Static(shared) => shared,
-        }
-    }
-}
-
-impl fmt::Debug for SharedRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        (**self).fmt(f)
     }
 }
 
@@ -391,10 +308,7 @@ impl BreakerBuilder {
     pub fn build(self) -> Result<CircuitBreaker, ConfigError> {
         let shared = self.shared()?;
         Ok(CircuitBreaker {
-            shared: Handle::Counted(Arc::new(Counted {
-                shared: Arc::new(shared),
-                leases: std::array::from_fn(|_| OnceLock::new()),
-            })),
+            shared: Handle::counted(shared),
         })
     }
 
@@ -577,12 +491,11 @@ impl CircuitBreaker {
             0
         };
         Permit {
-            shared: shared.lease(stripe),
+            shared: Some(shared.lease(stripe)),
             generation,
             kind,
             start,
             sampled,
-            done: false,
         }
     }
 
@@ -1160,13 +1073,13 @@ enum PermitKind {
 #[derive(Debug)]
 #[must_use = "report the call's outcome on the permit; dropping it counts the call as cancelled"]
 pub struct Permit {
-    shared: SharedRef,
+    /// Taken when the outcome is reported (or the permit dropped): `None` means the permit is spent.
+    shared: Option<SharedRef>,
     generation: u32,
     kind: PermitKind,
     /// When the call started ([`Clock::start`]); read only when `sampled` or every call is timed.
     start: u64,
     sampled: bool,
-    done: bool,
 }
 
 impl Permit {
@@ -1190,9 +1103,11 @@ impl Permit {
 
     /// The call ran past its deadline: a failure, also counted as a timeout.
     pub fn timeout(mut self) {
-        Counters::add(&self.shared.counters.timeouts);
-        #[cfg(feature = "metrics")]
-        self.shared.metrics.timeouts.increment(1);
+        if let Some(shared) = &self.shared {
+            Counters::add(&shared.counters.timeouts);
+            #[cfg(feature = "metrics")]
+            shared.metrics.timeouts.increment(1);
+        }
         self.finish(Outcome::Failure);
     }
 
@@ -1202,8 +1117,8 @@ impl Permit {
         self.finish(outcome);
     }
 
-    /// The state of the breaker that granted this permit.
-    pub(crate) fn shared_ref(&self) -> SharedRef {
+    /// The state of the breaker that granted this permit (`None` once spent).
+    pub(crate) fn shared_ref(&self) -> Option<SharedRef> {
         self.shared.clone()
     }
 
@@ -1220,47 +1135,38 @@ impl Permit {
 
     /// Reports what a body dropped before its end counts as (configured by `dropped_body`).
     pub(crate) fn dropped_body(mut self) {
-        match self.shared.config.dropped_body {
-            DroppedBody::Ignore => self.cancel(),
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        match shared.config.dropped_body {
+            DroppedBody::Ignore => {} // dropped below: cancelled
             DroppedBody::Success => self.finish(Outcome::Success),
             DroppedBody::Failure => self.finish(Outcome::Failure),
         }
     }
 
-    fn cancel(&mut self) {
-        self.done = true;
-        let shared = &*self.shared;
-        Counters::add(&shared.counters.ignored);
-        Counters::add(&shared.counters.cancelled);
-        #[cfg(feature = "metrics")]
-        shared.metrics.outcome(Outcome::Ignored);
-        if self.kind == PermitKind::Probe {
-            shared.return_probe(self.generation);
-        }
-    }
-
     #[inline(always)]
     fn finish(&mut self, outcome: Outcome) {
-        let shared = &*self.shared;
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
         // The common case, kept in the caller: an untimed success in a recording state.
         if outcome == Outcome::Success
             && self.kind == PermitKind::Window
             && !self.sampled
             && !shared.time_every_call
         {
-            self.done = true;
             #[cfg(feature = "metrics")]
             shared.metrics.outcome(outcome);
             shared.record_window(self.generation, Sample::SUCCESS);
-            return;
+        } else {
+            self.finish_otherwise(&shared, outcome);
         }
-        self.finish_otherwise(outcome);
+        shared.release();
     }
 
     #[inline(never)]
-    fn finish_otherwise(&mut self, outcome: Outcome) {
-        self.done = true;
-        let shared = &*self.shared;
+    fn finish_otherwise(&self, shared: &Shared, outcome: Outcome) {
         #[cfg(feature = "metrics")]
         shared.metrics.outcome(outcome);
         let latency =
@@ -1301,12 +1207,26 @@ impl Permit {
             PermitKind::Untracked => Counters::add(&shared.counters.other_records),
         }
     }
+
+    /// A permit dropped unreported: a cancelled call, ignored, and a probe's permit is given back.
+    #[cold]
+    fn cancel(&self, shared: &Shared) {
+        Counters::add(&shared.counters.ignored);
+        Counters::add(&shared.counters.cancelled);
+        #[cfg(feature = "metrics")]
+        shared.metrics.outcome(Outcome::Ignored);
+        if self.kind == PermitKind::Probe {
+            shared.return_probe(self.generation);
+        }
+    }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
-        if !self.done {
-            self.cancel();
+        if let Some(shared) = self.shared.take() {
+            self.cancel(&shared);
+            shared.release();
         }
     }
 }

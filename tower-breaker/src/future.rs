@@ -12,9 +12,10 @@ use tokio::time::Sleep;
 use tower_http::classify::{ClassifiedResponse, ClassifyResponse};
 
 use crate::body::ResponseBody;
-use crate::breaker::{Outcome, Permit, SharedRef};
+use crate::breaker::{Outcome, Permit};
 use crate::classifier::IntoOutcome;
 use crate::fallback::{Fallback, FallbackReason, FallbackRequest};
+use crate::lease::SharedRef;
 use crate::reject;
 
 /// What a call needs after the service answers, when it was admitted.
@@ -110,12 +111,9 @@ where
         }
     }
 
-    pub(crate) fn fallback(future: F::Future, breaker: SharedRef) -> Self {
+    pub(crate) fn fallback(future: F::Future, breaker: Option<SharedRef>) -> Self {
         Self {
-            state: State::Fallback {
-                future,
-                breaker: Some(breaker),
-            },
+            state: State::Fallback { future, breaker },
             admitted: None,
             _types: PhantomData,
         }
@@ -256,7 +254,10 @@ where
             ..
         } = admitted;
         let breaker = permit.shared_ref();
-        let timeout = breaker.config.call_timeout.unwrap_or_default();
+        let timeout = breaker
+            .as_ref()
+            .and_then(|breaker| breaker.config.call_timeout)
+            .unwrap_or_default();
         permit.timeout();
         match fallback {
             Some(fallback) => Self::run_fallback(
@@ -275,7 +276,7 @@ where
     #[cold]
     fn run_fallback(
         mut fallback: F,
-        breaker: SharedRef,
+        breaker: Option<SharedRef>,
         reason: FallbackReason,
         grpc: bool,
         mut state: Pin<&mut State<Fut, F::Future, Response<ResponseBody<ResBody, C::ClassifyEos>>>>,
@@ -286,10 +287,7 @@ where
             request: None,
             grpc,
         });
-        state.set(State::Fallback {
-            future,
-            breaker: Some(breaker),
-        });
+        state.set(State::Fallback { future, breaker });
         let StateProj::Fallback { future, breaker } = state.as_mut().project() else {
             return Poll::Pending;
         };

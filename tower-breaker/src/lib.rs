@@ -44,6 +44,7 @@ mod events;
 mod fallback;
 mod future;
 mod layer;
+mod lease;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod padded;

@@ -98,7 +98,7 @@ where
                         request: Some(request),
                         grpc,
                     });
-                    ResponseFuture::fallback(future, self.breaker.shared_ref())
+                    ResponseFuture::fallback(future, Some(self.breaker.shared_ref()))
                 } else {
                     ResponseFuture::immediate(reject::rejection(&rejected, grpc))
                 }

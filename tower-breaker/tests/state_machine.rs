@@ -94,14 +94,21 @@ fn a_counted_breaker_is_freed_with_its_last_handle_and_its_last_permit() {
         })
         .build()
         .unwrap();
+    // Finished permits leave their reference in their thread's spare list, for the thread's next permit.
     let mut permits: Vec<_> = std::thread::scope(|scope| {
         (0..4)
-            .map(|_| scope.spawn(|| breaker.try_acquire().unwrap()))
+            .map(|_| {
+                scope.spawn(|| {
+                    breaker.try_acquire().unwrap().success();
+                    breaker.try_acquire().unwrap()
+                })
+            })
             .collect::<Vec<_>>()
             .into_iter()
             .map(|thread| thread.join().unwrap())
             .collect()
     });
+    breaker.try_acquire().unwrap().success();
     permits.push(breaker.try_acquire().unwrap());
     drop(breaker);
     assert_eq!(Arc::strong_count(&token), 2, "freed while permits were out");
@@ -116,6 +123,56 @@ fn a_counted_breaker_is_freed_with_its_last_handle_and_its_last_permit() {
         1,
         "not freed after the last permit"
     );
+}
+
+/// A thread that finished a permit keeps its reference for its next permit, even once the breaker's handles are gone
+/// elsewhere; the reference is let go of as soon as the thread's spare list fills up with other breakers'.
+#[test]
+fn a_dropped_breaker_lingers_in_another_thread_only_until_its_spare_list_fills_up() {
+    let token = Arc::new(());
+    let captured = Arc::clone(&token);
+    let breaker = CircuitBreaker::builder()
+        .on_transition(move |_| {
+            let _ = &captured;
+        })
+        .build()
+        .unwrap();
+    let (to_worker, work) = std::sync::mpsc::channel::<CircuitBreaker>();
+    let (to_main, done) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        for breaker in work {
+            breaker.try_acquire().unwrap().success();
+            drop(breaker);
+            to_main.send(()).unwrap();
+        }
+    });
+    to_worker.send(breaker.clone()).unwrap();
+    done.recv().unwrap();
+    drop(breaker);
+    assert_eq!(
+        Arc::strong_count(&token),
+        2,
+        "the worker's spare list keeps it"
+    );
+    let others: Vec<CircuitBreaker> = (0..8)
+        .map(|_| CircuitBreaker::builder().build().unwrap())
+        .collect();
+    for (sent, other) in others.iter().enumerate() {
+        assert_eq!(
+            Arc::strong_count(&token),
+            2,
+            "let go of after {sent} others"
+        );
+        to_worker.send(other.clone()).unwrap();
+        done.recv().unwrap();
+    }
+    assert_eq!(
+        Arc::strong_count(&token),
+        1,
+        "still kept by a full spare list"
+    );
+    drop(to_worker);
+    worker.join().unwrap();
 }
 
 /// Each thread times calls into its own stripe; the summary adds them all up.
