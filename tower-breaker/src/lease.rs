@@ -84,7 +84,7 @@ impl Drop for Counted {
         // when they next fill up or see a breaker dropped.
         let _ = SPARE_LEASES.try_with(|spare| {
             if let Ok(mut spare) = spare.try_borrow_mut() {
-                spare.retain(|lease| !lease.retired.load(Ordering::Relaxed));
+                spare.retain(|(_, lease)| !lease.retired.load(Ordering::Relaxed));
             }
         });
     }
@@ -150,7 +150,8 @@ thread_local! {
     /// Leases that permits finished on this thread left behind, for the thread's next permits of the same breakers.
     /// A retired breaker's leases linger here until the list fills up or a breaker is dropped on this thread (at
     /// most `SPARE_LEASES_PER_THREAD` per thread, freed at the latest when the thread ends).
-    static SPARE_LEASES: RefCell<Vec<Arc<Lease>>> = const { RefCell::new(Vec::new()) };
+    /// Each lease is kept with the address of its state, so a lookup compares addresses without reading the leases.
+    static SPARE_LEASES: RefCell<Vec<(usize, Arc<Lease>)>> = const { RefCell::new(Vec::new()) };
 }
 
 #[inline]
@@ -158,10 +159,9 @@ fn take_spare(shared: &Arc<Shared>) -> Option<Arc<Lease>> {
     SPARE_LEASES
         .try_with(|spare| {
             let mut spare = spare.try_borrow_mut().ok()?;
-            let index = spare
-                .iter()
-                .rposition(|lease| Arc::ptr_eq(&lease.shared, shared))?;
-            Some(spare.swap_remove(index))
+            let address = Arc::as_ptr(shared).addr();
+            let index = spare.iter().rposition(|(kept, _)| *kept == address)?;
+            Some(spare.swap_remove(index).1)
         })
         .ok()
         .flatten()
@@ -178,10 +178,10 @@ fn keep_spare(lease: Arc<Lease>) {
             return;
         };
         if spare.len() >= SPARE_LEASES_PER_THREAD {
-            spare.retain(|lease| !lease.retired.load(Ordering::Relaxed));
+            spare.retain(|(_, lease)| !lease.retired.load(Ordering::Relaxed));
         }
         if spare.len() < SPARE_LEASES_PER_THREAD {
-            spare.push(lease);
+            spare.push((Arc::as_ptr(&lease.shared).addr(), lease));
         }
     });
 }
