@@ -1122,6 +1122,13 @@ impl Permit {
         self.shared.clone()
     }
 
+    /// The breaker's `call_timeout` (`None` once the permit is spent).
+    pub(crate) fn call_timeout(&self) -> Option<Duration> {
+        self.shared
+            .as_ref()
+            .and_then(|shared| shared.config.call_timeout)
+    }
+
     /// Whether this permit is a half-open probe.
     pub fn is_probe(&self) -> bool {
         self.kind == PermitKind::Probe

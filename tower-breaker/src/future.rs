@@ -28,8 +28,9 @@ pub(crate) struct Admitted<C, F> {
 }
 
 pin_project! {
-    /// Where the future is. The deadline is boxed (only calls with a `call_timeout` pay for it), which keeps the
-    /// future small: it is moved on every call.
+    /// Where the future is. With a `call_timeout`, the deadline is made (and boxed, which keeps the future small for
+    /// every call) only when the service does not answer on its first poll: a call answered at once never
+    /// allocates it nor registers it with the timer.
     #[project = StateProj]
     enum State<Fut, FF, R> {
         Call {
@@ -89,13 +90,12 @@ where
     F: Fallback<ReqBody, ResBody, E>,
 {
     #[inline(always)]
-    pub(crate) fn admitted(
-        future: Fut,
-        sleep: Option<Pin<Box<Sleep>>>,
-        admitted: Admitted<C, F>,
-    ) -> Self {
+    pub(crate) fn admitted(future: Fut, admitted: Admitted<C, F>) -> Self {
         Self {
-            state: State::Call { future, sleep },
+            state: State::Call {
+                future,
+                sleep: None,
+            },
             admitted: Some(admitted),
             _types: PhantomData,
         }
@@ -137,17 +137,27 @@ where
         let mut this = self.project();
         match this.state.as_mut().project() {
             StateProj::Call { future, sleep } => {
-                let timed_out = sleep
-                    .as_mut()
-                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                if timed_out {
+                // The service first: a call that answers at once never registers its deadline with the timer.
+                let Poll::Ready(result) = future.poll(cx) else {
+                    if sleep.is_none() {
+                        let timeout = this
+                            .admitted
+                            .as_ref()
+                            .and_then(|admitted| admitted.permit.call_timeout());
+                        *sleep = timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout)));
+                    }
+                    let timed_out = sleep
+                        .as_mut()
+                        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                    if !timed_out {
+                        return Poll::Pending;
+                    }
                     let Some(admitted) = this.admitted.take() else {
                         return Poll::Pending;
                     };
                     this.state.set(State::Immediate { response: None });
                     return Self::timed_out(admitted, this.state, cx);
-                }
-                let result = ready!(future.poll(cx));
+                };
                 let Some(admitted) = this.admitted.take() else {
                     return Poll::Pending;
                 };

@@ -76,11 +76,9 @@ where
                     .then(|| self.fallback.clone());
                 // Only a timeout or a fallback needs to know how to answer; skip the header lookup otherwise.
                 let grpc = (timeout.is_some() || fallback.is_some()) && is_grpc(request.headers());
-                let sleep = timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout)));
                 // Built in place: the inner future is large (it holds the request) and moving it costs a copy.
                 ResponseFuture::admitted(
                     self.inner.call(request),
-                    sleep,
                     Admitted {
                         classifier,
                         permit,

@@ -149,6 +149,31 @@ fn the_layer_closed_path_allocates_nothing() {
     assert_eq!(info.count_total, 0, "{info:?}");
 }
 
+/// With a `call_timeout`, the deadline is made only when the service does not answer on the first poll: a call
+/// answered at once allocates nothing. (A call that waits boxes its deadline: one allocation.)
+#[test]
+fn a_call_timeout_allocates_nothing_when_the_service_answers_at_once() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    let _entered = runtime.enter();
+    let breaker = CircuitBreaker::builder()
+        .name("allocations-timeout")
+        .call_timeout(Duration::from_secs(5))
+        .build()
+        .expect("a valid configuration");
+    let mut service = BreakerLayer::new(breaker.clone())
+        .for_http()
+        .layer(service_fn(ok));
+    let info = measure(|| {
+        let response = call_now(&mut service).expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+    assert_eq!(breaker.stats().successes, WARM_UP + CALLS);
+}
+
 #[test]
 fn the_layer_closed_path_with_the_default_classifier_allocates_nothing_for_http() {
     let mut service = BreakerLayer::new(breaker()).layer(service_fn(ok));
