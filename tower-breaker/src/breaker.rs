@@ -313,9 +313,9 @@ impl BreakerBuilder {
     }
 
     /// Builds a breaker that lives as long as the process (the usual case: one breaker per downstream, made at
-    /// start-up). Its state is never freed, and in exchange cloning the handle and admitting a call touch no
-    /// reference count, which saves two atomic operations per call. Do not use it for breakers made and dropped
-    /// at run time: each one would stay in memory.
+    /// start-up). Its state is never freed, and in exchange cloning the handle touches no reference count and a
+    /// permit needs no lease of its thread (see `lease.rs`). Do not use it for breakers made and dropped at run
+    /// time: each one would stay in memory.
     ///
     /// # Errors
     ///
