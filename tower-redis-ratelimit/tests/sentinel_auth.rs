@@ -72,14 +72,23 @@ async fn the_primary_and_the_promoted_replica_are_reached_with_the_configured_pa
     assert!(decision.allowed);
     assert_eq!(decision.source, DecisionSource::Redis);
 
-    // Replication is asynchronous: make sure the replica has what the last assertion expects before the kill.
-    let acknowledged: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(acknowledged, 1, "the replica never acknowledged the writes");
+    // Replication is asynchronous: make sure the replica has what the last assertion expects before the kill. Each
+    // WAIT blocks for less than the connection's response timeout (a busy CI machine once took longer than that).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let acknowledged: Result<i64, _> = redis::cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query_async(&mut con)
+            .await;
+        if acknowledged == Ok(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the replica never acknowledged the writes: {acknowledged:?}"
+        );
+    }
     set.kill_primary();
     let promoted = set.wait_for_new_primary(Duration::from_secs(20));
     let until = Instant::now() + Duration::from_secs(10);
