@@ -136,7 +136,11 @@ async fn an_opening_reaches_a_second_process_within_50_ms() {
         worst < 50.0,
         "an opening took {worst:.2} ms to reach the peer process: {latencies_ms:?}"
     );
-    assert_eq!(sharing.stats().published, ROUNDS as u64);
+    // The peer can see the last opening before the reply to its PUBLISH reaches this process and is counted.
+    wait_until("every opening counted as published", || {
+        sharing.stats().published == ROUNDS as u64
+    })
+    .await;
 }
 
 #[tokio::test]
