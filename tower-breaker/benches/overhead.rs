@@ -20,7 +20,8 @@
 //! `interleaved` (printed after criterion, on a plain `cargo bench` run or with the filter `interleaved`): the same
 //! closed-path and 8-task variants again, measured in rounds that alternate the variants (order rotating each
 //! round), with medians per variant. On a shared machine, load that comes and goes while criterion runs one variant
-//! after the other skews the ratios between variants; interleaving spreads it over all of them.
+//! after the other skews the ratios between variants; interleaving spreads it over all of them. This section also
+//! measures the layer over a time window (10 s in 10 buckets, the same thresholds).
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -107,6 +108,14 @@ fn tower_breaker(name: &'static str) -> CircuitBreaker {
 fn static_breaker(name: &'static str) -> CircuitBreaker {
     breaker_builder(name)
         .build_static()
+        .expect("a valid breaker configuration")
+}
+
+/// The same thresholds over a time window of 10 s in 10 buckets (every call reads the clock).
+fn time_window_breaker(name: &'static str) -> CircuitBreaker {
+    breaker_builder(name)
+        .time_window(Duration::from_secs(10), 10)
+        .build()
         .expect("a valid breaker configuration")
 }
 
@@ -367,12 +376,16 @@ fn interleaved_closed() {
     let mut layer_static = BreakerLayer::new(static_breaker("interleaved-layer-static"))
         .for_http()
         .layer(service_fn(bare));
+    let mut layer_time = BreakerLayer::new(time_window_breaker("interleaved-layer-time"))
+        .for_http()
+        .layer(service_fn(bare));
     let mut resilience = resilience_layer().layer(service_fn(bare));
     let names = [
         "bare",
         "tower-breaker core",
         "tower-breaker layer",
         "tower-breaker layer, static",
+        "tower-breaker layer, time window",
         "tower-resilience layer",
     ];
     let samples = rounds(names.len(), |index| {
@@ -388,13 +401,14 @@ fn interleaved_closed() {
                 }
                 2 => drop(black_box(call_now(&mut layer, &mut cx))),
                 3 => drop(black_box(call_now(&mut layer_static, &mut cx))),
+                4 => drop(black_box(call_now(&mut layer_time, &mut cx))),
                 _ => drop(black_box(call_now(&mut resilience, &mut cx))),
             }
         }
         started.elapsed().as_nanos() as f64 / f64::from(BATCH)
     });
     let medians: Vec<f64> = samples.into_iter().map(median).collect();
-    let rival = medians[4] - medians[0];
+    let rival = medians[5] - medians[0];
     println!(
         "\n## interleaved: closed path, one call ({ROUNDS} rounds of {BATCH} calls, medians)\n"
     );
@@ -427,11 +441,15 @@ where
     let layer_static = BreakerLayer::new(static_breaker("interleaved-throughput-static"))
         .for_http()
         .layer(service_fn(handler.clone()));
+    let layer_time = BreakerLayer::new(time_window_breaker("interleaved-throughput-time"))
+        .for_http()
+        .layer(service_fn(handler.clone()));
     let resilience = resilience_layer().layer(service_fn(handler));
     let names = [
         "bare",
         "tower-breaker layer",
         "tower-breaker layer, static",
+        "tower-breaker layer, time window",
         "tower-resilience layer",
     ];
     let samples = rounds(names.len(), |index| {
@@ -440,6 +458,7 @@ where
             0 => runtime.block_on(run_tasks(&bare_service)),
             1 => runtime.block_on(run_tasks(&layer)),
             2 => runtime.block_on(run_tasks(&layer_static)),
+            3 => runtime.block_on(run_tasks(&layer_time)),
             _ => runtime.block_on(run_tasks(&resilience)),
         }
         (TASKS * CALLS_PER_TASK) as f64 / started.elapsed().as_secs_f64()

@@ -744,8 +744,19 @@ impl Shared {
         let totals = match &self.window {
             WindowKind::Count(window) => window.record(&self.counters.striped, sample),
             WindowKind::Time(window) => {
-                Counters::add(&self.counters.other_records);
-                window.record(self.clock.now_ms(), sample)
+                let now = self.clock.now_ms();
+                if sample == Sample::SUCCESS {
+                    // Counted in this thread's stripes only: no cache line shared with other threads.
+                    let (stripe, owned) = this_thread_stripe();
+                    self.counters
+                        .striped
+                        .increment_at(stripe, owned, Lane::WindowSuccesses);
+                    window.record_success(now, stripe, owned);
+                    None
+                } else {
+                    Counters::add(&self.counters.other_records);
+                    window.record(now, sample)
+                }
             }
         };
         let consecutive = if sample.failure {
@@ -1001,7 +1012,10 @@ impl Shared {
                 window.recorded(&counters.striped),
                 window.totals(&counters.striped),
             ),
-            WindowKind::Time(window) => (0, window.totals(now)),
+            WindowKind::Time(window) => (
+                counters.striped.sum(Lane::WindowSuccesses),
+                window.totals(now),
+            ),
         };
         let failures = load(&counters.failures);
         // Read `requests` last: with calls finishing meanwhile, the sum of outcomes then never exceeds it.

@@ -77,7 +77,7 @@ const LANES: usize = 2;
 pub(crate) enum Lane {
     /// Calls offered to the breaker.
     Requests = 0,
-    /// Successes recorded in the count window (neither failed nor slow).
+    /// Successes recorded in the window (neither failed nor slow).
     WindowSuccesses = 1,
 }
 

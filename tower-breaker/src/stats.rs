@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::padded::{Padded, STRIPES, Striped, this_thread_stripe};
 use crate::state::State;
 
-/// The breaker's counters. The ones every call writes (requests, and successes recorded in the count window) are
+/// The breaker's counters. The ones every call writes (requests, and successes recorded in the window) are
 /// striped per thread; the others change only on failures, rejections and the like.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -20,8 +20,9 @@ pub(crate) struct Counters {
     pub(crate) rejects: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) slow: AtomicU64,
-    /// Successes and failures recorded outside the count window (time window, probes, stale, disabled). With the
-    /// count window's own total this gives the success count without a counter written by every success.
+    /// Outcomes recorded outside the striped window counts (failures and slow calls of the time window, probes,
+    /// stale, disabled). With the window's own total this gives the success count without a counter written by
+    /// every success.
     pub(crate) other_records: AtomicU64,
     pub(crate) fallback_successes: AtomicU64,
     pub(crate) fallback_failures: AtomicU64,

@@ -8,11 +8,13 @@
 //! mark is recorded or the totals are read (subtract on evict). With calls from one thread at a time this is
 //! exactly "the last `size` calls"; with threads racing, a success still in flight on another core may be
 //! counted a moment late. The time window keeps one bucket per `duration / buckets`; a bucket is recycled when
-//! time moves past it.
+//! time moves past it. There too a success is only counted in its thread's stripe, for the current bucket; a thread
+//! adds its count to the shared bucket when it first records in a later bucket, and the totals add the stripes'
+//! counts that are still inside the window.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::padded::{Lane, Padded, Striped};
+use crate::padded::{Lane, Padded, STRIPES, Striped};
 
 /// What a window reports after a failure or a slow call: the totals the thresholds are checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -240,7 +242,13 @@ pub(crate) struct TimeWindow {
     /// Held while buckets are recycled, once per bucket period at most.
     advancing: AtomicBool,
     buckets: Box<[Bucket]>,
+    /// Per thread stripe: the successes it recorded in one bucket epoch, not yet added to that bucket, as
+    /// `epoch << 32 | count` (the epoch's low 32 bits). Only the stripes that threads own are used.
+    current: Box<[Padded<AtomicU64>]>,
 }
+
+const COUNT_BITS: u32 = 32;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
 impl TimeWindow {
     pub(crate) fn new(duration_ms: u64, buckets: u32) -> Self {
@@ -249,6 +257,7 @@ impl TimeWindow {
             head: Padded(AtomicU64::new(0)),
             advancing: AtomicBool::new(false),
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            current: (0..STRIPES).map(|_| Padded::default()).collect(),
         }
     }
 
@@ -292,9 +301,55 @@ impl TimeWindow {
         }
     }
 
-    /// Records one outcome at `now_ms`. Returns the totals after it for a failure or a slow call.
-    pub(crate) fn record(&self, now_ms: u64, sample: Sample) -> Option<Totals> {
+    /// Records a success (neither failed nor slow) at `now_ms`, from the thread of `stripe`, which it owns when
+    /// `owned` (see [`crate::padded::this_thread_stripe`]).
+    #[inline]
+    pub(crate) fn record_success(&self, now_ms: u64, stripe: usize, owned: bool) {
+        if !owned {
+            self.record(now_ms, Sample::SUCCESS);
+            return;
+        }
         let epoch = now_ms / self.bucket_ms;
+        let current = &self.current[stripe].0;
+        let word = current.load(Ordering::Relaxed);
+        if word >> COUNT_BITS == epoch & COUNT_MASK && word & COUNT_MASK < COUNT_MASK {
+            current.store(word + 1, Ordering::Release);
+            return;
+        }
+        self.start_epoch(now_ms, current, word);
+    }
+
+    /// The thread records in a new bucket epoch: its count for the previous one goes to that bucket (added before
+    /// the stripe moves on, so a reader in between counts it twice rather than not at all: a moment's excess of
+    /// successes can only delay an opening).
+    #[inline(never)]
+    fn start_epoch(&self, now_ms: u64, current: &AtomicU64, word: u64) {
+        let epoch = now_ms / self.bucket_ms;
+        if self.enter(epoch).is_none() {
+            return;
+        }
+        let count = word & COUNT_MASK;
+        let newest = self.head.0.load(Ordering::Acquire).max(epoch);
+        if count > 0
+            && let Some(previous) = self.epoch_in_window(word >> COUNT_BITS, newest)
+        {
+            self.bucket(previous)
+                .calls_failures
+                .fetch_add(count, Ordering::AcqRel);
+        }
+        current.store(((epoch & COUNT_MASK) << COUNT_BITS) | 1, Ordering::Release);
+    }
+
+    /// The full epoch whose low 32 bits are `truncated`, if it lies in the window that ends at `newest`.
+    fn epoch_in_window(&self, truncated: u64, newest: u64) -> Option<u64> {
+        let back = (newest & COUNT_MASK).wrapping_sub(truncated) & COUNT_MASK;
+        (back < self.len())
+            .then(|| newest.checked_sub(back))
+            .flatten()
+    }
+
+    /// Advances the window to `epoch` if it is newer; `None` if `epoch` is already older than the window.
+    fn enter(&self, epoch: u64) -> Option<()> {
         let head = self.head.0.load(Ordering::Acquire);
         if epoch > head {
             self.advance_to(epoch);
@@ -302,6 +357,14 @@ impl TimeWindow {
             // Older than the window (a call that took longer than the whole window to report): not counted.
             return None;
         }
+        Some(())
+    }
+
+    /// Records one outcome at `now_ms` in the shared bucket. Returns the totals after it for a failure or a slow
+    /// call.
+    pub(crate) fn record(&self, now_ms: u64, sample: Sample) -> Option<Totals> {
+        let epoch = now_ms / self.bucket_ms;
+        self.enter(epoch)?;
         let bucket = self.bucket(epoch);
         bucket
             .calls_failures
@@ -331,6 +394,15 @@ impl TimeWindow {
             totals.failures += calls_failures >> 32;
             totals.slow += bucket.slow.load(Ordering::Acquire);
         }
+        for current in &*self.current {
+            let word = current.0.load(Ordering::Acquire);
+            if self
+                .epoch_in_window(word >> COUNT_BITS, newest)
+                .is_some_and(|epoch| epoch >= oldest)
+            {
+                totals.calls += word & COUNT_MASK;
+            }
+        }
         totals
     }
 
@@ -346,6 +418,9 @@ impl TimeWindow {
         for bucket in &*self.buckets {
             bucket.calls_failures.store(0, Ordering::Relaxed);
             bucket.slow.store(0, Ordering::Relaxed);
+        }
+        for current in &*self.current {
+            current.0.store(0, Ordering::Relaxed);
         }
         self.advancing.store(false, Ordering::Release);
     }

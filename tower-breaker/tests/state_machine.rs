@@ -292,6 +292,51 @@ fn a_slow_call_rate_trips_the_breaker() {
     assert_eq!((stats.slow_calls, stats.successes), (2, 4));
 }
 
+/// A time window counts a success in its thread's stripe for the current bucket, and moves it to the shared bucket
+/// when the thread records in a later one: successes count exactly while they are in the window, from every
+/// thread, and leave it with their bucket.
+#[test]
+fn a_time_window_counts_successes_from_every_thread_until_their_bucket_leaves_it() {
+    let clock = ManualClock::new();
+    let breaker = CircuitBreaker::builder()
+        .time_window(Duration::from_secs(10), 10)
+        .minimum_calls(1)
+        .failure_rate(0.5)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let successes = |count: usize| {
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..count {
+                        breaker.try_acquire().unwrap().success();
+                    }
+                });
+            }
+        });
+        for _ in 0..count {
+            breaker.try_acquire().unwrap().success();
+        }
+    };
+    successes(10); // t = 0 s: 50 successes from 5 threads
+    assert_eq!(breaker.stats().window.calls, 50);
+    clock.advance(Duration::from_secs(5));
+    successes(2); // t = 5 s: 10 more
+    assert_eq!(breaker.stats().window.calls, 60);
+    clock.advance(Duration::from_millis(5_500));
+    // t = 10.5 s: the bucket of t = 0 s has left the window, the one of t = 5 s has not.
+    assert_eq!(breaker.stats().window.calls, 10);
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(breaker.stats().window.calls, 0);
+    // Alone in the window, one failure is a 100 % failure rate.
+    breaker.try_acquire().unwrap().failure();
+    assert_eq!(breaker.state(), State::Open);
+    let stats = breaker.stats();
+    assert_eq!((stats.successes, stats.failures), (60, 1));
+    assert_accounting(&stats);
+}
+
 #[test]
 fn a_time_window_forgets_failures_older_than_its_span() {
     let clock = ManualClock::new();
