@@ -410,19 +410,19 @@ fn interleaved_closed() {
     print_closed(
         "closed path, one call",
         &names,
-        samples.into_iter().map(median).collect(),
+        &samples.into_iter().map(median).collect::<Vec<_>>(),
     );
 }
 
 /// Prints one call's medians: `names[0]` is the bare service, the last one tower-resilience.
-fn print_closed(title: &str, names: &[&str], medians: Vec<f64>) {
+fn print_closed(title: &str, names: &[&str], medians: &[f64]) {
     let rival = medians[medians.len() - 1] - medians[0];
     println!("\n## interleaved: {title} ({ROUNDS} rounds of {BATCH} calls, medians)\n");
     println!(
         "| variant | ns/call | overhead over bare | tower-resilience's overhead ÷ this one's |"
     );
     println!("|---|---:|---:|---:|");
-    for (index, (name, median)) in names.iter().zip(&medians).enumerate() {
+    for (index, (name, median)) in names.iter().zip(medians).enumerate() {
         let overhead = median - medians[0];
         if index == 0 {
             println!("| {name} | {median:.1} | — | |");
@@ -472,7 +472,7 @@ fn interleaved_axum_body() {
     print_closed(
         "closed path with axum's body, one call",
         &names,
-        samples.into_iter().map(median).collect(),
+        &samples.into_iter().map(median).collect::<Vec<_>>(),
     );
 }
 
