@@ -264,7 +264,9 @@ impl BreakerBuilder {
         self
     }
 
-    /// Fail calls that take longer than `timeout` (counted as failures and as timeouts).
+    /// Fail calls that take longer than `timeout` (counted as failures and as timeouts). In the Tower layer the
+    /// deadline starts when the service first answers "not ready yet" (usually at once, on the first poll), so a
+    /// call answered on its first poll never makes a timer; a response that is ready at the deadline wins.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.config.call_timeout = Some(timeout);
         self

@@ -54,7 +54,6 @@ pin_project! {
     pub struct ResponseFuture<Fut, C, F, ReqBody, ResBody, E>
     where
         C: ClassifyResponse,
-    C::ClassifyEos: 'static,
         C::ClassifyEos: 'static,
         F: Fallback<ReqBody, ResBody, E>,
     {
@@ -173,6 +172,7 @@ where
                 let result = ready!(future.poll(cx));
                 if let Some(breaker) = breaker.take() {
                     breaker.record_fallback(result.is_ok());
+                    breaker.release();
                 }
                 this.state.set(State::Immediate { response: None });
                 Poll::Ready(result.map(|response| response.map(ResponseBody::plain)))
@@ -304,6 +304,7 @@ where
         let result = ready!(future.poll(cx));
         if let Some(breaker) = breaker.take() {
             breaker.record_fallback(result.is_ok());
+            breaker.release();
         }
         state.set(State::Immediate { response: None });
         Poll::Ready(result.map(|response| response.map(ResponseBody::plain)))

@@ -319,9 +319,10 @@ impl TimeWindow {
         self.start_epoch(now_ms, current, word);
     }
 
-    /// The thread records in a new bucket epoch: its count for the previous one goes to that bucket (added before
-    /// the stripe moves on, so a reader in between counts it twice rather than not at all: a moment's excess of
-    /// successes can only delay an opening).
+    /// The thread records in a new bucket epoch: its count for the previous one goes to that bucket, added before
+    /// the stripe moves on (see [`TimeWindow::totals`] for why that order). A `reset` racing the owner of a stripe
+    /// can see up to a bucket of its pre-reset successes come back: successes only, which can only delay an
+    /// opening.
     #[inline(never)]
     fn start_epoch(&self, now_ms: u64, current: &AtomicU64, word: u64) {
         let epoch = now_ms / self.bucket_ms;
@@ -387,13 +388,9 @@ impl TimeWindow {
         if newest < oldest {
             return totals;
         }
-        for epoch in oldest..=newest {
-            let bucket = self.bucket(epoch);
-            let calls_failures = bucket.calls_failures.load(Ordering::Acquire);
-            totals.calls += calls_failures & u64::from(u32::MAX);
-            totals.failures += calls_failures >> 32;
-            totals.slow += bucket.slow.load(Ordering::Acquire);
-        }
+        // The stripes first, then the buckets: a thread changing epoch adds its count to the bucket before its
+        // stripe moves on, so a count read in neither place is impossible (read in both, it counts twice, for a
+        // moment: a moment's excess of successes can only delay an opening).
         for current in &*self.current {
             let word = current.0.load(Ordering::Acquire);
             if self
@@ -402,6 +399,13 @@ impl TimeWindow {
             {
                 totals.calls += word & COUNT_MASK;
             }
+        }
+        for epoch in oldest..=newest {
+            let bucket = self.bucket(epoch);
+            let calls_failures = bucket.calls_failures.load(Ordering::Acquire);
+            totals.calls += calls_failures & u64::from(u32::MAX);
+            totals.failures += calls_failures >> 32;
+            totals.slow += bucket.slow.load(Ordering::Acquire);
         }
         totals
     }
@@ -429,6 +433,63 @@ impl TimeWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader racing a thread's move to the next bucket never sees fewer than the successes already recorded:
+    /// the count is in the stripe, in the bucket, or (for a moment) in both.
+    #[test]
+    fn a_time_window_never_loses_successes_while_a_thread_changes_bucket() {
+        use std::sync::atomic::AtomicI64;
+        const SUCCESSES: u64 = 200;
+        const ROUNDS: i64 = 2_000;
+        let window = TimeWindow::new(100, 10); // buckets of 10 ms
+        let recorded = AtomicI64::new(-1); // the round whose successes are all recorded
+        let watching = AtomicI64::new(-1); // the round the reader is watching
+        let moved = AtomicI64::new(-1); // the round whose thread moved to the next bucket
+        let read = AtomicI64::new(-1); // the round the reader is done with
+        let (mut short, mut lowest) = (0, u64::MAX);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for round in 0..ROUNDS {
+                    let epoch = 1 + round.unsigned_abs() * 100;
+                    for _ in 0..SUCCESSES {
+                        window.record_success(epoch * 10, 0, true);
+                    }
+                    recorded.store(round, Ordering::Release);
+                    while watching.load(Ordering::Acquire) != round {
+                        std::thread::yield_now();
+                    }
+                    window.record_success((epoch + 1) * 10, 0, true);
+                    moved.store(round, Ordering::Release);
+                    while read.load(Ordering::Acquire) != round {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            for round in 0..ROUNDS {
+                let epoch = 1 + round.unsigned_abs() * 100;
+                while recorded.load(Ordering::Acquire) != round {
+                    std::thread::yield_now();
+                }
+                watching.store(round, Ordering::Release);
+                loop {
+                    let last = moved.load(Ordering::Acquire) == round;
+                    let calls = window.totals((epoch + 1) * 10).calls;
+                    if calls < SUCCESSES {
+                        short += 1;
+                        lowest = lowest.min(calls);
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                read.store(round, Ordering::Release);
+            }
+        });
+        assert_eq!(
+            short, 0,
+            "totals fell short {short} times (lowest {lowest})"
+        );
+    }
 
     const OK: Sample = Sample {
         failure: false,
