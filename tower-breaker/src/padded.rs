@@ -89,6 +89,19 @@ pub(crate) fn this_thread_stripe() -> (usize, bool) {
         .unwrap_or((OWNED_STRIPES, false))
 }
 
+/// Adds `value` to a counter of a stripe and returns its previous value: a plain load and store when this thread
+/// owns the stripe alone (`owned`, from [`this_thread_stripe`]), `fetch_add` on the shared stripe.
+#[inline(always)]
+pub(crate) fn add_to_stripe(counter: &AtomicU64, value: u64, owned: bool) -> u64 {
+    if owned {
+        let previous = counter.load(Ordering::Relaxed);
+        counter.store(previous.wrapping_add(value), Ordering::Relaxed);
+        previous
+    } else {
+        counter.fetch_add(value, Ordering::Relaxed)
+    }
+}
+
 /// How many stripes there are in all: the owned ones and the shared one.
 pub(crate) const STRIPES: usize = OWNED_STRIPES + 1;
 
@@ -103,14 +116,7 @@ impl Striped {
     /// [`Striped::increment`] for the thread whose stripe is `index` ([`this_thread_stripe`]).
     #[inline(always)]
     pub(crate) fn increment_at(&self, index: usize, owned: bool, lane: Lane) -> u64 {
-        let counter = &self.stripes[index].0[lane as usize];
-        if owned {
-            let value = counter.load(Ordering::Relaxed);
-            counter.store(value + 1, Ordering::Relaxed);
-            value
-        } else {
-            counter.fetch_add(1, Ordering::Relaxed)
-        }
+        add_to_stripe(&self.stripes[index].0[lane as usize], 1, owned)
     }
 
     /// The total of `lane`.

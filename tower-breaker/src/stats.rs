@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::padded::{Padded, STRIPES, Striped, this_thread_stripe};
+use crate::padded::{Padded, STRIPES, Striped, add_to_stripe, this_thread_stripe};
 use crate::state::State;
 
 /// The breaker's counters. The ones every call writes (requests, and successes recorded in the window) are
@@ -86,25 +86,13 @@ impl Default for LatencyStripe {
     }
 }
 
-/// Adds `value` to `counter`: a plain load and store on a stripe this thread owns alone, `fetch_add` otherwise.
-fn add(counter: &AtomicU64, value: u64, owned: bool) {
-    if owned {
-        counter.store(
-            counter.load(Ordering::Relaxed).wrapping_add(value),
-            Ordering::Relaxed,
-        );
-    } else {
-        counter.fetch_add(value, Ordering::Relaxed);
-    }
-}
-
 impl Latency {
     pub(crate) fn record(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let (index, owned) = this_thread_stripe();
         let stripe = &self.stripes[index].get_or_init(Box::default).0;
-        add(&stripe.buckets[bucket_of(micros)], 1, owned);
-        add(&stripe.sum_micros, micros, owned);
+        add_to_stripe(&stripe.buckets[bucket_of(micros)], 1, owned);
+        add_to_stripe(&stripe.sum_micros, micros, owned);
         if micros > stripe.max_micros.load(Ordering::Relaxed) {
             stripe.max_micros.fetch_max(micros, Ordering::Relaxed);
         }
