@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 mod support;
 
-use support::{Proc, Reply, closed_port, get, poll, prefix, request, start};
+use support::{Proc, Reply, closed_port, get, poll, prefix, request, start, wait_for_discovery};
 
 /// The environment of a service of the shared demo: the test's Redis and prefix, any free port.
 fn shared_env(
@@ -72,6 +72,14 @@ fn services_when(
     found.unwrap_or_else(|| panic!("/services never got ready; last: {last:?}"))
 }
 
+/// `/services` lists the three services, and the gateway's own discovery knows both downstreams: requests through
+/// it can be made.
+fn gateway_ready(gateway: SocketAddr) -> HashMap<String, u64> {
+    let services = services_when(gateway, all_three_up);
+    wait_for_discovery(gateway);
+    services
+}
+
 fn all_three_up(services: &HashMap<String, u64>) -> bool {
     ["user-service", "order-service", "gateway"]
         .iter()
@@ -91,7 +99,7 @@ fn start_shared(
         start("gateway", &env),
     ];
     let gateway = procs[2].address();
-    services_when(gateway, all_three_up);
+    gateway_ready(gateway);
     (procs, gateway)
 }
 
@@ -197,7 +205,7 @@ fn the_walkthrough_works_over_three_processes_sharing_one_redis() {
     );
 
     // The registry, health, Redis health and metrics.
-    let services = services_when(gateway, all_three_up);
+    let services = gateway_ready(gateway);
     assert_eq!(services.len(), 3, "{services:?}");
     let health = get(gateway, "/health");
     assert_eq!(health.status, 200);
@@ -372,7 +380,7 @@ fn killing_redis_mid_run_leaves_the_demo_answering() {
         (get(gateway, "/health/redis").status == 200).then_some(())
     });
     assert!(back.is_some(), "the gateway never saw Redis again");
-    services_when(gateway, all_three_up);
+    gateway_ready(gateway);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -395,7 +403,7 @@ fn the_demo_launcher_starts_three_processes_and_an_interrupt_deregisters_them() 
     let gateway = demo.address_of("gateway");
     demo.address_of("user-service");
     demo.address_of("order-service");
-    services_when(gateway, all_three_up);
+    gateway_ready(gateway);
     let user = create_user(gateway, "Barbara");
     assert_eq!(get(gateway, &format!("/users/{user}")).status, 200);
 
@@ -445,7 +453,7 @@ fn without_redis_the_demo_runs_in_one_process_in_single_instance_mode() {
         "{}",
         demo.log()
     );
-    services_when(gateway, all_three_up);
+    gateway_ready(gateway);
 
     let user = create_user(gateway, "Alan");
     let order = send(
@@ -556,7 +564,7 @@ fn on_a_redis_cluster_the_services_find_each_other_and_share_limits() {
     let _orders = start("order-service", &env);
     let gateway_proc = start("gateway", &env);
     let gateway = gateway_proc.address();
-    services_when(gateway, all_three_up);
+    gateway_ready(gateway);
 
     let user = create_user(gateway, "Leslie");
     let order = send(

@@ -247,20 +247,26 @@ pub(crate) fn two_gateways(env: &[(&str, String)]) -> (Vec<Proc>, SocketAddr, So
     ];
     let (a, b) = (procs[2].address(), procs[3].address());
     for gateway in [a, b] {
-        poll(Duration::from_secs(20), || {
-            let health = get(gateway, "/health").json();
-            ["user-service", "order-service"]
-                .iter()
-                .all(|service| {
-                    health["downstream"][service]["discovery"]["instances"]
-                        .as_u64()
-                        .is_some_and(|instances| instances > 0)
-                })
-                .then_some(())
-        })
-        .expect("the gateway's discovery never knew both services");
+        wait_for_discovery(gateway);
     }
     (procs, a, b)
+}
+
+/// Waits until the discovery of `gateway` knows an instance of both services (listed in the registry is not
+/// enough: a gateway balances over what its own watch has read).
+pub(crate) fn wait_for_discovery(gateway: SocketAddr) {
+    poll(Duration::from_secs(20), || {
+        let health = get(gateway, "/health").json();
+        ["user-service", "order-service"]
+            .iter()
+            .all(|service| {
+                health["downstream"][service]["discovery"]["instances"]
+                    .as_u64()
+                    .is_some_and(|instances| instances > 0)
+            })
+            .then_some(())
+    })
+    .expect("the gateway's discovery never knew both services");
 }
 
 /// Polls `check` every 50 ms until it gives a value or `within` runs out.
