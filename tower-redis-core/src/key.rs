@@ -1,0 +1,1 @@
+//! Key escaping for Redis Cluster hash tags.

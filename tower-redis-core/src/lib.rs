@@ -1,0 +1,3 @@
+//! Redis plumbing shared by the workspace's Redis crates.
+
+pub mod key;
