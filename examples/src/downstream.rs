@@ -17,7 +17,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
-use tower_breaker::{BreakerLayer, CircuitBreaker, FallbackReason, FallbackRequest};
+use tower_breaker::classify::{
+    ClassifiedResponse, ClassifyResponse, NeverClassifyEos, SharedClassifier,
+};
+use tower_breaker::{
+    BreakerLayer, CircuitBreaker, FallbackReason, FallbackRequest, HttpClassifier, NotSuccess,
+};
 use tower_discovery::{
     BalanceOptions, Discovery, Ejecting, EjectionOptions, HttpEndpoint, Instance, NoEndpoints,
     Unavailable, WatchHandle, WatchStats, balance,
@@ -120,7 +125,7 @@ impl Downstream {
             .map_response(into_axum_body)
             .layer(
                 BreakerLayer::new(breaker.clone())
-                    .for_http()
+                    .classifier(SharedClassifier::new(DiscoveryAware::default()))
                     .fallback(fallback),
             )
             .layer(tower::retry::RetryLayer::new(RetryUnsent { left: 2 }))
@@ -168,10 +173,47 @@ impl Downstream {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(service = self.name, %error, "downstream call failed");
-                unavailable(self.name, &describe(&*error), None)
+                // No instance known or none ready: discovery is catching up (a registry restarted empty, an
+                // instance starting); the client may retry shortly.
+                let retry_after = (error.is::<NoEndpoints>() || error.is::<Unavailable>())
+                    .then_some(Duration::from_secs(1));
+                unavailable(self.name, &describe(&*error), retry_after)
             }
         }
     }
+}
+
+/// The HTTP preset, except that discovery's own "no instance" errors ([`NoEndpoints`], [`Unavailable`]) say
+/// nothing about the downstream's health and are ignored: a registry that lost its data, or a gap while an
+/// instance restarts, must not open the breaker for its whole open duration.
+#[derive(Debug, Clone, Copy, Default)]
+struct DiscoveryAware(HttpClassifier);
+
+impl ClassifyResponse for DiscoveryAware {
+    type FailureClass = NotSuccess;
+    type ClassifyEos = NeverClassifyEos<NotSuccess>;
+
+    fn classify_response<B>(
+        self,
+        response: &Response<B>,
+    ) -> ClassifiedResponse<NotSuccess, Self::ClassifyEos> {
+        self.0.classify_response(response)
+    }
+
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> NotSuccess {
+        if is_no_instance(error) {
+            NotSuccess::Ignored
+        } else {
+            self.0.classify_error(error)
+        }
+    }
+}
+
+/// Whether `error` is discovery's "no instance" (the balancer's error type is `BoxError`).
+fn is_no_instance<E: 'static>(error: &E) -> bool {
+    let any: &dyn std::any::Any = error;
+    any.downcast_ref::<BoxError>()
+        .is_some_and(|error| error.is::<NoEndpoints>() || error.is::<Unavailable>())
 }
 
 /// Any response body as axum's.

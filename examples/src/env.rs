@@ -146,15 +146,23 @@ impl<R: Registry> Env<R> {
     }
 
     /// The `UP` instances of `service` other than `self_id` (for peer lookups).
-    pub async fn peers(&self, service: &str, self_id: &str) -> Vec<tower_discovery::Instance> {
+    ///
+    /// # Errors
+    ///
+    /// The registry's error: the peers are then unknown, which is not the same as having none.
+    pub async fn peers(
+        &self,
+        service: &str,
+        self_id: &str,
+    ) -> Result<Vec<tower_discovery::Instance>, tower_discovery::RegistryError> {
         match self.registry.instances(service).await {
-            Ok(instances) => instances
+            Ok(instances) => Ok(instances
                 .into_iter()
                 .filter(|instance| instance.id != self_id && instance.status == Status::Up)
-                .collect(),
+                .collect()),
             Err(error) => {
                 tracing::warn!(%error, service, "cannot list peers");
-                Vec::new()
+                Err(error)
             }
         }
     }

@@ -256,13 +256,20 @@ async fn get_user<R: Registry>(
     State(state): State<Arc<Gateway<R>>>,
     Path(id): Path<String>,
 ) -> Response<Body> {
-    relay(
+    let mut reply = relay(
         state
             .users
             .call(Method::GET, &format!("/users/{id}"), None)
             .await,
         true,
-    )
+    );
+    // Tagged, so that a change of the user drops every cached variant (`/users/7?x=1` too), not only `/users/7`.
+    if reply.status() == StatusCode::OK
+        && let Ok(tag) = HeaderValue::from_str(&format!("user:{id}"))
+    {
+        reply.headers_mut().insert("surrogate-key", tag);
+    }
+    reply
 }
 
 async fn update_user<R: Registry>(
@@ -301,6 +308,10 @@ async fn update_order<R: Registry>(
         let keys = [format!("/orders/{id}")];
         if let Err(error) = state.cache.invalidate(&keys).await {
             tracing::warn!(%error, "could not invalidate the order everywhere (this instance's copy is gone)");
+        }
+        // Every other cached variant of the order (`/orders/7?x=1`) carries its tag.
+        if let Err(error) = state.cache.invalidate_tag(&format!("order:{id}")).await {
+            tracing::warn!(%error, "could not invalidate the order's variants by tag");
         }
     }
     relay(state.announce("order.updated", response).await, false)

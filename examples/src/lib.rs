@@ -33,5 +33,6 @@ pub mod lifecycle;
 pub mod orders;
 mod peers;
 pub mod roles;
+pub mod server;
 pub mod telemetry;
 pub mod users;

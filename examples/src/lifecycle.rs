@@ -83,16 +83,29 @@ async fn terminate() {
     std::future::pending::<()>().await;
 }
 
+/// Resolves when standard input reaches its end. The read runs on a plain thread of its own, not on tokio's
+/// blocking pool: a runtime waits for its blocking tasks when it shuts down, so a service that failed at start-up
+/// (its port taken, say) would never exit while the read waits, and the launcher would wait for it for good.
 async fn stdin_closed() {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = tokio::io::stdin();
-    let mut buffer = [0_u8; 256];
-    loop {
-        match stdin.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name("stdin-watch".to_owned())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buffer = [0_u8; 256];
+            loop {
+                match stdin.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = closed.send(());
+        });
+    if started.is_err() {
+        return std::future::pending().await;
     }
+    let _ = on_close.await;
 }
 
 /// Counts the requests an instance served and names it in an `x-served-by` header on every response.
@@ -211,13 +224,9 @@ where
             tracing::info!("{service}: deregistered");
         }
     };
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|error| ServeError(format!("{service}: server error: {error}")))?;
+    crate::server::serve(listener, router, shutdown)
+        .await
+        .map_err(|error| ServeError(format!("{service}: server error: {error}")))?;
     tracing::info!("{service}: stopped");
     Ok(())
 }

@@ -20,7 +20,35 @@ pub(crate) fn from_peer(headers: &HeaderMap) -> bool {
     headers.contains_key(PEER_HEADER)
 }
 
-/// Sends the request to each peer in turn until one answers with something other than 404; `None` if none has it.
+/// What asking the peers found.
+pub(crate) enum Lookup {
+    /// A peer answered with something other than 404.
+    Found(Response<Body>),
+    /// Every peer answered 404 (or there is no other instance): the record does not exist.
+    Absent,
+    /// Nobody had it, but the registry or a peer did not answer: the record may exist. Never a 404.
+    Unknown(&'static str),
+}
+
+impl Lookup {
+    /// The answer for a request whose record this instance does not have: the peer's answer, a 404 built by
+    /// `absent`, or a 503 with `Retry-After` when it is not known whether the record exists.
+    pub(crate) fn into_response(self, absent: impl FnOnce() -> Response<Body>) -> Response<Body> {
+        match self {
+            Self::Found(response) => response,
+            Self::Absent => absent(),
+            Self::Unknown(reason) => {
+                let mut response = crate::json::error(StatusCode::SERVICE_UNAVAILABLE, reason);
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(1));
+                response
+            }
+        }
+    }
+}
+
+/// Sends the request to each peer in turn until one answers with something other than 404.
 pub(crate) async fn ask<R: Registry>(
     env: &Env<R>,
     service: &str,
@@ -28,8 +56,12 @@ pub(crate) async fn ask<R: Registry>(
     method: Method,
     path: &str,
     body: Bytes,
-) -> Option<Response<Body>> {
-    for peer in env.peers(service, self_id).await {
+) -> Lookup {
+    let Ok(peers) = env.peers(service, self_id).await else {
+        return Lookup::Unknown("the registry did not answer, so the other instances are unknown");
+    };
+    let mut unanswered = false;
+    for peer in peers {
         let uri = format!("{}{path}", peer.base_uri());
         let Ok(request) = Request::builder()
             .method(method.clone())
@@ -46,17 +78,28 @@ pub(crate) async fn ask<R: Registry>(
             Ok(Ok(response)) if response.status() != StatusCode::NOT_FOUND => {
                 let (parts, incoming) = response.into_parts();
                 let Ok(collected) = incoming.collect().await else {
+                    unanswered = true;
                     continue;
                 };
-                return Some(Response::from_parts(
+                return Lookup::Found(Response::from_parts(
                     parts,
                     Body::from(collected.to_bytes()),
                 ));
             }
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::debug!(%error, peer = %peer.id, "peer lookup failed"),
-            Err(_) => tracing::debug!(peer = %peer.id, "peer lookup timed out"),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, peer = %peer.id, "peer lookup failed");
+                unanswered = true;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer.id, "peer lookup timed out");
+                unanswered = true;
+            }
         }
     }
-    None
+    if unanswered {
+        Lookup::Unknown("another instance that may hold the record did not answer")
+    } else {
+        Lookup::Absent
+    }
 }

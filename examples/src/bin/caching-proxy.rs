@@ -152,13 +152,10 @@ async fn run(args: Args) -> Result<(), String> {
         "listening on http://{local}, forwarding to {}",
         args.upstream_text
     );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await
-    .map_err(|error| format!("server error: {error}"))?;
+    // With a header-read timeout and a connection cap, which `axum::serve` does not set.
+    examples::server::serve(listener, app, shutdown())
+        .await
+        .map_err(|error| format!("server error: {error}"))?;
     tracing::info!(stats = ?cache.stats(), "stopped");
     Ok(())
 }

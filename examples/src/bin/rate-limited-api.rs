@@ -318,13 +318,10 @@ async fn serve(config: &Config, app: Router, stop: Stop) -> Result<(), String> {
     println!("{NAME} listening on http://{local}");
     tracing::info!("{NAME} listening on http://{local}");
     // The peer address (`ConnectInfo`) is what anonymous callers are counted by.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.wait())
-    .await
-    .map_err(|error| format!("server error: {error}"))?;
+    // With a header-read timeout and a connection cap, which `axum::serve` does not set.
+    examples::server::serve(listener, app, stop.wait())
+        .await
+        .map_err(|error| format!("server error: {error}"))?;
     tracing::info!("{NAME}: stopped");
     Ok(())
 }
