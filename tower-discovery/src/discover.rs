@@ -5,13 +5,18 @@
 //! `Insert(id, instance)` for a new instance or a changed one (when host, port or protocol change, a `Remove` comes
 //! first), `Remove(id)` for one that left. A registry error keeps the last good set: the stream never yields an
 //! error, because an error from a `Discover` poisons `tower::balance` (and every caller behind its `Buffer`).
+//!
+//! Self-preservation (as Eureka's, or Envoy's panic threshold): a read that finds the service empty, or that misses
+//! more than [`WatchOptions::max_departure_fraction`] of the serving instances at once, is taken as a registry that
+//! lost its data (a restart without persistence, a `FLUSHALL`, a partition that let every entry expire), not as a
+//! mass departure. The missing instances stay (no `Remove`) until they reappear or the grace period ends.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_core::Stream;
 use rand::Rng;
@@ -63,12 +68,24 @@ impl Filter {
 }
 
 /// How to watch a service.
+///
+/// Build it with struct update syntax so that new fields keep their defaults:
+/// `WatchOptions { interval: Duration::from_millis(200), ..WatchOptions::default() }`.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     /// Time between two reads of the registry (default 1 s, ±10 % jitter).
     pub interval: Duration,
     /// Which instances to keep.
     pub filter: Filter,
+    /// Self-preservation threshold (default 0.5): when one read loses more than this fraction of the serving
+    /// instances (they are missing from the registry, not merely changed status), or reads the service empty, the
+    /// registry is taken to have lost its data and the missing instances are kept (no `Remove`) until they reappear
+    /// or [`WatchOptions::preservation_grace`] ends. Fewer departures are removed at once. `1.0` preserves only on
+    /// an empty read.
+    pub max_departure_fraction: f64,
+    /// How long a preserved instance is kept when it does not reappear; `None` (the default) is twice the
+    /// registry's TTL ([`Registry::ttl`]). `Some(Duration::ZERO)` turns self-preservation off.
+    pub preservation_grace: Option<Duration>,
 }
 
 impl Default for WatchOptions {
@@ -76,6 +93,8 @@ impl Default for WatchOptions {
         Self {
             interval: Duration::from_secs(1),
             filter: Filter::up(),
+            max_departure_fraction: 0.5,
+            preservation_grace: None,
         }
     }
 }
@@ -216,13 +235,16 @@ pub(crate) fn diff(
     let mut changes = Vec::new();
     let mut fresh_by_id: HashMap<String, Instance> =
         fresh.into_iter().map(|i| (i.id.clone(), i)).collect();
+    let mut gone: Vec<String> = Vec::new();
     known.retain(|id, _| {
         let keep = fresh_by_id.contains_key(id);
         if !keep {
-            changes.push(Change::Remove(id.clone()));
+            gone.push(id.clone());
         }
         keep
     });
+    gone.sort();
+    changes.extend(gone.into_iter().map(Change::Remove));
     let mut ids: Vec<String> = fresh_by_id.keys().cloned().collect();
     ids.sort();
     for id in ids {
@@ -256,6 +278,73 @@ fn same_routing(a: &Instance, b: &Instance) -> bool {
     a.status == b.status && a.zone == b.zone && a.tags == b.tags && a.metadata == b.metadata
 }
 
+/// When self-preservation holds instances back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Preservation {
+    /// More than this fraction of the serving instances missing in one read (or an empty read) is a registry problem.
+    pub(crate) max_departure_fraction: f64,
+    /// How long a missing instance is kept.
+    pub(crate) grace: Duration,
+}
+
+/// What one read changes.
+#[derive(Debug, Default)]
+pub(crate) struct Reconciled {
+    /// The changes to send.
+    pub(crate) changes: Vec<Change<String, Instance>>,
+    /// Instances that went missing in this read and are now preserved.
+    pub(crate) newly_preserved: usize,
+    /// Preserved instances whose grace ended in this read (removed).
+    pub(crate) expired: usize,
+}
+
+/// Turns one successful read of the registry into changes, with self-preservation.
+///
+/// `known` is what the stream has handed out (the serving set, preserved instances included); `preserved` maps the
+/// ids held back to the end of their grace. `read` is every instance the registry returned, whatever its status.
+/// An instance that is in `read` but fails `filter` (it went `DOWN`, say) is removed at once: that is news from the
+/// instance, not a loss of data. An instance missing from `read` is a departure; if the read is empty, or more
+/// than `policy.max_departure_fraction` of `known` departed in this read, they are preserved until they reappear
+/// or `now` passes their grace.
+pub(crate) fn reconcile(
+    known: &mut HashMap<String, Instance>,
+    preserved: &mut HashMap<String, Instant>,
+    read: Vec<Instance>,
+    filter: &Filter,
+    policy: Preservation,
+    now: Instant,
+) -> Reconciled {
+    let present: std::collections::HashSet<&str> = read.iter().map(|i| i.id.as_str()).collect();
+    // Back in the registry (with any status): no longer preserved; the diff below takes it from here.
+    preserved.retain(|id, _| !present.contains(id.as_str()));
+    let mut departed: Vec<String> = known
+        .keys()
+        .filter(|id| !present.contains(id.as_str()) && !preserved.contains_key(*id))
+        .cloned()
+        .collect();
+    departed.sort();
+    let mut newly_preserved = 0;
+    if !departed.is_empty() && !policy.grace.is_zero() {
+        let sharp = departed.len() as f64 > policy.max_departure_fraction * known.len() as f64;
+        if present.is_empty() || sharp {
+            newly_preserved = departed.len();
+            for id in departed {
+                preserved.insert(id, now + policy.grace);
+            }
+        }
+    }
+    let before = preserved.len();
+    preserved.retain(|_, until| *until > now);
+    let expired = before - preserved.len();
+    let mut fresh: Vec<Instance> = read.into_iter().filter(|i| filter.matches(i)).collect();
+    fresh.extend(preserved.keys().filter_map(|id| known.get(id).cloned()));
+    Reconciled {
+        changes: diff(known, fresh),
+        newly_preserved,
+        expired,
+    }
+}
+
 async fn poll_loop<R: Registry>(
     registry: R,
     watch: WatchHandle,
@@ -264,7 +353,14 @@ async fn poll_loop<R: Registry>(
     hint: Arc<Notify>,
 ) {
     let service = &watch.service;
+    let policy = Preservation {
+        max_departure_fraction: options.max_departure_fraction,
+        grace: options
+            .preservation_grace
+            .unwrap_or_else(|| registry.ttl().saturating_mul(2)),
+    };
     let mut known: HashMap<String, Instance> = HashMap::new();
+    let mut preserved: HashMap<String, Instant> = HashMap::new();
     let mut failing = false;
     loop {
         let read = registry.instances(service).await;
@@ -275,11 +371,36 @@ async fn poll_loop<R: Registry>(
                     tracing::info!(%service, "registry reachable again");
                     failing = false;
                 }
-                let kept: Vec<Instance> = instances
-                    .into_iter()
-                    .filter(|i| options.filter.matches(i))
-                    .collect();
-                let changes = diff(&mut known, kept);
+                let was_preserving = !preserved.is_empty();
+                let outcome = reconcile(
+                    &mut known,
+                    &mut preserved,
+                    instances,
+                    &options.filter,
+                    policy,
+                    Instant::now(),
+                );
+                if !was_preserving && !preserved.is_empty() {
+                    tracing::warn!(
+                        %service,
+                        missing = outcome.newly_preserved,
+                        known = known.len(),
+                        grace = ?policy.grace,
+                        "the registry lost most of this service's instances at once; keeping them (self-preservation)"
+                    );
+                    watch.counters.preservation_entered(service);
+                } else if outcome.newly_preserved > 0 {
+                    tracing::debug!(%service, missing = outcome.newly_preserved, "more instances preserved");
+                }
+                if was_preserving && preserved.is_empty() {
+                    tracing::info!(
+                        %service,
+                        expired = outcome.expired,
+                        "self-preservation over: every preserved instance reappeared or its grace ended"
+                    );
+                }
+                watch.counters.preserved(service, preserved.len());
+                let changes = outcome.changes;
                 let inserts = changes
                     .iter()
                     .filter(|change| matches!(change, Change::Insert(..)))
@@ -355,6 +476,237 @@ mod tests {
         );
         let moved = diff(&mut known, vec![at("a", 9, Status::Up)]);
         assert_eq!(describe(&moved), vec!["-b", "-a", "+a:9"]);
+    }
+
+    const POLICY: Preservation = Preservation {
+        max_departure_fraction: 0.5,
+        grace: Duration::from_secs(60),
+    };
+
+    /// A watch's state, and one read after another into it.
+    struct Watch {
+        known: HashMap<String, Instance>,
+        preserved: HashMap<String, Instant>,
+        start: Instant,
+    }
+
+    impl Watch {
+        fn new() -> Self {
+            Self {
+                known: HashMap::new(),
+                preserved: HashMap::new(),
+                start: Instant::now(),
+            }
+        }
+
+        /// Reads `instances` `after` the start; the changes as `+id:port` / `-id`.
+        fn read(&mut self, instances: Vec<Instance>, after: Duration) -> Vec<String> {
+            let outcome = reconcile(
+                &mut self.known,
+                &mut self.preserved,
+                instances,
+                &Filter::up(),
+                POLICY,
+                self.start + after,
+            );
+            describe(&outcome.changes)
+        }
+
+        fn preserved(&self) -> Vec<String> {
+            let mut ids: Vec<String> = self.preserved.keys().cloned().collect();
+            ids.sort();
+            ids
+        }
+    }
+
+    fn up(ids: &[&str]) -> Vec<Instance> {
+        ids.iter()
+            .enumerate()
+            .map(|(port, id)| at(id, port as u16 + 1, Status::Up))
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_read_removes_nothing_and_preserves_every_serving_instance() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b", "c"]), Duration::ZERO);
+        assert_eq!(
+            watch.read(Vec::new(), Duration::from_secs(1)),
+            Vec::<String>::new()
+        );
+        assert_eq!(watch.preserved(), vec!["a", "b", "c"]);
+        assert_eq!(watch.known.len(), 3);
+    }
+
+    #[test]
+    fn an_empty_read_preserves_even_a_single_instance() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a"]), Duration::ZERO);
+        assert_eq!(
+            watch.read(Vec::new(), Duration::from_secs(1)),
+            Vec::<String>::new()
+        );
+        assert_eq!(watch.preserved(), vec!["a"]);
+    }
+
+    #[test]
+    fn losing_more_than_the_fraction_in_one_read_preserves_the_missing_instances() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b", "c", "d"]), Duration::ZERO);
+        // Three of four (75 % > 50 %) gone at once.
+        assert_eq!(
+            watch.read(up(&["a"]), Duration::from_secs(1)),
+            Vec::<String>::new()
+        );
+        assert_eq!(watch.preserved(), vec!["b", "c", "d"]);
+    }
+
+    #[test]
+    fn departures_up_to_the_fraction_are_removed_at_once() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b", "c", "d"]), Duration::ZERO);
+        // Two of four is exactly 50 %: not more than the fraction.
+        assert_eq!(
+            watch.read(up(&["a", "b"]), Duration::from_secs(1)),
+            vec!["-c", "-d"]
+        );
+        assert!(watch.preserved.is_empty());
+        assert_eq!(watch.read(up(&["a"]), Duration::from_secs(2)), vec!["-b"]);
+    }
+
+    #[test]
+    fn a_status_change_is_news_from_the_instance_and_removes_at_once() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b"]), Duration::ZERO);
+        let down = vec![at("a", 1, Status::Down), at("b", 2, Status::OutOfService)];
+        assert_eq!(watch.read(down, Duration::from_secs(1)), vec!["-a", "-b"]);
+        assert!(watch.preserved.is_empty());
+        assert!(watch.known.is_empty());
+    }
+
+    #[test]
+    fn preserved_instances_that_reappear_are_no_longer_preserved_and_cause_no_change() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b"]), Duration::ZERO);
+        watch.read(Vec::new(), Duration::from_secs(1));
+        assert_eq!(
+            watch.read(up(&["a"]), Duration::from_secs(2)),
+            Vec::<String>::new()
+        );
+        assert_eq!(watch.preserved(), vec!["b"]);
+        assert_eq!(
+            watch.read(up(&["a", "b"]), Duration::from_secs(3)),
+            Vec::<String>::new()
+        );
+        assert!(watch.preserved.is_empty());
+    }
+
+    #[test]
+    fn a_preserved_instance_that_reappears_down_is_removed() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a"]), Duration::ZERO);
+        watch.read(Vec::new(), Duration::from_secs(1));
+        let back_down = vec![at("a", 1, Status::Down)];
+        assert_eq!(watch.read(back_down, Duration::from_secs(2)), vec!["-a"]);
+        assert!(watch.preserved.is_empty());
+    }
+
+    #[test]
+    fn preserved_instances_are_removed_when_their_grace_ends() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b"]), Duration::ZERO);
+        watch.read(Vec::new(), Duration::from_secs(1));
+        // Grace 60 s from the read that lost them (t = 1 s): still kept at 60 s, removed at 61 s.
+        assert_eq!(
+            watch.read(Vec::new(), Duration::from_secs(60)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            watch.read(Vec::new(), Duration::from_secs(61)),
+            vec!["-a", "-b"]
+        );
+        assert!(watch.preserved.is_empty());
+        assert!(watch.known.is_empty());
+    }
+
+    #[test]
+    fn new_instances_are_inserted_while_others_are_preserved() {
+        let mut watch = Watch::new();
+        watch.read(up(&["a", "b"]), Duration::ZERO);
+        let replacement = vec![at("c", 7, Status::Up)];
+        assert_eq!(
+            watch.read(replacement, Duration::from_secs(1)),
+            vec!["+c:7"]
+        );
+        assert_eq!(watch.preserved(), vec!["a", "b"]);
+        assert_eq!(watch.known.len(), 3);
+    }
+
+    #[test]
+    fn a_zero_grace_turns_self_preservation_off() {
+        let mut known = HashMap::new();
+        let mut preserved = HashMap::new();
+        let off = Preservation {
+            grace: Duration::ZERO,
+            ..POLICY
+        };
+        let now = Instant::now();
+        reconcile(
+            &mut known,
+            &mut preserved,
+            up(&["a", "b"]),
+            &Filter::up(),
+            off,
+            now,
+        );
+        let outcome = reconcile(
+            &mut known,
+            &mut preserved,
+            Vec::new(),
+            &Filter::up(),
+            off,
+            now,
+        );
+        assert_eq!(describe(&outcome.changes), vec!["-a", "-b"]);
+        assert!(preserved.is_empty());
+    }
+
+    #[test]
+    fn a_fraction_of_one_preserves_only_on_an_empty_read() {
+        let mut known = HashMap::new();
+        let mut preserved = HashMap::new();
+        let empty_only = Preservation {
+            max_departure_fraction: 1.0,
+            ..POLICY
+        };
+        let now = Instant::now();
+        reconcile(
+            &mut known,
+            &mut preserved,
+            up(&["a", "b", "c", "d"]),
+            &Filter::up(),
+            empty_only,
+            now,
+        );
+        let shrunk = reconcile(
+            &mut known,
+            &mut preserved,
+            up(&["a"]),
+            &Filter::up(),
+            empty_only,
+            now,
+        );
+        assert_eq!(describe(&shrunk.changes), vec!["-b", "-c", "-d"]);
+        let empty = reconcile(
+            &mut known,
+            &mut preserved,
+            Vec::new(),
+            &Filter::up(),
+            empty_only,
+            now,
+        );
+        assert!(empty.changes.is_empty());
+        assert_eq!(preserved.len(), 1);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub(crate) struct WatchCounters {
     instances: AtomicU64,
     hints: AtomicU64,
     reachable: AtomicBool,
+    preservations: AtomicU64,
+    preserved: AtomicU64,
 }
 
 impl WatchCounters {
@@ -56,6 +58,24 @@ impl WatchCounters {
         let _ = service;
     }
 
+    pub(crate) fn preservation_entered(&self, service: &str) {
+        self.preservations.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_discovery_preservations_total", "service" => service.to_owned())
+            .increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+    }
+
+    pub(crate) fn preserved(&self, service: &str, preserved: usize) {
+        self.preserved.store(preserved as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::gauge!("tower_discovery_preserved_instances", "service" => service.to_owned())
+            .set(preserved as f64);
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+    }
+
     pub(crate) fn hint(&self) {
         self.hints.fetch_add(1, Ordering::Relaxed);
     }
@@ -82,6 +102,8 @@ impl WatchHandle {
             instances: load(&counters.instances),
             hints: load(&counters.hints),
             registry_reachable: counters.reachable.load(Ordering::Relaxed),
+            preservations: load(&counters.preservations),
+            preserved: load(&counters.preserved),
         }
     }
 }
@@ -106,6 +128,12 @@ pub struct WatchStats {
     pub hints: u64,
     /// Whether the last read of the registry succeeded.
     pub registry_reachable: bool,
+    /// Times self-preservation started: a read found the service empty or sharply shrunk, and the missing
+    /// instances were kept.
+    pub preservations: u64,
+    /// Instances kept now by self-preservation (missing from the registry, still handed out; counted in
+    /// `instances`).
+    pub preserved: u64,
 }
 
 #[derive(Debug, Default)]

@@ -658,6 +658,9 @@ async fn rust_routes_to_a_hazeljs_registered_service_and_stops_after_it_dies() {
     let interval = Duration::from_millis(200);
     let options = WatchOptions {
         interval,
+        // The service's only instance expiring reads as an empty service, which self-preservation would hold for
+        // 2 x TTL (a registry that lost its data reads the same); this test measures the TTL path itself.
+        preservation_grace: Some(Duration::ZERO),
         ..WatchOptions::default()
     };
     let mut service = balanced(Discovery::watch(registry.clone(), "hazel-api", options));

@@ -1,0 +1,109 @@
+//! A registry that loses its data (FLUSHALL, a restart without persistence), against a real redis-server:
+//! discovery keeps the instances that were serving (self-preservation), and registrations re-create their entries
+//! within one heartbeat period.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis_fixtures::RedisServer;
+use tower::discover::Change;
+use tower_discovery::{Discovery, Instance, RedisRegistry, Registration, Registry, WatchOptions};
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    deadline: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + deadline;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn flushall(server: &RedisServer) {
+    let mut con = server.multiplexed().await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
+}
+
+/// Every change the stream has ready within `wait`, as `+port` / `-port`.
+async fn changes(discovery: &mut Discovery, wait: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Ok(Some(change)) = tokio::time::timeout(wait, discovery.next()).await {
+        seen.push(match change.unwrap() {
+            Change::Insert(_, instance) => format!("+{}", instance.port),
+            Change::Remove(id) => format!("-{}", id.split(':').nth(2).unwrap_or_default()),
+        });
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_flushall_removes_nothing_from_discovery_and_the_heartbeats_restore_the_registry() {
+    let server = RedisServer::start();
+    // TTL 3 s: heartbeats every ~1 s; discovery polls every 50 ms, so it reads the flushed registry before most
+    // heartbeats come back.
+    let registry =
+        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registrations: Vec<_> = (4101..=4103)
+        .map(|port| {
+            let registration =
+                Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", port));
+            registration.ready();
+            registration
+        })
+        .collect();
+    let options = WatchOptions {
+        interval: Duration::from_millis(50),
+        ..WatchOptions::default()
+    };
+    let mut discovery = Discovery::watch(registry.clone(), "users", options);
+    let watch = discovery.handle();
+    wait_until("all three are discovered", Duration::from_secs(10), || {
+        let instances = watch.stats().instances;
+        async move { instances == 3 }
+    })
+    .await;
+    let mut inserted = changes(&mut discovery, Duration::from_millis(100)).await;
+    inserted.sort();
+    assert_eq!(inserted, ["+4101", "+4102", "+4103"]);
+
+    flushall(&server).await;
+    wait_until(
+        "discovery enters self-preservation",
+        Duration::from_secs(5),
+        || {
+            let preservations = watch.stats().preservations;
+            async move { preservations == 1 }
+        },
+    )
+    .await;
+    wait_until(
+        "the heartbeats re-create every entry",
+        Duration::from_secs(10),
+        || {
+            let registry = registry.clone();
+            async move { registry.instances("users").await.unwrap().len() == 3 }
+        },
+    )
+    .await;
+    wait_until("self-preservation ends", Duration::from_secs(5), || {
+        let preserved = watch.stats().preserved;
+        async move { preserved == 0 }
+    })
+    .await;
+
+    assert_eq!(
+        changes(&mut discovery, Duration::from_millis(200)).await,
+        Vec::<String>::new(),
+        "no Remove (and no re-Insert) through the loss"
+    );
+    let stats = watch.stats();
+    assert_eq!(
+        (stats.instances, stats.removes, stats.preservations),
+        (3, 0, 1)
+    );
+    drop(registrations);
+}
