@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::instance::{Instance, Status};
-use crate::registry::Registry;
+use crate::registry::{Heartbeat, Registry};
 use crate::stats::{RegistrationCounters, RegistrationStats};
 
 struct Shared {
@@ -57,6 +57,13 @@ fn period(ttl: Duration) -> Duration {
 fn jittered(period: Duration) -> Duration {
     let factor = rand::rng().random_range(0.9..1.1);
     period.mul_f64(factor)
+}
+
+/// The wait before retrying after `failures` failed writes in a row (at least 1): 100 ms, doubling, ±10 % jitter,
+/// never longer than a heartbeat `period`.
+fn retry_delay(failures: u32, period: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    jittered(Duration::from_millis(100).saturating_mul(1 << exponent)).min(period)
 }
 
 impl<R: Registry> Registration<R> {
@@ -152,9 +159,18 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
         } else {
             let mut first = instance.clone();
             first.status = status;
-            registry.register(&first).await
+            registry
+                .register(&first)
+                .await
+                .map(|()| Heartbeat::Refreshed)
         };
         shared.counters.heartbeat(&instance.name, result.is_ok());
+        if let Ok(Heartbeat::Recreated) = result {
+            tracing::info!(id = %instance.id, "the registry had lost this entry; re-created it");
+            shared.counters.recreated();
+            // Watchers that keep it only by self-preservation: tell them to look now.
+            announced = None;
+        }
         if result.is_ok() && announced != Some(status) {
             // A new instance or a new status: let watchers look now (best effort).
             if registry.announce(&instance.name).await.is_ok() {
@@ -162,7 +178,7 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
             }
         }
         let wait = match result {
-            Ok(()) => {
+            Ok(_) => {
                 registered = true;
                 if failures > 0 {
                     tracing::info!(id = %instance.id, "registry reachable again; registration restored");
@@ -172,19 +188,55 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                // Back off from 100 ms, doubling, but never wait longer than a heartbeat period.
-                let backoff = Duration::from_millis(100)
-                    .saturating_mul(1 << failures.min(10))
-                    .min(period);
                 if failures == 1 || failures.is_power_of_two() {
                     tracing::warn!(id = %instance.id, %error, failures, "registry heartbeat failed; retrying");
                 }
-                jittered(backoff)
+                retry_delay(failures, period)
             }
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = shared.wake.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within(delay: Duration, millis: u64) -> bool {
+        let expected = Duration::from_millis(millis);
+        delay >= expected.mul_f64(0.9) && delay <= expected.mul_f64(1.1)
+    }
+
+    #[test]
+    fn the_first_retry_after_a_failed_heartbeat_comes_after_about_100_ms() {
+        let period = Duration::from_secs(30);
+        for _ in 0..100 {
+            let delay = retry_delay(1, period);
+            assert!(within(delay, 100), "{delay:?}");
+        }
+    }
+
+    #[test]
+    fn retries_double_with_jitter() {
+        let period = Duration::from_secs(30);
+        for (failures, millis) in [(2, 200), (3, 400), (4, 800), (8, 12_800)] {
+            let delay = retry_delay(failures, period);
+            assert!(
+                within(delay, millis),
+                "after {failures} failures: {delay:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retries_never_wait_longer_than_a_heartbeat_period() {
+        let period = Duration::from_secs(1);
+        for failures in [5, 6, 20, u32::MAX] {
+            assert!(retry_delay(failures, period) <= period);
+        }
+        assert_eq!(retry_delay(5, period), period, "1.6 s ± 10 %, capped");
     }
 }

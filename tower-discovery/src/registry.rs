@@ -43,6 +43,16 @@ impl From<redis::RedisError> for RegistryError {
     }
 }
 
+/// What a heartbeat found in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Heartbeat {
+    /// The entry was there: its status and `lastHeartbeat` were refreshed, fields written by others kept.
+    Refreshed,
+    /// The entry was missing (it expired, or the registry lost its data): it was written again in full.
+    Recreated,
+}
+
 /// A service registry: instances register and heartbeat; clients list them.
 pub trait Registry: Clone + Send + Sync + 'static {
     /// How long an entry lives without a heartbeat.
@@ -55,12 +65,13 @@ pub trait Registry: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// Refreshes `instance`: sets `lastHeartbeat` to now and the given status, keeps fields written by others, and
-    /// re-creates the entry from `instance` if it expired.
+    /// re-creates the whole entry from `instance` if it is missing (expired, or lost by the registry); the answer
+    /// says which.
     fn heartbeat(
         &self,
         instance: &Instance,
         status: Status,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    ) -> impl Future<Output = Result<Heartbeat, RegistryError>> + Send;
 
     /// Removes the instance (a missing entry is fine).
     fn deregister(
@@ -136,19 +147,27 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
-    async fn heartbeat(&self, instance: &Instance, status: Status) -> Result<(), RegistryError> {
+    async fn heartbeat(
+        &self,
+        instance: &Instance,
+        status: Status,
+    ) -> Result<Heartbeat, RegistryError> {
         let expires = Clock::now() + self.ttl;
         let now = iso8601(std::time::SystemTime::now());
-        self.with(|state| {
+        Ok(self.with(|state| {
+            let mut outcome = Heartbeat::Refreshed;
             let entry = state
                 .instances
                 .entry(instance.id.clone())
-                .or_insert_with(|| (instance.clone(), expires));
+                .or_insert_with(|| {
+                    outcome = Heartbeat::Recreated;
+                    (instance.clone(), expires)
+                });
             entry.0.status = status;
             entry.0.last_heartbeat = now;
             entry.1 = expires;
-        });
-        Ok(())
+            outcome
+        }))
     }
 
     async fn deregister(&self, instance: &Instance) -> Result<(), RegistryError> {
@@ -422,7 +441,11 @@ where
         self.write_all(self.write(instance, set_pttl)).await
     }
 
-    async fn heartbeat(&self, instance: &Instance, status: Status) -> Result<(), RegistryError> {
+    async fn heartbeat(
+        &self,
+        instance: &Instance,
+        status: Status,
+    ) -> Result<Heartbeat, RegistryError> {
         // Read what is stored, so fields written by others (HazelJS keeps unknown fields too) survive; re-create
         // the entry from our own copy if it expired (HazelJS's heartbeat never does, and its instance vanishes).
         let (stored, set_pttl): (Option<String>, i64) = if self.cluster {
@@ -441,13 +464,20 @@ where
                 .arg(self.service_key(&instance.name));
             self.run(pipe).await?
         };
-        let mut current = stored
-            .and_then(|json| serde_json::from_str::<Instance>(&json).ok())
-            .filter(|stored| stored.id == instance.id)
-            .unwrap_or_else(|| instance.clone());
+        let (mut current, outcome) = match stored {
+            None => (instance.clone(), Heartbeat::Recreated),
+            Some(json) => (
+                serde_json::from_str::<Instance>(&json)
+                    .ok()
+                    .filter(|stored| stored.id == instance.id)
+                    .unwrap_or_else(|| instance.clone()),
+                Heartbeat::Refreshed,
+            ),
+        };
         current.status = status;
         current.last_heartbeat = iso8601(std::time::SystemTime::now());
-        self.write_all(self.write(&current, set_pttl)).await
+        self.write_all(self.write(&current, set_pttl)).await?;
+        Ok(outcome)
     }
 
     async fn deregister(&self, instance: &Instance) -> Result<(), RegistryError> {

@@ -141,6 +141,7 @@ pub(crate) struct RegistrationCounters {
     heartbeats: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU64,
+    recreations: AtomicU64,
 }
 
 impl RegistrationCounters {
@@ -163,6 +164,10 @@ impl RegistrationCounters {
         let _ = service;
     }
 
+    pub(crate) fn recreated(&self) {
+        self.recreations.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, id: &str, status: Status) -> RegistrationStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         RegistrationStats {
@@ -171,6 +176,7 @@ impl RegistrationCounters {
             heartbeats: load(&self.heartbeats),
             failures: load(&self.failures),
             consecutive_failures: load(&self.consecutive_failures),
+            recreations: load(&self.recreations),
         }
     }
 }
@@ -189,4 +195,6 @@ pub struct RegistrationStats {
     pub failures: u64,
     /// Failed writes since the last success (0 when registered and healthy).
     pub consecutive_failures: u64,
+    /// Heartbeats that found the entry missing (expired, or lost by the registry) and wrote it again in full.
+    pub recreations: u64,
 }

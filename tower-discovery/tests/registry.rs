@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_fixtures::{RedisCluster, RedisServer};
-use tower_discovery::{Instance, MemoryRegistry, RedisRegistry, Registration, Registry, Status};
+use tower_discovery::{
+    Heartbeat, Instance, MemoryRegistry, RedisRegistry, Registration, Registry, Status,
+};
 
 async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -104,7 +106,10 @@ async fn a_heartbeat_keeps_fields_written_by_others_and_re_creates_an_expired_en
         serde_json::from_str(&con.get::<_, String>(&key).await.unwrap()).unwrap();
     stored["owner"] = "team-a".into();
     let () = con.set(&key, stored.to_string()).await.unwrap();
-    registry.heartbeat(&order, Status::Up).await.unwrap();
+    assert_eq!(
+        registry.heartbeat(&order, Status::Up).await.unwrap(),
+        Heartbeat::Refreshed
+    );
     let after: serde_json::Value =
         serde_json::from_str(&con.get::<_, String>(&key).await.unwrap()).unwrap();
     assert_eq!(after["owner"], "team-a");
@@ -113,7 +118,10 @@ async fn a_heartbeat_keeps_fields_written_by_others_and_re_creates_an_expired_en
 
     // The entry expired (or was deleted): the next heartbeat brings it back.
     let () = con.del(&key).await.unwrap();
-    registry.heartbeat(&order, Status::Up).await.unwrap();
+    assert_eq!(
+        registry.heartbeat(&order, Status::Up).await.unwrap(),
+        Heartbeat::Recreated
+    );
     let back = registry.instances("order-service").await.unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].status, Status::Up);

@@ -107,3 +107,43 @@ async fn a_flushall_removes_nothing_from_discovery_and_the_heartbeats_restore_th
     );
     drop(registrations);
 }
+
+#[tokio::test]
+async fn after_a_flushall_a_registration_is_back_in_the_registry_within_one_heartbeat_period() {
+    let server = RedisServer::start();
+    // TTL 3 s: a heartbeat every 1 s ± 10 %.
+    let registry =
+        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registration =
+        Registration::start(registry.clone(), Instance::new("orders", "127.0.0.1", 4201));
+    registration.ready();
+    let id = registration.instance().id.clone();
+    let listed = |registry: RedisRegistry<_>, id: String| async move {
+        registry
+            .instances("orders")
+            .await
+            .unwrap()
+            .iter()
+            .any(|instance| instance.id == id && instance.status == tower_discovery::Status::Up)
+    };
+    wait_until("registered and UP", Duration::from_secs(10), || {
+        listed(registry.clone(), id.clone())
+    })
+    .await;
+
+    flushall(&server).await;
+    let flushed = Instant::now();
+    assert!(!listed(registry.clone(), id.clone()).await);
+    // One period is 1.1 s at most; the deadline is generous for a loaded machine.
+    wait_until("the entry is re-created", Duration::from_secs(5), || {
+        listed(registry.clone(), id.clone())
+    })
+    .await;
+    let back = flushed.elapsed();
+    println!("re-created {back:?} after FLUSHALL");
+    assert!(
+        back < Duration::from_millis(2_100),
+        "back after {back:?}: more than one heartbeat period (1.1 s) plus slack"
+    );
+    assert_eq!(registration.stats().recreations, 1);
+}
