@@ -53,7 +53,9 @@ pub use health::{Ejecting, EjectingFuture, EjectionOptions, HealthSignal};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
 pub use registration::Registration;
-pub use registry::{Heartbeat, MemoryRegistry, RedisRegistry, Registry, RegistryError};
+pub use registry::{
+    DEFAULT_MAX_ENTRY_SIZE, Heartbeat, MemoryRegistry, RedisRegistry, Registry, RegistryError,
+};
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};
 pub use tower_breaker::pubsub::Subscriber;

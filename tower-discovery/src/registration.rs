@@ -165,11 +165,19 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
                 .map(|()| Heartbeat::Refreshed)
         };
         shared.counters.heartbeat(&instance.name, result.is_ok());
-        if let Ok(Heartbeat::Recreated) = result {
-            tracing::info!(id = %instance.id, "the registry had lost this entry; re-created it");
-            shared.counters.recreated();
-            // Watchers that keep it only by self-preservation: tell them to look now.
-            announced = None;
+        match result {
+            Ok(Heartbeat::Recreated) => {
+                tracing::info!(id = %instance.id, "the registry had lost this entry; re-created it");
+                shared.counters.recreated();
+                // Watchers that keep it only by self-preservation: tell them to look now.
+                announced = None;
+            }
+            Ok(Heartbeat::Healed) => {
+                shared.counters.healed();
+                // Watchers may be routing to a forged address: tell them to look now.
+                announced = None;
+            }
+            _ => {}
         }
         if result.is_ok() && announced != Some(status) {
             // A new instance or a new status: let watchers look now (best effort).

@@ -51,6 +51,10 @@ pub enum Heartbeat {
     Refreshed,
     /// The entry was missing (it expired, or the registry lost its data): it was written again in full.
     Recreated,
+    /// The stored entry differed from the registered instance where it matters (host, port, protocol, name,
+    /// metadata, tags, zone, health check), did not decode, or was not a string: it was rewritten in full from the
+    /// registered instance, so a forged or corrupted address heals within one heartbeat.
+    Healed,
 }
 
 /// A service registry: instances register and heartbeat; clients list them.
@@ -221,6 +225,67 @@ pub struct RedisRegistry<C> {
     ttl: Duration,
     timeout: Duration,
     cluster: bool,
+    max_entry_size: usize,
+    warned: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// The default [`RedisRegistry::max_entry_size`]: 64 KiB.
+pub const DEFAULT_MAX_ENTRY_SIZE: usize = 64 * 1024;
+
+/// At most this many expired ids are removed from a service's set per read.
+const PRUNE_PER_READ: usize = 100;
+
+/// Removes from the set `KEYS[1]` each member `ARGV[i]` whose instance key `KEYS[i + 1]` does not exist, checked
+/// atomically (a heartbeat re-creating the entry meanwhile is not undone).
+const PRUNE_SCRIPT: &str = r"
+local removed = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], ARGV[i - 1])
+  end
+end
+return removed
+";
+
+/// Why a stored entry is skipped.
+#[derive(Debug)]
+pub(crate) enum Undecodable {
+    /// Longer than the size cap.
+    TooLarge,
+    /// Not an instance's JSON.
+    Json(serde_json::Error),
+}
+
+impl fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge => f.write_str("larger than the size cap"),
+            Self::Json(error) => write!(f, "not an instance: {error}"),
+        }
+    }
+}
+
+/// Decodes a stored instance: at most `max` bytes of HazelJS JSON. Never panics, whatever the bytes.
+pub(crate) fn decode_entry(bytes: &[u8], max: usize) -> Result<Instance, Undecodable> {
+    if bytes.len() > max {
+        return Err(Undecodable::TooLarge);
+    }
+    serde_json::from_slice(bytes).map_err(Undecodable::Json)
+}
+
+/// Whether the stored entry still says what was registered, where it matters for routing and filtering (status
+/// and `lastHeartbeat` are the heartbeat's to write; unknown fields are others').
+fn same_registration(stored: &Instance, ours: &Instance) -> bool {
+    stored.id == ours.id
+        && stored.name == ours.name
+        && stored.host == ours.host
+        && stored.port == ours.port
+        && stored.protocol == ours.protocol
+        && stored.metadata == ours.metadata
+        && stored.health_check_path == ours.health_check_path
+        && stored.health_check_interval == ours.health_check_interval
+        && stored.zone == ours.zone
+        && stored.tags == ours.tags
 }
 
 impl<C> fmt::Debug for RedisRegistry<C> {
@@ -230,6 +295,7 @@ impl<C> fmt::Debug for RedisRegistry<C> {
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
             .field("cluster", &self.cluster)
+            .field("max_entry_size", &self.max_entry_size)
             .finish_non_exhaustive()
     }
 }
@@ -246,7 +312,18 @@ where
             ttl: Duration::from_secs(90),
             timeout: Duration::from_secs(1),
             cluster: false,
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            warned: Arc::default(),
         }
+    }
+
+    /// The largest instance entry read, in bytes (default [`DEFAULT_MAX_ENTRY_SIZE`], 64 KiB): a longer one is
+    /// skipped (that instance only; at most this many bytes plus one are transferred). HazelJS's entries are well
+    /// under 1 KiB.
+    #[must_use]
+    pub fn max_entry_size(mut self, bytes: usize) -> Self {
+        self.max_entry_size = bytes;
+        self
     }
 
     /// The key prefix, used exactly as given (HazelJS's default is `hazeljs:discovery:`).
@@ -360,28 +437,92 @@ where
         Ok(pttl)
     }
 
-    /// `GET`s of many keys: one pipeline on a single node, concurrent commands on a cluster.
-    async fn get_all(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, RegistryError> {
+    /// Reads many instance keys, each at most `max_entry_size + 1` bytes (`GETRANGE`; a missing key reads empty):
+    /// one pipeline on a single node, concurrent commands on a cluster. A key's own error reply (a wrong type) is
+    /// that key's `Err`; a connection error or a timeout fails the whole read.
+    async fn read_all(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<redis::RedisResult<Vec<u8>>>, RegistryError> {
+        let end = self.max_entry_size;
         if self.cluster {
             let reads = keys.into_iter().map(|key| {
                 let mut connection = self.connection.clone();
                 async move {
-                    tokio::time::timeout(
+                    let read = tokio::time::timeout(
                         self.timeout,
-                        redis::cmd("GET").arg(key).query_async(&mut connection),
+                        redis::cmd("GETRANGE")
+                            .arg(key)
+                            .arg(0)
+                            .arg(end)
+                            .query_async::<Vec<u8>>(&mut connection),
                     )
                     .await
-                    .map_err(|_| RegistryError::Timeout)?
-                    .map_err(RegistryError::Redis)
+                    .map_err(|_| RegistryError::Timeout)?;
+                    match read {
+                        Err(error) if error.code().is_none() => Err(RegistryError::Redis(error)),
+                        read => Ok(read),
+                    }
                 }
             });
             return futures_util::future::try_join_all(reads).await;
         }
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for key in keys {
-            pipe.cmd("GET").arg(key);
+            pipe.cmd("GETRANGE").arg(key).arg(0).arg(end);
         }
         self.run(pipe).await
+    }
+
+    /// Removes up to [`PRUNE_PER_READ`] `ids` whose instance key does not exist from `service`'s set. Best effort:
+    /// a failure (a reader whose ACL does not allow it, say) is logged and changes nothing else.
+    async fn prune(&self, service: &str, ids: &[&str]) {
+        let ids = &ids[..ids.len().min(PRUNE_PER_READ)];
+        if ids.is_empty() {
+            return;
+        }
+        let mut connection = self.connection.clone();
+        let set = self.service_key(service);
+        let removed: Result<redis::RedisResult<u64>, _> = if self.cluster {
+            // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
+            let mut remove = redis::cmd("SREM");
+            remove.arg(&set).arg(ids);
+            tokio::time::timeout(self.timeout, remove.query_async(&mut connection)).await
+        } else {
+            let script = redis::Script::new(PRUNE_SCRIPT);
+            let mut invocation = script.key(&set);
+            for id in ids {
+                invocation.key(self.instance_key(id)).arg(*id);
+            }
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await
+        };
+        match removed {
+            Ok(Ok(removed)) => {
+                tracing::debug!(%service, removed, "removed expired ids from the service set");
+            }
+            Ok(Err(error)) => self.warn_once(
+                format!("prune:{service}"),
+                format_args!("cannot remove expired ids from {set}: {error}"),
+            ),
+            Err(_) => tracing::debug!(%service, "removing expired ids timed out"),
+        }
+    }
+
+    /// Logs `message` at warn the first time `what` goes wrong, at debug after that (every poll would repeat it).
+    fn warn_once(&self, what: String, message: fmt::Arguments<'_>) {
+        let first = {
+            let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+            if warned.len() >= 1_024 {
+                warned.clear();
+            }
+            warned.insert(what)
+        };
+        if first {
+            tracing::warn!("{message}");
+        } else {
+            tracing::debug!("{message}");
+        }
     }
 
     /// Removes set members whose instance key has expired, and deletes empty sets, as HazelJS's cleanup does.
@@ -447,33 +588,52 @@ where
         status: Status,
     ) -> Result<Heartbeat, RegistryError> {
         // Read what is stored, so fields written by others (HazelJS keeps unknown fields too) survive; re-create
-        // the entry from our own copy if it expired (HazelJS's heartbeat never does, and its instance vanishes).
-        let (stored, set_pttl): (Option<String>, i64) = if self.cluster {
+        // the entry from our own copy if it is missing (HazelJS's heartbeat never does, and its instance vanishes),
+        // and rewrite it from our own copy if someone changed where it routes to (or broke it).
+        let key = self.instance_key(&instance.id);
+        let (stored, set_pttl): (redis::RedisResult<Option<Vec<u8>>>, i64) = if self.cluster {
             // Two slots: two single-key reads.
-            let mut get = redis::pipe();
-            get.cmd("GET").arg(self.instance_key(&instance.id));
-            let ((stored,), set_pttl) =
-                futures_util::future::try_join(self.run(get), self.set_pttl(&instance.name))
-                    .await?;
-            (stored, set_pttl)
+            let mut connection = self.connection.clone();
+            let get = async {
+                tokio::time::timeout(
+                    self.timeout,
+                    redis::cmd("GET")
+                        .arg(&key)
+                        .query_async::<Option<Vec<u8>>>(&mut connection),
+                )
+                .await
+                .map_err(|_| RegistryError::Timeout)
+            };
+            futures_util::future::try_join(get, self.set_pttl(&instance.name)).await?
         } else {
             let mut pipe = redis::pipe();
-            pipe.cmd("GET")
-                .arg(self.instance_key(&instance.id))
+            pipe.ignore_errors()
+                .cmd("GET")
+                .arg(&key)
                 .cmd("PTTL")
                 .arg(self.service_key(&instance.name));
-            self.run(pipe).await?
+            let (stored, pttl): (redis::RedisResult<Option<Vec<u8>>>, redis::RedisResult<i64>) =
+                self.run(pipe).await?;
+            (stored, pttl?)
         };
         let (mut current, outcome) = match stored {
-            None => (instance.clone(), Heartbeat::Recreated),
-            Some(json) => (
-                serde_json::from_str::<Instance>(&json)
-                    .ok()
-                    .filter(|stored| stored.id == instance.id)
-                    .unwrap_or_else(|| instance.clone()),
-                Heartbeat::Refreshed,
-            ),
+            Ok(None) => (instance.clone(), Heartbeat::Recreated),
+            Ok(Some(bytes)) => match decode_entry(&bytes, self.max_entry_size) {
+                Ok(stored) if same_registration(&stored, instance) => {
+                    (stored, Heartbeat::Refreshed)
+                }
+                Ok(_) | Err(_) => (instance.clone(), Heartbeat::Healed),
+            },
+            // A wrong-typed key (SET replaces it); a connection error fails the heartbeat.
+            Err(error) if error.code().is_some() => (instance.clone(), Heartbeat::Healed),
+            Err(error) => return Err(RegistryError::Redis(error)),
         };
+        if outcome == Heartbeat::Healed {
+            tracing::warn!(
+                id = %instance.id,
+                "the stored registry entry differs from the registered instance; rewriting it"
+            );
+        }
         current.status = status;
         current.last_heartbeat = iso8601(std::time::SystemTime::now());
         self.write_all(self.write(&current, set_pttl)).await?;
@@ -499,20 +659,43 @@ where
         }
         ids.sort();
         let values = self
-            .get_all(ids.iter().map(|id| self.instance_key(id)).collect())
+            .read_all(ids.iter().map(|id| self.instance_key(id)).collect())
             .await?;
         let mut instances = Vec::with_capacity(values.len());
+        let mut expired: Vec<&str> = Vec::new();
         for (id, value) in ids.iter().zip(values) {
-            let Some(json) = value else {
-                continue; // expired: HazelJS's cleanup (or ours) removes the member later
-            };
-            match serde_json::from_str::<Instance>(&json) {
-                Ok(instance) => instances.push(instance),
-                Err(error) => {
-                    tracing::warn!(%id, %error, "skipping a registry entry that does not decode");
+            let bytes = match value {
+                Ok(bytes) if bytes.is_empty() => {
+                    expired.push(id); // no such key (GETRANGE reads it empty): expired
+                    continue;
                 }
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    self.warn_once(
+                        format!("{service}/{id}"),
+                        format_args!("skipping registry entry {id} of {service}: {error}"),
+                    );
+                    continue;
+                }
+            };
+            match decode_entry(&bytes, self.max_entry_size) {
+                Ok(instance) if instance.id == *id && instance.name == service => {
+                    instances.push(instance);
+                }
+                Ok(instance) => self.warn_once(
+                    format!("{service}/{id}"),
+                    format_args!(
+                        "skipping registry entry {id} of {service}: it names {} of {}",
+                        instance.id, instance.name
+                    ),
+                ),
+                Err(error) => self.warn_once(
+                    format!("{service}/{id}"),
+                    format_args!("skipping registry entry {id} of {service}: {error}"),
+                ),
             }
         }
+        self.prune(service, &expired).await;
         Ok(instances)
     }
 
@@ -572,7 +755,92 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::extends_set_ttl;
+    use super::{decode_entry, extends_set_ttl, same_registration};
+    use crate::instance::Instance;
+    use proptest::prelude::*;
+
+    const VALID: &str = r#"{"id":"user-service:127.0.0.1:3101:1795310805903","name":"user-service","host":"127.0.0.1","port":3101,"protocol":"http","metadata":{"version":"1.0.0","weight":2},"healthCheckPath":"/health","healthCheckInterval":2000,"zone":"us-east-1","tags":["api","users"],"status":"UP","lastHeartbeat":"2026-11-22T01:26:47.941Z","registeredAt":"2026-11-22T01:26:45.903Z"}"#;
+
+    #[test]
+    fn an_entry_over_the_size_cap_is_not_decoded() {
+        assert!(decode_entry(VALID.as_bytes(), VALID.len()).is_ok());
+        assert!(decode_entry(VALID.as_bytes(), VALID.len() - 1).is_err());
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        let nested = format!(
+            r#"{{"id":"a","name":"a","host":"h","port":1,"x":{}1{}}}"#,
+            "[".repeat(50_000),
+            "]".repeat(50_000)
+        );
+        assert!(decode_entry(nested.as_bytes(), usize::MAX).is_err());
+    }
+
+    #[test]
+    fn a_changed_host_port_or_tag_is_a_different_registration_a_heartbeat_is_not() {
+        let ours = Instance::new("svc", "10.0.0.1", 80);
+        let mut stored = ours.clone();
+        stored.last_heartbeat = "later".to_owned();
+        stored.status = crate::Status::Up;
+        stored.extra.insert("owner".to_owned(), "team-a".into());
+        assert!(same_registration(&stored, &ours));
+        let mut forged = ours.clone();
+        forged.host = "203.0.113.9".to_owned();
+        assert!(!same_registration(&forged, &ours));
+        let mut forged = ours.clone();
+        forged.port = 81;
+        assert!(!same_registration(&forged, &ours));
+        let mut forged = ours.clone();
+        forged.tags.push("canary".to_owned());
+        assert!(!same_registration(&forged, &ours));
+    }
+
+    /// A valid encoding with some bytes replaced, removed or inserted.
+    fn mutated() -> impl Strategy<Value = Vec<u8>> {
+        let edits =
+            prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, any::<u8>()), 1..8);
+        edits.prop_map(|edits| {
+            let mut bytes = VALID.as_bytes().to_vec();
+            for (at, kind, byte) in edits {
+                if bytes.is_empty() {
+                    bytes.push(byte);
+                    continue;
+                }
+                let at = at.index(bytes.len());
+                match kind {
+                    0 => bytes[at] = byte,
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, byte),
+                }
+            }
+            bytes
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2_048)) {
+            let _ = decode_entry(&bytes, super::DEFAULT_MAX_ENTRY_SIZE);
+        }
+
+        #[test]
+        fn decoding_a_mutated_valid_entry_never_panics(bytes in mutated()) {
+            if let Ok(instance) = decode_entry(&bytes, super::DEFAULT_MAX_ENTRY_SIZE) {
+                // Whatever decodes can be written back and used.
+                prop_assert!(serde_json::to_string(&instance).is_ok());
+                let _ = instance.base_uri();
+                let _ = instance.weight();
+            }
+        }
+
+        #[test]
+        fn decoding_a_truncated_valid_entry_never_panics(len in 0..VALID.len()) {
+            prop_assert!(decode_entry(&VALID.as_bytes()[..len], super::DEFAULT_MAX_ENTRY_SIZE).is_err());
+        }
+    }
 
     #[test]
     fn the_service_set_ttl_is_only_ever_lengthened() {

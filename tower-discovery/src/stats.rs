@@ -142,6 +142,7 @@ pub(crate) struct RegistrationCounters {
     failures: AtomicU64,
     consecutive_failures: AtomicU64,
     recreations: AtomicU64,
+    heals: AtomicU64,
 }
 
 impl RegistrationCounters {
@@ -168,6 +169,10 @@ impl RegistrationCounters {
         self.recreations.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn healed(&self) {
+        self.heals.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, id: &str, status: Status) -> RegistrationStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         RegistrationStats {
@@ -177,6 +182,7 @@ impl RegistrationCounters {
             failures: load(&self.failures),
             consecutive_failures: load(&self.consecutive_failures),
             recreations: load(&self.recreations),
+            heals: load(&self.heals),
         }
     }
 }
@@ -197,4 +203,7 @@ pub struct RegistrationStats {
     pub consecutive_failures: u64,
     /// Heartbeats that found the entry missing (expired, or lost by the registry) and wrote it again in full.
     pub recreations: u64,
+    /// Heartbeats that found the stored entry changed by someone else where it matters (host, port, ...), or not
+    /// decodable, and rewrote it in full.
+    pub heals: u64,
 }
