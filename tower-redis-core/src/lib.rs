@@ -1,3 +1,26 @@
-//! Redis plumbing shared by the workspace's Redis crates.
+//! Redis plumbing shared by the workspace's Redis crates (`tower-redis-cache`, `tower-redis-ratelimit`,
+//! `tower-discovery`):
+//!
+//! - [`healing`]: a connection that replaces itself after commands in a row with no reply (half-open, stalled),
+//!   with backoff and jitter so a slow Redis gets no reconnect storm;
+//! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` on the connections we open;
+//! - [`subscription`]: one pub/sub subscription loop that resubscribes with backoff, follows a Sentinel failover and
+//!   notices a silent subscription with a periodic `PING`;
+//! - [`key`]: the hash-tag escape that keeps a multi-key script in one Cluster slot without collisions;
+//! - [`ConfigError`]: the workspace's one configuration error (defined by `tower-breaker`, which every crate uses).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod healing;
 pub mod key;
+pub mod subscription;
+pub mod tcp;
+
+pub use healing::{HealingConfig, HealingConnection, HealingStats};
+pub use subscription::{Subscription, SubscriptionConfig, SubscriptionStats};
+pub use tower_breaker::ConfigError;
+pub use tower_breaker::pubsub::Subscriber;
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
