@@ -9,16 +9,21 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsMode, Value};
 use tower_breaker::pubsub::Subscriber;
 use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_core::{HealingConfig, HealingConnection};
 
 use crate::config::{RedisConfig, RedisTarget, SentinelPrimary};
 
 /// A connection to one Redis server or to a Redis Cluster. Cloning is cheap (both are multiplexed handles).
+///
+/// The node and cluster connections are [`HealingConnection`]s: replaced after commands in a row with no reply, so a
+/// half-open or stalled socket heals within a few commands (a `ConnectionManager` alone only reconnects after a
+/// socket error). The Sentinel connection already reconnects after a timeout.
 #[derive(Clone)]
 pub enum RedisConnection {
     /// One server.
-    Node(ConnectionManager),
+    Node(HealingConnection<ConnectionManager>),
     /// A cluster.
-    Cluster(ClusterConnection),
+    Cluster(HealingConnection<ClusterConnection>),
     /// The primary the sentinels name, looked up again after a failover.
     Sentinel(SentinelConnection),
 }
@@ -80,7 +85,7 @@ pub struct Redis {
     /// Subscriptions (discovery hints, cache invalidations).
     pub subscriber: Subscriber,
     /// Read replicas of a single primary (`REDIS_REPLICA_URLS`) that answered at start-up, for the cache's reads.
-    pub replicas: Vec<ConnectionManager>,
+    pub replicas: Vec<HealingConnection<ConnectionManager>>,
     /// The deadline of each command.
     pub command_timeout: Duration,
 }
@@ -111,16 +116,26 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A client whose connections have TCP keepalive (and `TCP_USER_TIMEOUT` on Linux).
 fn client_for(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, ConnectError> {
+    let info = url
+        .into_connection_info()
+        .map_err(|error| {
+            ConnectError::Config(format!(
+                "cannot use {}: {error}",
+                crate::config::redact(url)
+            ))
+        })?
+        .set_tcp_settings(tower_redis_core::tcp::settings());
     let client = match ca {
         Some(root) => redis::Client::build_with_tls(
-            url,
+            info,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(root.to_vec()),
             },
         ),
-        None => redis::Client::open(url),
+        None => redis::Client::open(info),
     };
     client.map_err(|error| {
         ConnectError::Config(format!(
@@ -187,6 +202,28 @@ fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(2))
 }
 
+/// When a connection is replaced: after 3 commands in a row with no reply, within twice the connect timeout.
+fn healing_config(config: &RedisConfig) -> HealingConfig {
+    HealingConfig::default().connect_timeout(config.connect_timeout * 2)
+}
+
+/// A healing `ConnectionManager` to `client`'s server, connected within twice the connect timeout.
+async fn healing_manager(
+    client: redis::Client,
+    config: &RedisConfig,
+) -> redis::RedisResult<HealingConnection<ConnectionManager>> {
+    let manager = manager_config(config);
+    HealingConnection::connect(
+        move || {
+            let client = client.clone();
+            let manager = manager.clone();
+            async move { client.get_connection_manager_with_config(manager).await }
+        },
+        healing_config(config),
+    )
+    .await
+}
+
 /// Connects with the configured deadlines and checks the connection with a `PING`.
 ///
 /// # Errors
@@ -216,13 +253,9 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
     let (connection, subscriber) = match &config.target {
         RedisTarget::Node(url) => {
             let client = client_for(url, ca.as_deref())?;
-            let connected = tokio::time::timeout(
-                deadline * 2,
-                client.get_connection_manager_with_config(manager_config(config)),
-            )
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
-            .map_err(|error| unreachable(error.to_string()))?;
+            let connected = healing_manager(client.clone(), config)
+                .await
+                .map_err(|error| unreachable(error.to_string()))?;
             (RedisConnection::Node(connected), Subscriber::from(client))
         }
         RedisTarget::Cluster(nodes) => {
@@ -230,6 +263,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
                 redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(deadline)
                     .response_timeout(config.command_timeout)
+                    .tcp_settings(tower_redis_core::tcp::settings())
                     .retries(2);
             if config.cluster_read_from_replicas {
                 builder = builder
@@ -244,10 +278,15 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             let cluster = builder
                 .build()
                 .map_err(|error| ConnectError::Config(format!("REDIS_CLUSTER_NODES: {error}")))?;
-            let connected = tokio::time::timeout(deadline * 2, cluster.get_async_connection())
-                .await
-                .map_err(|_| unreachable(format!("no answer within {} ms", deadline.as_millis())))?
-                .map_err(|error| unreachable(error.to_string()))?;
+            let connected = HealingConnection::connect(
+                move || {
+                    let cluster = cluster.clone();
+                    async move { cluster.get_async_connection().await }
+                },
+                healing_config(config),
+            )
+            .await
+            .map_err(|error| unreachable(error.to_string()))?;
             let first = nodes.first().map_or("", String::as_str);
             (
                 RedisConnection::Cluster(connected),
@@ -286,19 +325,11 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
     let mut replicas = Vec::with_capacity(config.replicas.len());
     for url in &config.replicas {
         let client = client_for(url, ca.as_deref())?;
-        let connected = tokio::time::timeout(
-            deadline * 2,
-            client.get_connection_manager_with_config(manager_config(config)),
-        )
-        .await;
-        match connected {
-            Ok(Ok(replica)) => replicas.push(replica),
+        match healing_manager(client, config).await {
+            Ok(replica) => replicas.push(replica),
             // A replica that is down now is left out: reads go to the primary, as they would after it failed.
-            Ok(Err(error)) => {
+            Err(error) => {
                 tracing::warn!(replica = %crate::config::redact(url), %error, "read replica left out");
-            }
-            Err(_) => {
-                tracing::warn!(replica = %crate::config::redact(url), "read replica left out: no answer in time");
             }
         }
     }

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
 use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig};
 
 use crate::instance::{Instance, Status};
 use crate::registry::Registry;
@@ -167,15 +168,23 @@ impl Discovery {
         };
         let (sender, changes) = mpsc::unbounded_channel();
         let hint = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(
-            subscriber.into(),
-            channel,
-            handle.clone(),
-            hint.clone(),
-        ));
+        let hints = Hints {
+            watch: handle.clone(),
+            hint: hint.clone(),
+        };
+        let subscriber = subscriber.into();
         let watch = handle.clone();
         let task = tokio::spawn(async move {
-            let _listener = AbortOnDrop(listener);
+            // Lives as long as the polling task.
+            let _listener = Subscription::spawn(
+                subscriber,
+                vec![channel],
+                SubscriptionConfig::default(),
+                hints,
+            )
+            .inspect_err(|error| {
+                tracing::warn!(%error, "discovery: no change hints; polling only");
+            });
             poll_loop(registry, watch, options, sender, hint).await;
         });
         Self {
@@ -191,39 +200,27 @@ impl Discovery {
     }
 }
 
-/// Aborts a task when dropped (the hint listener lives as long as the polling task).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// What the hint subscription does: wake the poller when its service is named.
+struct Hints {
+    watch: WatchHandle,
+    hint: Arc<Notify>,
 }
 
-async fn listen(subscriber: Subscriber, channel: String, watch: WatchHandle, hint: Arc<Notify>) {
-    let service = &watch.service;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut pubsub = subscriber.pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        if let Ok(Ok(pubsub)) = subscribed {
-            delay = Duration::from_millis(100);
-            // Read once now: anything announced while we were not subscribed.
-            hint.notify_one();
-            let mut messages = pubsub.into_on_message();
-            while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-                if message.get_payload_bytes() == service.as_bytes() {
-                    watch.counters.hint();
-                    hint.notify_one();
-                }
-            }
+impl Listener for Hints {
+    fn subscribed(
+        &mut self,
+        _client: &redis::Client,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        // Read once now: anything announced while we were not subscribed.
+        self.hint.notify_one();
+        std::future::ready(())
+    }
+
+    fn message(&mut self, message: &redis::Msg) {
+        if message.get_payload_bytes() == self.watch.service.as_bytes() {
+            self.watch.counters.hint();
+            self.hint.notify_one();
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

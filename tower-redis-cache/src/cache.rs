@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tower_breaker::CircuitBreaker;
 use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig};
 
 use crate::entry::Entry;
 use crate::error::ConfigError;
@@ -40,15 +41,8 @@ pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) fill_lock: Option<Duration>,
     instance: String,
-    listener: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(listener) = &self.listener {
-            listener.abort();
-        }
-    }
+    /// Dropping it stops the subscription.
+    _listener: Option<Subscription>,
 }
 
 pub(crate) struct RedisTier {
@@ -247,16 +241,23 @@ impl CacheBuilder {
         let instance = format!("{:016x}", rand_u64());
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
         let listener = match self.subscriber {
-            Some(subscriber) => {
-                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Some(subscriber) => Some(
+                Subscription::spawn(
+                    subscriber,
+                    vec![keys.channel()],
+                    SubscriptionConfig::default(),
+                    Invalidations {
+                        instance: instance.clone(),
+                        memory: memory.clone(),
+                    },
+                )
+                .map_err(|error| {
                     crate::error::config_error(
                         "subscribe",
-                        "build the cache inside a Tokio runtime to subscribe",
+                        format!("cannot subscribe to invalidations: {error}"),
                     )
-                })?;
-                let memory = memory.clone();
-                Some(runtime.spawn(listen(subscriber, keys.channel(), instance.clone(), memory)))
-            }
+                })?,
+            ),
             None => None,
         };
         Ok(Cache {
@@ -270,7 +271,7 @@ impl CacheBuilder {
                 name: self.name,
                 fill_lock: self.fill_lock,
                 instance,
-                listener,
+                _listener: listener,
             }),
         })
     }
@@ -842,42 +843,29 @@ pub(crate) fn variant_field(selecting: &[(http::HeaderName, Option<http::HeaderV
     format!("v{hash:016x}")
 }
 
-async fn listen(
-    subscriber: Subscriber,
-    channel: String,
+/// What the invalidation subscription does: apply other instances' invalidations to the memory tier.
+struct Invalidations {
     instance: String,
     memory: Option<MemoryTier>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut pubsub = subscriber.pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        if let Ok(Ok(pubsub)) = subscribed {
-            backoff = Duration::from_millis(100);
-            // Whatever was invalidated while we were not listening may still sit in memory: start clean.
-            if let Some(memory) = &memory {
-                memory.clear();
-            }
-            let mut messages = pubsub.into_on_message();
-            while let Some(message) = futures_next(&mut messages).await {
-                let Ok(text) = message.get_payload::<String>() else {
-                    continue;
-                };
-                apply(&text, &instance, memory.as_ref());
-            }
-            tracing::warn!("the cache's invalidation subscription ended; resubscribing");
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
 }
 
-async fn futures_next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
-    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
+impl Listener for Invalidations {
+    fn subscribed(
+        &mut self,
+        _client: &redis::Client,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        // Whatever was invalidated while we were not listening may still sit in memory: start clean.
+        if let Some(memory) = &self.memory {
+            memory.clear();
+        }
+        std::future::ready(())
+    }
+
+    fn message(&mut self, message: &redis::Msg) {
+        if let Ok(text) = message.get_payload::<String>() {
+            apply(&text, &self.instance, self.memory.as_ref());
+        }
+    }
 }
 
 fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>) {

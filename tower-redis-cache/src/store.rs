@@ -2,10 +2,10 @@
 //!
 //! The connection type is erased behind [`Store`] so the layer and its service are not generic over it.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::LazyLock;
+use tower_redis_core::key::hash_tag;
 
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
@@ -154,15 +154,15 @@ impl Keys {
 
     /// `{prefix}e:{<key>}`: the whole cache key is the Cluster hash tag.
     pub(crate) fn entry(&self, key: &str) -> String {
-        format!("{}e:{{{}}}", self.prefix, tag_safe(key))
+        format!("{}e:{{{}}}", self.prefix, hash_tag(key))
     }
 
     pub(crate) fn lock(&self, key: &str) -> String {
-        format!("{}l:{{{}}}", self.prefix, tag_safe(key))
+        format!("{}l:{{{}}}", self.prefix, hash_tag(key))
     }
 
     pub(crate) fn tag(&self, tag: &str) -> String {
-        format!("{}t:{{{}}}", self.prefix, tag_safe(tag))
+        format!("{}t:{{{}}}", self.prefix, hash_tag(tag))
     }
 
     pub(crate) fn index(&self) -> String {
@@ -171,19 +171,6 @@ impl Keys {
 
     pub(crate) fn channel(&self) -> String {
         format!("{}invalidate", self.prefix)
-    }
-}
-
-/// Escapes what would end the Cluster hash tag early.
-fn tag_safe(key: &str) -> Cow<'_, str> {
-    if key.contains(['{', '}', '%']) {
-        Cow::Owned(
-            key.replace('%', "%25")
-                .replace('{', "%7B")
-                .replace('}', "%7D"),
-        )
-    } else {
-        Cow::Borrowed(key)
     }
 }
 

@@ -288,15 +288,6 @@ impl<C> RateLimiterBuilder<C> {
     }
 }
 
-/// Escapes what would break the Cluster hash tag around the key.
-fn tag_safe(key: &str) -> Cow<'_, str> {
-    if key.contains(['{', '}']) {
-        Cow::Owned(key.replace('{', "%7B").replace('}', "%7D"))
-    } else {
-        Cow::Borrowed(key)
-    }
-}
-
 /// Why an admin call failed.
 #[derive(Debug)]
 pub enum AdminError {
@@ -370,14 +361,8 @@ where
     }
 
     fn redis_key(&self, key: &str, suffix: &str) -> String {
-        let key = tag_safe(key);
-        let mut out = String::with_capacity(self.inner.prefix.len() + key.len() + suffix.len() + 3);
-        out.push_str(&self.inner.prefix);
-        out.push('{');
-        out.push_str(&key);
-        out.push_str("}:");
-        out.push_str(suffix);
-        out
+        // `%`, `{` and `}` escaped: the key stays in its hash tag, and no two keys share a bucket.
+        tower_redis_core::key::tagged(&self.inner.prefix, key, suffix)
     }
 
     /// Decides one request of cost 1 for `key` under the default tier.

@@ -234,6 +234,29 @@ async fn keys_with_braces_stay_in_one_hash_tag() {
 }
 
 #[tokio::test]
+async fn a_key_that_looks_escaped_has_its_own_bucket() {
+    // Escaping only the braces mapped `a{b` and `a%7Bb` to one Redis key: one client's requests used up the other's.
+    let server = RedisServer::start();
+    let limiter = limiter(
+        &server,
+        vec![Policy::new("p", 1, Duration::from_secs(60)).unwrap()],
+    )
+    .await;
+    assert!(limiter.check("a{b").await.allowed);
+    assert!(limiter.check("a%7Bb").await.allowed, "a different key");
+    assert!(!limiter.check("a{b").await.allowed);
+    assert!(!limiter.check("a%7Bb").await.allowed);
+    let mut con = server.multiplexed().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(keys, ["rl:{a%257Bb}:p", "rl:{a%7Bb}:p"]);
+}
+
+#[tokio::test]
 async fn the_deny_cache_answers_repeated_denials_without_redis() {
     let server = RedisServer::start();
     let limiter = RateLimiter::builder(server.connection_manager().await)
