@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tower_breaker::CircuitBreaker;
 use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::guard::{Guard, GuardError};
 use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig};
 
 use crate::entry::Entry;
@@ -47,8 +48,8 @@ pub(crate) struct Inner {
 
 pub(crate) struct RedisTier {
     pub(crate) store: Box<dyn Store>,
-    pub(crate) breaker: CircuitBreaker,
-    pub(crate) timeout: Duration,
+    /// The breaker and the deadline of every call to this tier.
+    pub(crate) guard: Guard,
 }
 
 impl fmt::Debug for Cache {
@@ -224,8 +225,7 @@ impl CacheBuilder {
                 };
                 Some(RedisTier {
                     store: make(keys.clone()),
-                    breaker,
-                    timeout: self.timeout,
+                    guard: Guard::new(breaker, self.timeout)?,
                 })
             }
             None => None,
@@ -234,8 +234,10 @@ impl CacheBuilder {
         for (index, make) in self.replicas.into_iter().enumerate() {
             replicas.push(RedisTier {
                 store: make(keys.clone()),
-                breaker: guard(format!("{}-replica-{index}", self.name))?,
-                timeout: self.timeout,
+                guard: Guard::new(
+                    guard(format!("{}-replica-{index}", self.name))?,
+                    self.timeout,
+                )?,
             });
         }
         let instance = format!("{:016x}", rand_u64());
@@ -370,7 +372,7 @@ impl Cache {
 
     /// The breaker guarding Redis, when there is a Redis tier.
     pub fn breaker(&self) -> Option<&CircuitBreaker> {
-        self.inner.redis.as_ref().map(|redis| &redis.breaker)
+        self.inner.redis.as_ref().map(|redis| redis.guard.breaker())
     }
 
     /// Counters, tier usage and the Redis breaker's state.
@@ -381,7 +383,10 @@ impl Cache {
         });
         self.inner.stats.snapshot(
             memory,
-            self.inner.redis.as_ref().map(|redis| redis.breaker.state()),
+            self.inner
+                .redis
+                .as_ref()
+                .map(|redis| redis.guard.breaker().state()),
         )
     }
 
@@ -595,7 +600,7 @@ impl Cache {
 
     /// Waits (at most as long as a write may take) until the background writes queued so far have reached Redis.
     async fn settle_writes(&self, redis: &RedisTier) {
-        let _ = tokio::time::timeout(redis.timeout * 4, self.inner.writes.write()).await;
+        let _ = tokio::time::timeout(redis.guard.timeout() * 4, self.inner.writes.write()).await;
     }
 
     async fn write(&self, write: Write) {
@@ -604,22 +609,22 @@ impl Cache {
             let Some(redis) = &cache.inner.redis else {
                 return;
             };
-            let Ok(permit) = redis.breaker.try_acquire() else {
-                cache.inner.stats.bump(Event::RedisSkipped);
-                return;
-            };
             // Writes may carry large bodies: allow them a few timeouts before calling Redis unreachable.
-            match tokio::time::timeout(redis.timeout * 4, redis.store.write(write)).await {
-                Ok(Ok(())) => permit.success(),
-                Ok(Err(error)) => {
-                    permit.failure();
-                    cache.inner.stats.bump(Event::RedisErrors);
-                    tracing::warn!(%error, "could not store a response in Redis");
-                }
-                Err(_) => {
-                    permit.timeout();
+            let deadline = redis.guard.timeout() * 4;
+            match redis
+                .guard
+                .call_within(deadline, redis.store.write(write))
+                .await
+            {
+                Ok(()) => {}
+                Err(GuardError::Open) => cache.inner.stats.bump(Event::RedisSkipped),
+                Err(GuardError::Timeout(_)) => {
                     cache.inner.stats.bump(Event::RedisTimeouts);
                     tracing::warn!("storing a response in Redis timed out");
+                }
+                Err(error) => {
+                    cache.inner.stats.bump(Event::RedisErrors);
+                    tracing::warn!(%error, "could not store a response in Redis");
                 }
             }
         }
@@ -709,30 +714,27 @@ impl Cache {
         redis: &RedisTier,
         call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
     ) -> Result<T, ()> {
-        let Ok(permit) = redis.breaker.try_acquire() else {
-            self.inner.stats.bump(Event::RedisSkipped);
-            return Err(());
-        };
         let started = Instant::now();
-        match tokio::time::timeout(redis.timeout, call).await {
-            Ok(Ok(value)) => {
-                permit.success();
+        match redis.guard.call(call).await {
+            Ok(value) => {
                 self.inner.stats.redis_latency(started.elapsed());
                 Ok(value)
             }
-            Ok(Err(error)) => {
-                permit.failure();
-                self.inner.stats.bump(Event::RedisErrors);
-                tracing::warn!(%error, "Redis read failed; going on without the shared tier");
+            Err(GuardError::Open) => {
+                self.inner.stats.bump(Event::RedisSkipped);
                 Err(())
             }
-            Err(_) => {
-                permit.timeout();
+            Err(GuardError::Timeout(deadline)) => {
                 self.inner.stats.bump(Event::RedisTimeouts);
                 tracing::warn!(
-                    timeout_ms = redis.timeout.as_millis(),
+                    timeout_ms = deadline.as_millis(),
                     "Redis read timed out; going on without the shared tier"
                 );
+                Err(())
+            }
+            Err(error) => {
+                self.inner.stats.bump(Event::RedisErrors);
+                tracing::warn!(%error, "Redis read failed; going on without the shared tier");
                 Err(())
             }
         }
@@ -786,7 +788,7 @@ async fn admin<'a, T>(
     // last command (a restarted server, a Sentinel failover) is sent once more on the reconnected connection.
     let mut retried = false;
     loop {
-        match tokio::time::timeout(redis.timeout * 4, call()).await {
+        match tokio::time::timeout(redis.guard.timeout() * 4, call()).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(error)) if !retried && connection_lost(&error) => retried = true,
             Ok(Err(error)) => return Err(InvalidateError::Redis(error)),

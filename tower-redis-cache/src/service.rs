@@ -836,10 +836,16 @@ impl Call {
             .inner
             .redis
             .as_ref()
-            .is_none_or(|redis| redis.breaker.state() != tower_breaker::State::Open);
+            .is_none_or(|redis| redis.guard.breaker().state() != tower_breaker::State::Open);
         if available {
             let invalidate = self.cache.invalidate(&keys);
-            match self.cache.inner.redis.as_ref().map(|redis| redis.timeout) {
+            match self
+                .cache
+                .inner
+                .redis
+                .as_ref()
+                .map(|redis| redis.guard.timeout())
+            {
                 Some(timeout) => {
                     if let Ok(Err(error)) | Err(error) =
                         tokio::time::timeout(timeout * 2, invalidate)

@@ -6,15 +6,18 @@
 //! - [`tcp`]: keepalive and `TCP_USER_TIMEOUT` on the connections we open;
 //! - [`subscription`]: one pub/sub subscription loop that resubscribes with backoff, follows a Sentinel failover and
 //!   notices a silent subscription with a periodic `PING`;
+//! - [`guard`]: one guarded Redis call (a breaker, a deadline, the counters), used on every request path;
 //! - [`key`]: the hash-tag escape that keeps a multi-key script in one Cluster slot without collisions;
 //! - [`ConfigError`]: the workspace's one configuration error (defined by `tower-breaker`, which every crate uses).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod guard;
 pub mod healing;
 pub mod key;
 pub mod subscription;
 pub mod tcp;
 
+pub use guard::{Guard, GuardError, GuardStats};
 pub use healing::{HealingConfig, HealingConnection, HealingStats};
 pub use subscription::{Subscription, SubscriptionConfig, SubscriptionStats};
 pub use tower_breaker::ConfigError;

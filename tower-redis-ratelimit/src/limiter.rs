@@ -3,10 +3,10 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tower_breaker::CircuitBreaker;
+use tower_redis_core::guard::{Guard, GuardError};
 
 use crate::decision::{Decision, DecisionSource, PolicyState};
 use crate::error::ConfigError;
@@ -46,10 +46,10 @@ struct Inner<C> {
     connection: C,
     prefix: String,
     tiers: Vec<Tier>,
-    timeout: Duration,
+    /// The breaker and the deadline around every Redis call on the request path.
+    guard: Guard,
     failure: FailurePolicy,
     local_only: bool,
-    breaker: CircuitBreaker,
     deny_cache: Option<DenyCache>,
     stats: Stats,
     #[cfg(feature = "metrics")]
@@ -275,10 +275,9 @@ impl<C> RateLimiterBuilder<C> {
                 connection: self.connection,
                 prefix: self.prefix,
                 tiers,
-                timeout: self.timeout,
+                guard: Guard::new(breaker, self.timeout)?,
                 failure: self.failure,
                 local_only: self.local_only,
-                breaker,
                 deny_cache: self.deny_cache.map(DenyCache::new),
                 stats: Stats::default(),
                 #[cfg(feature = "metrics")]
@@ -345,7 +344,7 @@ where
 
     /// The breaker guarding Redis.
     pub fn breaker(&self) -> &CircuitBreaker {
-        &self.inner.breaker
+        self.inner.guard.breaker()
     }
 
     /// The names of the tiers (the first is the default).
@@ -400,14 +399,8 @@ where
         if inner.local_only {
             return Self::decide_locally(tier, key, cost);
         }
-        let Ok(permit) = inner.breaker.try_acquire() else {
-            return self.on_failure(tier, key, cost);
-        };
-        let started = Instant::now();
-        match tokio::time::timeout(inner.timeout, self.run_script(tier, key, cost)).await {
-            Ok(Ok(reply)) => {
-                permit.success();
-                inner.stats.redis_latency(started.elapsed());
+        match inner.guard.call(self.run_script(tier, key, cost)).await {
+            Ok(reply) => {
                 let retry_after =
                     (!reply.allowed).then(|| Duration::from_millis(reply.retry_after_ms.max(1)));
                 if let (Some(cache), Some(retry_after)) = (&inner.deny_cache, retry_after) {
@@ -422,19 +415,9 @@ where
                     redis_time_micros: Some(reply.server_time_us),
                 }
             }
-            Ok(Err(error)) => {
-                permit.failure();
-                inner.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "rate limit script failed; applying the failure policy");
-                self.on_failure(tier, key, cost)
-            }
-            Err(_) => {
-                permit.timeout();
-                inner.stats.redis_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    timeout_ms = inner.timeout.as_millis(),
-                    "rate limit script timed out; applying the failure policy"
-                );
+            Err(GuardError::Open) => self.on_failure(tier, key, cost),
+            Err(error) => {
+                tracing::warn!(%error, "rate limit decision failed; applying the failure policy");
                 self.on_failure(tier, key, cost)
             }
         }
@@ -480,7 +463,8 @@ where
     fn on_failure(&self, tier: &Tier, key: &str, cost: u32) -> Decision {
         let retry_after = self
             .inner
-            .breaker
+            .guard
+            .breaker()
             .retry_after()
             .map_or(Duration::from_secs(1), |left| {
                 left.max(Duration::from_millis(1))
@@ -513,10 +497,13 @@ where
         let tier = self
             .tier(tier)
             .ok_or_else(|| AdminError::UnknownTier(tier.unwrap_or_default().to_owned()))?;
-        let reply = tokio::time::timeout(self.inner.timeout * 4, self.run_script(tier, key, 0))
-            .await
-            .map_err(|_| AdminError::Timeout)?
-            .map_err(AdminError::Redis)?;
+        let reply = tokio::time::timeout(
+            self.inner.guard.timeout() * 4,
+            self.run_script(tier, key, 0),
+        )
+        .await
+        .map_err(|_| AdminError::Timeout)?
+        .map_err(AdminError::Redis)?;
         Ok(Decision {
             allowed: !reply.blocked,
             source: DecisionSource::Redis,
@@ -549,7 +536,7 @@ where
         let mut command = redis::cmd("DEL");
         command.arg(&keys);
         let deleted = command.query_async::<i64>(&mut connection);
-        tokio::time::timeout(self.inner.timeout * 4, deleted)
+        tokio::time::timeout(self.inner.guard.timeout() * 4, deleted)
             .await
             .map_err(|_| AdminError::Timeout)?
             .map_err(AdminError::Redis)?;
@@ -576,7 +563,7 @@ where
             .arg("PX")
             .arg(millis);
         let set = command.query_async::<()>(&mut connection);
-        tokio::time::timeout(self.inner.timeout * 4, set)
+        tokio::time::timeout(self.inner.guard.timeout() * 4, set)
             .await
             .map_err(|_| AdminError::Timeout)?
             .map_err(AdminError::Redis)?;
@@ -587,7 +574,7 @@ where
     pub fn stats(&self) -> LimiterStats {
         self.inner.stats.snapshot(
             self.inner.deny_cache.as_ref().map_or(0, DenyCache::len),
-            self.inner.breaker.state(),
+            &self.inner.guard,
         )
     }
 
@@ -655,6 +642,7 @@ fn states(policies: &[Policy], reply: &Reply) -> Vec<PolicyState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[tokio::test]
     async fn a_local_only_limiter_decides_in_process_and_never_touches_redis_or_its_breaker() {

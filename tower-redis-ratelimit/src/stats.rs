@@ -1,10 +1,10 @@
 //! Counters and the [`LimiterStats`] snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde::Serialize;
 use tower_breaker::State;
+use tower_redis_core::guard::Guard;
 
 use crate::decision::{Decision, DecisionSource};
 
@@ -12,11 +12,6 @@ use crate::decision::{Decision, DecisionSource};
 pub(crate) struct Stats {
     /// [source][0 = denied, 1 = allowed]
     decisions: [[AtomicU64; 2]; DecisionSource::ALL.len()],
-    pub(crate) redis_errors: AtomicU64,
-    pub(crate) redis_timeouts: AtomicU64,
-    redis_calls: AtomicU64,
-    redis_micros: AtomicU64,
-    redis_max_micros: AtomicU64,
     shadow_denials: AtomicU64,
 }
 
@@ -30,14 +25,7 @@ impl Stats {
         self.shadow_denials.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn redis_latency(&self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.redis_calls.fetch_add(1, Ordering::Relaxed);
-        self.redis_micros.fetch_add(micros, Ordering::Relaxed);
-        self.redis_max_micros.fetch_max(micros, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self, deny_cache_entries: usize, breaker: State) -> LimiterStats {
+    pub(crate) fn snapshot(&self, deny_cache_entries: usize, guard: &Guard) -> LimiterStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let by_source = DecisionSource::ALL
             .iter()
@@ -49,19 +37,19 @@ impl Stats {
             })
             .filter(|stats| stats.allowed + stats.denied > 0)
             .collect::<Vec<_>>();
-        let calls = load(&self.redis_calls);
+        let redis = guard.stats();
         LimiterStats {
             allowed: by_source.iter().map(|stats| stats.allowed).sum(),
             denied: by_source.iter().map(|stats| stats.denied).sum(),
             by_source,
             shadow_denials: load(&self.shadow_denials),
-            redis_errors: load(&self.redis_errors),
-            redis_timeouts: load(&self.redis_timeouts),
-            redis_calls: calls,
-            redis_mean_micros: load(&self.redis_micros).checked_div(calls).unwrap_or(0),
-            redis_max_micros: load(&self.redis_max_micros),
+            redis_errors: redis.errors,
+            redis_timeouts: redis.timeouts,
+            redis_calls: redis.calls,
+            redis_mean_micros: redis.mean_micros,
+            redis_max_micros: redis.max_micros,
             deny_cache_entries,
-            redis_breaker: breaker,
+            redis_breaker: guard.breaker().state(),
         }
     }
 }
