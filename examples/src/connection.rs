@@ -7,8 +7,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsMode, Value};
-use tower_breaker::pubsub::Subscriber;
-use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_core::Subscriber;
+use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 use tower_redis_core::{HealingConfig, HealingConnection};
 
 use crate::config::{RedisConfig, RedisTarget, SentinelPrimary};

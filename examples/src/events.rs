@@ -46,7 +46,7 @@ use axum::response::sse::{self, KeepAlive, Sse};
 use futures_util::Stream;
 use redis::Value;
 use tokio::sync::broadcast;
-use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::Subscriber;
 
 use crate::connection::{Redis, RedisConnection};
 use crate::lifecycle::Stop;

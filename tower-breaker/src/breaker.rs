@@ -131,9 +131,8 @@ pub(crate) struct Shared {
     listeners: Vec<Listener>,
     #[cfg(feature = "metrics")]
     pub(crate) metrics: crate::metrics::Handles,
-    /// Where local openings go to be published (the `redis` feature); touched only on transitions.
-    #[cfg(feature = "redis")]
-    opening_sink: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<u64>>>,
+    /// Told of every local opening (to share it with peers); touched only on transitions.
+    opening_hook: std::sync::Mutex<Option<OpeningHook>>,
 }
 
 impl fmt::Debug for Shared {
@@ -144,6 +143,9 @@ impl fmt::Debug for Shared {
             .finish_non_exhaustive()
     }
 }
+
+/// A hook told of a breaker's own openings, with their duration: see [`CircuitBreaker::set_opening_hook`].
+pub type OpeningHook = std::sync::Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// A circuit breaker: a cheap, cloneable handle to one shared state machine.
 ///
@@ -363,8 +365,7 @@ impl BreakerBuilder {
             config,
             clock,
             listeners: self.listeners,
-            #[cfg(feature = "redis")]
-            opening_sink: std::sync::Mutex::new(None),
+            opening_hook: std::sync::Mutex::new(None),
         };
         #[cfg(feature = "metrics")]
         shared.metrics.set_state(State::Closed);
@@ -572,11 +573,24 @@ impl CircuitBreaker {
         self.shared.set_manual(State::Closed);
     }
 
-    /// Opens the breaker for `open_for`, as another process asked (the `redis` feature). Only a closed, half-open
-    /// or open breaker is affected (manual states win); a later deadline wins over an earlier one.
-    #[cfg(feature = "redis")]
-    pub(crate) fn open_remotely(&self, open_for: Duration) {
+    /// Opens the breaker for `open_for` because a peer opened its own: the hook for sharing openings across
+    /// processes (`tower-redis-core`'s `RedisSharing` calls it). Only a closed, half-open or open breaker is affected
+    /// (manual states win); a later deadline wins over an earlier one. The transition's reason is
+    /// [`TransitionReason::Remote`](crate::TransitionReason::Remote), and it is not passed to the opening hook.
+    pub fn open_remotely(&self, open_for: Duration) {
         self.shared.open_remotely(open_for);
+    }
+
+    /// Sets (or with `None` removes) the hook told of every opening this breaker makes by itself (not those from
+    /// [`CircuitBreaker::open_remotely`]), with the open duration: the other half of sharing openings. It runs on
+    /// the request path that caused the opening, so it must not block: hand the opening to a task (for example
+    /// with `try_send` on a bounded channel).
+    pub fn set_opening_hook(&self, hook: Option<OpeningHook>) {
+        *self
+            .shared
+            .opening_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
     }
 
     /// When open: how long until probes are let through. One atomic load and one clock read, so it can be asked
@@ -862,7 +876,6 @@ impl Shared {
         }
     }
 
-    #[cfg(feature = "redis")]
     fn open_remotely(&self, open_for: Duration) {
         let now = self.clock.now_ms();
         let until = now.saturating_add(millis(open_for));
@@ -960,7 +973,6 @@ impl Shared {
                 tracing::info!(breaker = %self.config.name, %from, %to, ?reason, "circuit breaker state changed");
             }
         }
-        #[cfg(feature = "redis")]
         if to == State::Open && reason != TransitionReason::Remote {
             self.publish_opening(open_for_millis.unwrap_or(0));
         }
@@ -979,23 +991,15 @@ impl Shared {
         }
     }
 
-    #[cfg(feature = "redis")]
-    pub(crate) fn set_opening_sink(&self, sink: Option<tokio::sync::mpsc::Sender<u64>>) {
-        *self
-            .opening_sink
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
-    }
-
-    /// Hands a local opening to the publisher task without waiting: a full queue drops it.
-    #[cfg(feature = "redis")]
+    /// Tells the opening hook, if any, of a local opening.
     fn publish_opening(&self, open_for_ms: u64) {
-        let sink = self
-            .opening_sink
+        let hook = self
+            .opening_hook
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(sink) = sink.as_ref() {
-            let _ = sink.try_send(open_for_ms);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook(Duration::from_millis(open_for_ms));
         }
     }
 

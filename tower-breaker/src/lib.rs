@@ -48,16 +48,7 @@ mod lease;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod padded;
-#[cfg(feature = "pubsub")]
-#[cfg_attr(docsrs, doc(cfg(feature = "pubsub")))]
-pub mod pubsub;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub mod redis;
 mod reject;
-#[cfg(feature = "sentinel")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
-pub mod sentinel;
 mod service;
 mod state;
 mod stats;
@@ -65,7 +56,7 @@ mod window;
 
 pub use body::ResponseBody;
 pub use breaker::{
-    BreakerBuilder, CallError, CircuitBreaker, Outcome, Permit, RejectReason, Rejected,
+    BreakerBuilder, CallError, CircuitBreaker, OpeningHook, Outcome, Permit, RejectReason, Rejected,
 };
 pub use classifier::{
     AutoClassifier, AutoEosClassifier, AutoResponseClassifier, GrpcClassifier, GrpcEosClassifier,

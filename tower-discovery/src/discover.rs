@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
-use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::Subscriber;
 use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig};
 
 use crate::instance::{Instance, Status};

@@ -44,7 +44,7 @@ mod strategy;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
 pub mod sentinel {
-    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+    pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
 pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
@@ -58,7 +58,7 @@ pub use registry::{
 };
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};
-pub use tower_breaker::pubsub::Subscriber;
+pub use tower_redis_core::Subscriber;
 
 /// The README's examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

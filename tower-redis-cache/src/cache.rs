@@ -10,7 +10,7 @@ use http::HeaderMap;
 use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tower_breaker::CircuitBreaker;
-use tower_breaker::pubsub::Subscriber;
+use tower_redis_core::Subscriber;
 use tower_redis_core::guard::{Guard, GuardError};
 use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig};
 

@@ -11,8 +11,10 @@
 //! u32 body length, body
 //! ```
 //!
-//! Every header line is kept in the order received (lines of one name stay in order). Anything that does not decode
-//! exactly, including trailing bytes and an unknown version, is `None`: a miss, never an error.
+//! Every header line is kept in the order received (lines of one name stay in order). What comes back from Redis is
+//! not trusted: anything that does not decode exactly, including trailing bytes, an unknown version, more than
+//! [`MAX_HEADERS`] header lines or selecting headers, and a count or length larger than the bytes after it could
+//! hold, is `None`: a miss, never an error or a panic.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{AGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, LAST_MODIFIED};
@@ -21,6 +23,12 @@ use http::{HeaderMap, StatusCode};
 use crate::directives::CacheControl;
 
 const MAGIC: &[u8; 4] = b"TRC\x01";
+
+/// The most header lines (and, separately, selecting headers) a decoded entry may have. hyper refuses messages with
+/// more than 100 header lines by default, so this is far above anything a real origin sends, and far below what
+/// `HeaderMap` can hold (it panics past 24,576 reserved or 32,768 stored lines). A response with more lines is not
+/// stored (the policy refuses it, "too-many-headers"), and an entry in Redis that claims more is a miss.
+pub(crate) const MAX_HEADERS: u16 = 1_024;
 
 /// One stored response, with what the policy reads from its headers parsed once.
 #[derive(Debug, Clone)]
@@ -150,32 +158,38 @@ impl Entry {
         out.freeze()
     }
 
+    /// Reads back what [`Entry::encode`] wrote. The bytes come from Redis, so nothing in them is trusted: a count
+    /// is bounded by [`MAX_HEADERS`] and by what the bytes left could hold before it sizes anything, a length is
+    /// checked against the bytes left before it is read, and whatever else is off makes the entry `None` (a miss).
     pub(crate) fn decode(mut bytes: Bytes) -> Option<Self> {
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        if !bytes.starts_with(MAGIC) {
             return None;
         }
         bytes.advance(MAGIC.len());
         let status = StatusCode::from_u16(take_u16(&mut bytes)?).ok()?;
         let request_time = take_u64(&mut bytes)?;
         let response_time = take_u64(&mut bytes)?;
-        let count = take_u16(&mut bytes)?;
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        let count = take_count(&mut bytes, MIN_HEADER_SIZE)?;
+        // `try_`: `HeaderMap` panics past 24,576 reserved or 32,768 stored lines, and a count is no proof of either.
+        let mut headers = HeaderMap::try_with_capacity(count).ok()?;
         for _ in 0..count {
             let name = take_short(&mut bytes)?;
             let value = take_long(&mut bytes)?;
-            headers.append(
-                HeaderName::from_bytes(&name).ok()?,
-                HeaderValue::from_maybe_shared(value).ok()?,
-            );
+            headers
+                .try_append(
+                    HeaderName::from_bytes(&name).ok()?,
+                    HeaderValue::from_maybe_shared(value).ok()?,
+                )
+                .ok()?;
         }
-        let count = take_u16(&mut bytes)?;
-        let mut selecting = Vec::with_capacity(usize::from(count));
+        let count = take_count(&mut bytes, MIN_SELECTING_SIZE)?;
+        let mut selecting = Vec::with_capacity(count);
         for _ in 0..count {
             let name = HeaderName::from_bytes(&take_short(&mut bytes)?).ok()?;
             let present = take_u8(&mut bytes)?;
             let value = take_long(&mut bytes)?;
             let value = match present {
-                0 => None,
+                0 if value.is_empty() => None,
                 1 => Some(HeaderValue::from_maybe_shared(value).ok()?),
                 _ => return None,
             };
@@ -195,6 +209,12 @@ impl Entry {
         ))
     }
 }
+
+/// The fewest bytes a stored header line takes: its two lengths and a one-byte name.
+const MIN_HEADER_SIZE: usize = 2 + 1 + 4;
+
+/// The fewest bytes a stored selecting header takes: its name's length, a one-byte name, the flag, the length.
+const MIN_SELECTING_SIZE: usize = 2 + 1 + 1 + 4;
 
 fn put_short(out: &mut BytesMut, bytes: &[u8]) {
     let len = bytes.len().min(usize::from(u16::MAX));
@@ -216,8 +236,20 @@ fn take_u16(bytes: &mut Bytes) -> Option<u16> {
     (bytes.remaining() >= 2).then(|| bytes.get_u16())
 }
 
+fn take_u32(bytes: &mut Bytes) -> Option<u32> {
+    (bytes.remaining() >= 4).then(|| bytes.get_u32())
+}
+
 fn take_u64(bytes: &mut Bytes) -> Option<u64> {
     (bytes.remaining() >= 8).then(|| bytes.get_u64())
+}
+
+/// A count of items of at least `min_size` bytes each: `None` above [`MAX_HEADERS`] or above what the remaining
+/// bytes could hold, so that a count never sizes more than the bytes it came with.
+fn take_count(bytes: &mut Bytes, min_size: usize) -> Option<usize> {
+    let count = usize::from(take_u16(bytes)?);
+    (count <= usize::from(MAX_HEADERS) && count.checked_mul(min_size)? <= bytes.remaining())
+        .then_some(count)
 }
 
 fn take_short(bytes: &mut Bytes) -> Option<Bytes> {
@@ -226,12 +258,14 @@ fn take_short(bytes: &mut Bytes) -> Option<Bytes> {
 }
 
 fn take_long(bytes: &mut Bytes) -> Option<Bytes> {
-    let len = usize::try_from((bytes.remaining() >= 4).then(|| bytes.get_u32())?).ok()?;
+    let len = usize::try_from(take_u32(bytes)?).ok()?;
     (bytes.remaining() >= len).then(|| bytes.split_to(len))
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn sample() -> Entry {
@@ -318,5 +352,245 @@ mod tests {
             HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
         );
         assert_eq!(Facts::read(&headers).expires, Some(None));
+    }
+
+    /// An entry claiming `count` headers, each the smallest that decodes (`a: ` with an empty value).
+    fn crafted(count: u16) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_slice(MAGIC);
+        out.put_u16(200);
+        out.put_u64(0);
+        out.put_u64(0);
+        out.put_u16(count);
+        for _ in 0..count {
+            put_short(&mut out, b"a");
+            put_long(&mut out, b"");
+        }
+        out.put_u16(0);
+        put_long(&mut out, b"");
+        out.freeze()
+    }
+
+    /// Where the header count sits: after the magic, the status and both times.
+    const HEADER_COUNT_AT: usize = 4 + 2 + 8 + 8;
+
+    #[test]
+    fn a_crafted_entry_with_too_many_headers_is_a_miss_not_a_panic() {
+        // `HeaderMap::with_capacity` panics from 24,577 on, and `append` past 32,768 lines.
+        for count in [24_577, 32_769, 40_000, u16::MAX] {
+            assert!(Entry::decode(crafted(count)).is_none(), "{count} headers");
+        }
+        assert!(Entry::decode(crafted(MAX_HEADERS)).is_some());
+        assert!(Entry::decode(crafted(MAX_HEADERS + 1)).is_none());
+    }
+
+    #[test]
+    fn a_count_or_length_the_bytes_cannot_hold_is_refused() {
+        // One header, but a count of 65,535.
+        let mut lying = BytesMut::from(&crafted(1)[..]);
+        lying[HEADER_COUNT_AT..HEADER_COUNT_AT + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(Entry::decode(lying.freeze()).is_none());
+        // A count within the cap, but more than the 14 bytes after it could hold (7 bytes a header at least).
+        let mut lying = BytesMut::from(&crafted(1)[..]);
+        lying[HEADER_COUNT_AT..HEADER_COUNT_AT + 2].copy_from_slice(&3u16.to_be_bytes());
+        assert!(Entry::decode(lying.freeze()).is_none());
+        // A body of 4 GiB - 1 in an entry of a few bytes.
+        let mut lying = BytesMut::from(&crafted(0)[..]);
+        let body_at = lying.len() - 4;
+        lying[body_at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Entry::decode(lying.freeze()).is_none());
+        // An absent selecting header with a value.
+        let mut entry = sample();
+        entry.selecting = vec![(HeaderName::from_static("accept"), None)];
+        let mut odd = BytesMut::from(&entry.encode()[..]);
+        let value_len_at = odd.len() - 4 - entry.body.len() - 4;
+        odd[value_len_at..value_len_at + 4].copy_from_slice(&1u32.to_be_bytes());
+        odd.put_u8(0);
+        assert!(Entry::decode(odd.freeze()).is_none());
+    }
+
+    /// The offset and width (2 or 4 bytes) of every count and length field in a valid encoding.
+    fn length_fields(encoded: &[u8]) -> Vec<(usize, usize)> {
+        let read = |at: usize, width: usize| {
+            encoded[at..at + width]
+                .iter()
+                .fold(0usize, |value, byte| (value << 8) | usize::from(*byte))
+        };
+        let mut fields = Vec::new();
+        let mut at = HEADER_COUNT_AT;
+        for present_flag in [false, true] {
+            fields.push((at, 2));
+            let count = read(at, 2);
+            at += 2;
+            for _ in 0..count {
+                fields.push((at, 2));
+                at += 2 + read(at, 2);
+                at += usize::from(present_flag);
+                fields.push((at, 4));
+                at += 4 + read(at, 4);
+            }
+        }
+        fields.push((at, 4));
+        fields
+    }
+
+    /// One change to a valid encoding.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(prop::sample::Index, u8),
+        Insert(prop::sample::Index, u8),
+        Remove(prop::sample::Index),
+        /// A count or length field set to a huge value (`u64` truncated to the field's width).
+        Huge(prop::sample::Index, u64),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let huge = prop_oneof![
+            Just(u64::MAX),
+            Just(u64::from(u32::MAX) - 1),
+            Just(u64::from(u16::MAX)),
+            Just(24_577),
+            Just(32_769),
+            Just(u64::from(MAX_HEADERS) + 1),
+            any::<u64>(),
+        ];
+        prop_oneof![
+            (any::<prop::sample::Index>(), any::<u8>())
+                .prop_map(|(at, byte)| Edit::Replace(at, byte)),
+            (any::<prop::sample::Index>(), any::<u8>())
+                .prop_map(|(at, byte)| Edit::Insert(at, byte)),
+            any::<prop::sample::Index>().prop_map(Edit::Remove),
+            (any::<prop::sample::Index>(), huge).prop_map(|(at, value)| Edit::Huge(at, value)),
+        ]
+    }
+
+    /// `encoded` with `edits` applied; the huge values land on the fields of the original layout.
+    fn apply(encoded: &[u8], edits: &[Edit]) -> Vec<u8> {
+        let fields = length_fields(encoded);
+        let mut bytes = encoded.to_vec();
+        for edit in edits {
+            match edit {
+                Edit::Huge(field, value) => {
+                    let (at, width) = fields[field.index(fields.len())];
+                    let value = value.to_be_bytes();
+                    if let Some(slot) = bytes.get_mut(at..at + width) {
+                        slot.copy_from_slice(&value[8 - width..]);
+                    }
+                }
+                Edit::Replace(at, byte) if !bytes.is_empty() => {
+                    let at = at.index(bytes.len());
+                    bytes[at] = *byte;
+                }
+                Edit::Insert(at, byte) => {
+                    let at = at.index(bytes.len() + 1);
+                    bytes.insert(at, *byte);
+                }
+                Edit::Remove(at) if !bytes.is_empty() => {
+                    bytes.remove(at.index(bytes.len()));
+                }
+                Edit::Replace(..) | Edit::Remove(_) => {}
+            }
+        }
+        bytes
+    }
+
+    /// Any entry that can be stored: header lines with repeated names, selecting headers present or not, any
+    /// status, times and body.
+    fn any_entry() -> impl Strategy<Value = Entry> {
+        let name = "[a-z][a-z0-9-]{0,12}";
+        let value = "[!-~]([ -~]{0,38}[!-~])?";
+        (
+            100u16..1000,
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec((name, value), 0..24),
+            prop::collection::vec((name, prop::option::of(value)), 0..4),
+            prop::collection::vec(any::<u8>(), 0..256),
+        )
+            .prop_map(
+                |(status, request_time, response_time, lines, selecting, body)| {
+                    let mut headers = HeaderMap::new();
+                    for (name, value) in lines {
+                        if let (Ok(name), Ok(value)) =
+                            (HeaderName::try_from(name), HeaderValue::try_from(value))
+                        {
+                            headers.append(name, value);
+                        }
+                    }
+                    let selecting = selecting
+                        .into_iter()
+                        .filter_map(|(name, value)| {
+                            let value = value.map(HeaderValue::try_from).transpose().ok()?;
+                            Some((HeaderName::try_from(name).ok()?, value))
+                        })
+                        .collect();
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                    Entry::new(
+                        status,
+                        headers,
+                        Bytes::from(body),
+                        request_time,
+                        response_time,
+                        selecting,
+                    )
+                },
+            )
+    }
+
+    fn assert_same(decoded: &Entry, entry: &Entry) {
+        assert_eq!(decoded.status, entry.status);
+        assert_eq!(decoded.headers, entry.headers);
+        assert_eq!(decoded.selecting, entry.selecting);
+        assert_eq!(decoded.body, entry.body);
+        assert_eq!(
+            (decoded.request_time, decoded.response_time),
+            (entry.request_time, entry.response_time)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Entry::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_after_the_magic_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut all = MAGIC.to_vec();
+            all.extend(bytes);
+            let _ = Entry::decode(Bytes::from(all));
+        }
+
+        #[test]
+        fn decoding_a_mutated_entry_never_panics_and_what_decodes_round_trips(
+            entry in any_entry(),
+            edits in prop::collection::vec(edit(), 1..6),
+        ) {
+            let bytes = apply(&entry.encode(), &edits);
+            if let Some(decoded) = Entry::decode(Bytes::from(bytes)) {
+                let again = Entry::decode(decoded.encode());
+                prop_assert!(again.is_some());
+                if let Some(again) = again {
+                    assert_same(&again, &decoded);
+                }
+            }
+        }
+
+        #[test]
+        fn a_count_or_length_set_huge_is_a_miss(entry in any_entry(), field in any::<prop::sample::Index>()) {
+            let encoded = entry.encode();
+            // Every count and length is at most what it was plus the bytes after it; `u32::MAX - 1` is more.
+            let huge = apply(&encoded, &[Edit::Huge(field, u64::from(u32::MAX) - 1)]);
+            prop_assert!(Entry::decode(Bytes::from(huge)).is_none());
+        }
+
+        #[test]
+        fn any_stored_entry_round_trips(entry in any_entry()) {
+            let decoded = Entry::decode(entry.encode());
+            prop_assert!(decoded.is_some());
+            if let Some(decoded) = decoded {
+                assert_same(&decoded, &entry);
+            }
+        }
     }
 }

@@ -53,7 +53,7 @@ mod store;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
 pub mod sentinel {
-    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+    pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
 pub use body::CacheBody;
@@ -62,7 +62,7 @@ pub use error::ConfigError;
 pub use layer::{BypassFn, CacheLayer, KeyFn, PurgeFn, TagFn};
 pub use service::{CacheService, ResponseFuture};
 pub use stats::CacheStats;
-pub use tower_breaker::pubsub::Subscriber;
+pub use tower_redis_core::Subscriber;
 
 /// The `Cache-Status` header name (RFC 9211).
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");

@@ -92,6 +92,10 @@ pub(crate) fn storable(
     if vary_names(response).is_err() {
         return Err("vary-star");
     }
+    if response.len() > usize::from(crate::entry::MAX_HEADERS) {
+        // It would be written, then read back as a miss every time.
+        return Err("too-many-headers");
+    }
     let explicit = cc.s_maxage.is_some() || cc.max_age.is_some() || facts.expires.is_some();
     let lifetime = freshness_lifetime(status, facts, rules, response_time);
     let configured = rules.ttl_override.is_some()
@@ -525,6 +529,11 @@ mod tests {
             check(&[("cache-control", "max-age=60"), ("vary", "*")], &[]),
             Err("vary-star")
         );
+        let mut lines = vec![("cache-control", "max-age=60")];
+        lines.resize(usize::from(crate::entry::MAX_HEADERS), ("x-a", "1"));
+        assert_eq!(check(&lines, &[]), Ok(60_000));
+        lines.push(("x-a", "1"));
+        assert_eq!(check(&lines, &[]), Err("too-many-headers"));
         assert_eq!(
             check(&[("cache-control", "no-cache"), ("etag", "\"a\"")], &[]),
             Ok(0)

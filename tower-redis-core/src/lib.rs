@@ -8,20 +8,29 @@
 //!   notices a silent subscription with a periodic `PING`;
 //! - [`guard`]: one guarded Redis call (a breaker, a deadline, the counters), used on every request path;
 //! - [`key`]: the hash-tag escape that keeps a multi-key script in one Cluster slot without collisions;
+//! - [`sharing`]: a breaker's openings shared with its peers through Redis pub/sub and a key (through the
+//!   breaker's public hooks; `tower-breaker` itself has no Redis dependency);
+//! - [`pubsub::Subscriber`] and, with the `sentinel` feature, [`sentinel::SentinelConnection`]: where
+//!   subscriptions connect, and a connection that follows Sentinel failovers;
 //! - [`ConfigError`]: the workspace's one configuration error (defined by `tower-breaker`, which every crate uses).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod guard;
 pub mod healing;
 pub mod key;
+pub mod pubsub;
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub mod sentinel;
+pub mod sharing;
 pub mod subscription;
 pub mod tcp;
 
 pub use guard::{Guard, GuardError, GuardStats};
 pub use healing::{HealingConfig, HealingConnection, HealingStats};
+pub use pubsub::Subscriber;
 pub use subscription::{Subscription, SubscriptionConfig, SubscriptionStats};
 pub use tower_breaker::ConfigError;
-pub use tower_breaker::pubsub::Subscriber;
 
 /// The README's examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

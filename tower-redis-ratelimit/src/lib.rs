@@ -41,7 +41,7 @@ mod stats;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
 pub mod sentinel {
-    pub use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+    pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
 pub use decision::{Decision, DecisionSource, PolicyState};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_fixtures::RedisSentinel;
-use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_the_promoted_replica_after_the_primary_is_killed() {

@@ -1,15 +1,15 @@
 //! Openings shared through a Sentinel-managed primary (features `redis` and `sentinel`): after the primary is killed
 //! and its replica promoted, both the publishing connection (a `SentinelConnection`) and the subscription (a
 //! `Subscriber` made from it) reach the new primary, so an opening still reaches the peer.
-#![cfg(all(feature = "redis", feature = "sentinel"))]
+#![cfg(feature = "sentinel")]
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
 
 use std::time::Duration;
 
 use redis_fixtures::RedisSentinel;
-use tower_breaker::redis::{RedisSharing, SharingHandle};
-use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
 use tower_breaker::{CircuitBreaker, State};
+use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_core::sharing::{RedisSharing, SharingHandle};
 
 fn breaker() -> CircuitBreaker {
     CircuitBreaker::builder()
@@ -32,6 +32,7 @@ async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> SharingHandle {
         .prefix("sentinel-test:")
         .max_reconnect_delay(Duration::from_millis(200))
         .start(breaker, connection.clone(), &connection)
+        .unwrap()
 }
 
 /// Polls `condition` every 10 ms for up to `within`.

@@ -12,7 +12,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> redis::RedisResult<()> {
-//! use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+//! use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 //!
 //! let con = SentinelConnection::connect(
 //!     &["redis://127.0.0.1:26379"],
@@ -30,7 +30,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> redis::RedisResult<()> {
-//! use tower_breaker::sentinel::{SentinelConfig, SentinelConnection};
+//! use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 //!
 //! let con = SentinelConnection::connect(
 //!     &["redis://:sentinel-pw@10.0.0.5:26379"],

@@ -1,5 +1,5 @@
-//! Openings shared across processes through a real Redis (feature `redis`).
-#![cfg(feature = "redis")]
+//! Openings shared across processes through a real Redis (`sharing::RedisSharing`).
+
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
 
 use std::io::{BufRead, BufReader};
@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis_fixtures::RedisServer;
-use tower_breaker::redis::{RedisSharing, SharingHandle};
 use tower_breaker::{CircuitBreaker, State, TransitionReason};
+use tower_redis_core::sharing::{RedisSharing, SharingHandle};
 
 const ROUNDS: usize = 20;
 
@@ -34,6 +34,7 @@ async fn share(breaker: &CircuitBreaker, url: &str, prefix: &str) -> SharingHand
     RedisSharing::new()
         .prefix(prefix)
         .start(breaker, publisher, client)
+        .unwrap()
 }
 
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
@@ -261,4 +262,110 @@ async fn killing_redis_fails_no_call_and_sharing_resumes_when_it_returns() {
         peer.state() == State::Open
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_crafted_opening_is_cut_to_max_open_and_garbage_is_ignored() {
+    let server = RedisServer::start();
+    let peer = breaker("crafted");
+    let client = redis::Client::open(server.url()).unwrap();
+    let sharing = RedisSharing::new()
+        .prefix("crafted:")
+        .max_open(Duration::from_secs(10))
+        .start(
+            &peer,
+            client.get_connection_manager().await.unwrap(),
+            client,
+        )
+        .unwrap();
+    wait_until("subscribed", || sharing.stats().connected).await;
+    let mut connection = server.connection_manager().await;
+    let long = format!(r#"{{"origin":"{}","open_for_ms":1}}"#, "x".repeat(2048));
+    for payload in [
+        "not json",
+        r#"{"origin":"elsewhere"}"#,
+        r#"{"origin":"elsewhere","open_for_ms":-5}"#,
+        long.as_str(),
+        r#"{"origin":"elsewhere","open_for_ms":18446744073709551615}"#,
+    ] {
+        redis::cmd("PUBLISH")
+            .arg("crafted:crafted:openings")
+            .arg(payload)
+            .query_async::<i64>(&mut connection)
+            .await
+            .unwrap();
+    }
+    wait_until("the last, valid opening applied", || {
+        peer.state() == State::Open
+    })
+    .await;
+    assert_eq!(sharing.stats().received, 1, "only the valid payload counts");
+    let retry_after = peer.stats().retry_after_millis.unwrap();
+    assert!(
+        (9_000..=10_000).contains(&retry_after),
+        "u64::MAX ms is cut to max_open: {retry_after} ms left"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_sharing_config_is_an_error_that_names_the_setting() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let publisher = client.get_connection_manager().await.unwrap();
+    let breaker = breaker("invalid");
+    for (sharing, setting) in [
+        (
+            RedisSharing::new().command_timeout(Duration::ZERO),
+            "command_timeout",
+        ),
+        (
+            RedisSharing::new().max_reconnect_delay(Duration::ZERO),
+            "max_reconnect_delay",
+        ),
+        (RedisSharing::new().max_open(Duration::ZERO), "max_open"),
+    ] {
+        let error = sharing
+            .start(&breaker, publisher.clone(), client.clone())
+            .unwrap_err();
+        assert!(error.to_string().contains(setting), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_half_open_subscription_is_replaced_and_catches_up_on_the_opening_it_missed() {
+    let server = RedisServer::start();
+    let proxy = redis_fixtures::FaultProxy::in_front_of(&server);
+    let local = breaker("half-open");
+    let local_sharing = share(&local, &server.url(), "half-open:").await;
+    let peer = breaker("half-open");
+    let peer_client = proxy.client_for(&server);
+    let peer_sharing = RedisSharing::new()
+        .prefix("half-open:")
+        .start(&peer, server.connection_manager().await, peer_client)
+        .unwrap();
+    wait_until("both subscribed", || {
+        local_sharing.stats().connected && peer_sharing.stats().connected
+    })
+    .await;
+
+    // The peer's subscription hangs for good: no FIN, no RST. The opening published now never reaches it on the
+    // channel; the PING (every 5 s, 2 s to answer) notices, and the new subscription reads the key.
+    proxy.half_open();
+    local.try_acquire().unwrap().failure();
+    wait_until("published", || local_sharing.stats().published == 1).await;
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while peer.state() != State::Open {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer never heard of the opening (its subscription stayed half-open)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(peer_sharing.stats().received, 1);
 }

@@ -1,0 +1,439 @@
+//! Breaker openings shared across processes through Redis.
+//!
+//! When a breaker opens by itself, it publishes the opening on a Redis channel and stores it in a key that expires
+//! when the open period ends. Every other process sharing the breaker's name opens its own breaker until the same
+//! moment: at once through pub/sub, or on (re)connecting through the key. Nothing on the request path touches Redis:
+//! the transition hands the opening to a background task through a bounded channel, and whenever Redis is slow or
+//! gone each process simply keeps working on its local breaker.
+//!
+//! | key or channel | type | written | TTL |
+//! |---|---|---|---|
+//! | `{prefix}{name}:openings` | pub/sub channel | on each local opening | n/a |
+//! | `{prefix}{name}:open` | string (JSON) | on each local opening | the open duration |
+//!
+//! The default prefix is `tower-breaker:`; give each service its own (for example `orders:breaker:`) when several
+//! share one Redis. Payloads are `{"origin":"<process id>","open_for_ms":<n>}`; a payload that does not decode (or is
+//! longer than 1 KiB) is ignored, logged once, and a remote opening lasts at most [`RedisSharing::max_open`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_breaker::CircuitBreaker;
+//! use tower_redis_core::sharing::RedisSharing;
+//!
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let publisher = client.get_connection_manager().await?;
+//! let breaker = CircuitBreaker::builder().name("payments").build()?;
+//! let sharing = RedisSharing::new().prefix("shop:breaker:").start(&breaker, publisher, client)?;
+//! // ... keep `sharing` alive as long as the breaker should share its openings.
+//! # drop(sharing); Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tower_breaker::CircuitBreaker;
+
+use crate::ConfigError;
+use crate::pubsub::Subscriber;
+use crate::subscription::{Listener, Subscription, SubscriptionConfig};
+
+/// How many openings may wait to be published; more are dropped (a breaker that opens that often has already
+/// told its peers).
+const QUEUE: usize = 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Opening {
+    origin: String,
+    open_for_ms: u64,
+}
+
+/// Configures sharing a breaker's openings through Redis. See the [module docs](self).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisSharing {
+    prefix: String,
+    command_timeout: Duration,
+    max_reconnect_delay: Duration,
+    max_open: Duration,
+}
+
+impl Default for RedisSharing {
+    fn default() -> Self {
+        Self {
+            prefix: "tower-breaker:".to_owned(),
+            command_timeout: Duration::from_millis(250),
+            max_reconnect_delay: Duration::from_secs(2),
+            max_open: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Counters of a running [`RedisSharing`].
+#[derive(Debug, Default)]
+struct Status {
+    connected: AtomicBool,
+    published: AtomicU64,
+    received: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of the sharing's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SharingStats {
+    /// Whether the subscription is up right now.
+    pub connected: bool,
+    /// Local openings published.
+    pub published: u64,
+    /// Openings received from other processes and applied.
+    pub received: u64,
+    /// Redis errors and timeouts (each one left the breaker working locally).
+    pub errors: u64,
+}
+
+/// Keeps the sharing running; dropping it stops it (the breaker then works locally only).
+#[derive(Debug)]
+pub struct SharingHandle {
+    status: Arc<Status>,
+    publisher: JoinHandle<()>,
+    _subscription: Subscription,
+    breaker: CircuitBreaker,
+}
+
+impl SharingHandle {
+    /// Health and counters.
+    pub fn stats(&self) -> SharingStats {
+        SharingStats {
+            connected: self.status.connected.load(Ordering::Acquire),
+            published: self.status.published.load(Ordering::Relaxed),
+            received: self.status.received.load(Ordering::Relaxed),
+            errors: self.status.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for SharingHandle {
+    fn drop(&mut self) {
+        self.breaker.set_opening_hook(None);
+        self.publisher.abort();
+    }
+}
+
+fn origin_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+impl RedisSharing {
+    /// The defaults: prefix `tower-breaker:`, 250 ms per Redis command, reconnecting with backoff up to 2 s,
+    /// remote openings of at most 1 h.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The key and channel prefix (namespace), for example `orders:breaker:`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The deadline of each Redis command (publishing, reading the key, subscribing).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// The longest wait between two attempts to re-subscribe after Redis went away.
+    pub fn max_reconnect_delay(mut self, delay: Duration) -> Self {
+        self.max_reconnect_delay = delay;
+        self
+    }
+
+    /// The longest a remote opening may keep this breaker open (default 1 h); a longer one, from a peer's long
+    /// backoff or from a payload written by hand, is cut to this.
+    pub fn max_open(mut self, max: Duration) -> Self {
+        self.max_open = max;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let error = |field: &'static str, message: &str| {
+            Err(ConfigError::in_component(
+                "sharing",
+                field,
+                message.to_owned(),
+            ))
+        };
+        if self.command_timeout.is_zero() {
+            return error("command_timeout", "must be greater than zero");
+        }
+        if self.max_reconnect_delay.is_zero() {
+            return error("max_reconnect_delay", "must be greater than zero");
+        }
+        if self.max_open.is_zero() {
+            return error("max_open", "must be greater than zero");
+        }
+        Ok(())
+    }
+
+    /// Starts sharing `breaker`'s openings: `publisher` publishes and stores this process's openings (any
+    /// connection: a `ConnectionManager`, a cluster connection, ...), and `subscriber` makes the dedicated pub/sub
+    /// connection (a `redis::Client`, or with the `sentinel` feature a `SentinelConnection`, whose subscription
+    /// follows failovers; see [`crate::pubsub`]). The subscription is a [`Subscription`]: resubscribed with
+    /// backoff and jitter, and checked with a `PING` so that a silent (half-open) one is replaced.
+    ///
+    /// # Errors
+    ///
+    /// When a duration is zero, or there is no Tokio runtime to run on.
+    pub fn start<C>(
+        self,
+        breaker: &CircuitBreaker,
+        publisher: C,
+        subscriber: impl Into<Subscriber>,
+    ) -> Result<SharingHandle, ConfigError>
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            ConfigError::in_component(
+                "sharing",
+                "runtime",
+                "needs a Tokio runtime: start it from inside one (for example in `#[tokio::main]`)",
+            )
+        })?;
+        let status = Arc::new(Status::default());
+        let origin = origin_id();
+        let name = breaker.name().to_owned();
+        let channel = format!("{}{name}:openings", self.prefix);
+        let key = format!("{}{name}:open", self.prefix);
+        let min_backoff = Duration::from_millis(50).min(self.max_reconnect_delay);
+        let subscription = Subscription::spawn(
+            subscriber,
+            vec![channel.clone()],
+            SubscriptionConfig::default()
+                .connect_timeout(self.command_timeout * 4)
+                .backoff(min_backoff, self.max_reconnect_delay),
+            Follower {
+                breaker: breaker.clone(),
+                key: key.clone(),
+                origin: origin.clone(),
+                timeout: self.command_timeout,
+                max_open: self.max_open,
+                status: status.clone(),
+                warned_undecodable: false,
+            },
+        )?;
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        breaker.set_opening_hook(Some(Arc::new(move |open_for: Duration| {
+            // Never waits: a full queue drops the opening (a breaker that opens that often has told its peers).
+            let _ = sender.try_send(u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX));
+        })));
+        let publisher = runtime.spawn(publish_openings(
+            receiver,
+            publisher,
+            PublishTarget {
+                channel,
+                key,
+                origin,
+                timeout: self.command_timeout,
+            },
+            status.clone(),
+        ));
+        Ok(SharingHandle {
+            status,
+            publisher,
+            _subscription: subscription,
+            breaker: breaker.clone(),
+        })
+    }
+}
+
+struct PublishTarget {
+    channel: String,
+    key: String,
+    origin: String,
+    timeout: Duration,
+}
+
+async fn publish_openings<C>(
+    mut openings: mpsc::Receiver<u64>,
+    mut connection: C,
+    target: PublishTarget,
+    status: Arc<Status>,
+) where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    while let Some(open_for_ms) = openings.recv().await {
+        let opening = Opening {
+            origin: target.origin.clone(),
+            open_for_ms,
+        };
+        let Ok(payload) = serde_json::to_string(&opening) else {
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&target.key)
+            .arg(&payload)
+            .arg("PX")
+            .arg(open_for_ms.max(1))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(&target.channel)
+            .arg(&payload)
+            .ignore();
+        match tokio::time::timeout(target.timeout, pipe.query_async::<()>(&mut connection)).await {
+            Ok(Ok(())) => {
+                status.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                status.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, channel = %target.channel, "could not publish a breaker opening; peers keep their own state");
+            }
+            Err(_) => {
+                status.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(channel = %target.channel, timeout_ms = target.timeout.as_millis(), "publishing a breaker opening timed out");
+            }
+        }
+    }
+}
+
+/// The longest payload read from the channel or the key; an opening is about 60 bytes, so anything longer is not
+/// one of ours.
+const MAX_PAYLOAD: usize = 1024;
+
+/// Decodes an opening; `None` for anything that is not one (too long, not JSON, wrong fields).
+fn decode(payload: &[u8]) -> Option<Opening> {
+    if payload.len() > MAX_PAYLOAD {
+        return None;
+    }
+    serde_json::from_slice(payload).ok()
+}
+
+/// Follows the other processes' openings: one [`Subscription`] to the channel, which catches up on the key after
+/// each (re)subscription.
+struct Follower {
+    breaker: CircuitBreaker,
+    key: String,
+    origin: String,
+    timeout: Duration,
+    max_open: Duration,
+    status: Arc<Status>,
+    warned_undecodable: bool,
+}
+
+impl Follower {
+    fn apply(&self, open_for: Duration) {
+        self.status.received.fetch_add(1, Ordering::Relaxed);
+        self.breaker.open_remotely(open_for.min(self.max_open));
+    }
+
+    fn undecodable(&mut self) {
+        if !self.warned_undecodable {
+            self.warned_undecodable = true;
+            tracing::warn!(key = %self.key, "ignoring a breaker opening that does not decode (logged once)");
+        }
+    }
+}
+
+impl Listener for Follower {
+    /// An opening published while this process was away is still in the key, with the time it has left.
+    async fn subscribed(&mut self, client: &redis::Client) {
+        self.status.connected.store(true, Ordering::Release);
+        let read = tokio::time::timeout(self.timeout * 4, async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::pipe()
+                .cmd("GET")
+                .arg(&self.key)
+                .cmd("PTTL")
+                .arg(&self.key)
+                .query_async::<(Option<Vec<u8>>, i64)>(&mut connection)
+                .await
+        })
+        .await;
+        match read {
+            Ok(Ok((Some(payload), left_ms))) if left_ms > 0 => match decode(&payload) {
+                Some(opening) if opening.origin != self.origin => {
+                    self.apply(Duration::from_millis(left_ms.unsigned_abs()));
+                }
+                Some(_) => {}
+                None => self.undecodable(),
+            },
+            Ok(Ok(_)) => {}
+            _ => {
+                self.status.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn message(&mut self, message: &redis::Msg) {
+        match decode(message.get_payload_bytes()) {
+            Some(opening) if opening.origin != self.origin => {
+                self.apply(Duration::from_millis(opening.open_for_ms));
+            }
+            Some(_) => {}
+            None => self.undecodable(),
+        }
+    }
+
+    fn lost(&mut self) {
+        self.status.connected.store(false, Ordering::Release);
+        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(key = %self.key, "breaker sharing: subscription lost; working locally until Redis is back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn an_opening_decodes() {
+        let opening = decode(br#"{"origin":"1-a","open_for_ms":5000}"#);
+        assert!(
+            matches!(opening, Some(Opening { ref origin, open_for_ms: 5000 }) if origin == "1-a")
+        );
+    }
+
+    #[test]
+    fn what_is_not_an_opening_does_not_decode() {
+        for payload in [
+            &b""[..],
+            b"{}",
+            br#"{"origin":"1-a"}"#,
+            br#"{"origin":"1-a","open_for_ms":-1}"#,
+            br#"{"origin":"1-a","open_for_ms":1e30}"#,
+            br#"{"origin":7,"open_for_ms":1}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(decode(payload).is_none(), "{payload:?}");
+        }
+        let long = format!(
+            r#"{{"origin":"{}","open_for_ms":1}}"#,
+            "x".repeat(MAX_PAYLOAD)
+        );
+        assert!(decode(long.as_bytes()).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_decodes_or_not_without_panicking(payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode(&payload);
+        }
+
+        #[test]
+        fn any_duration_is_a_bounded_opening(open_for_ms in any::<u64>(), origin in "[ -~]{0,40}") {
+            let payload = serde_json::to_vec(&Opening { origin: origin.clone(), open_for_ms }).unwrap_or_default();
+            let opening = decode(&payload);
+            prop_assert!(opening.is_some_and(|o| o.open_for_ms == open_for_ms && o.origin == origin));
+        }
+    }
+}
