@@ -307,11 +307,11 @@ async fn update_order<R: Registry>(
     if response.status().is_success() {
         let keys = [format!("/orders/{id}")];
         if let Err(error) = state.cache.invalidate(&keys).await {
-            tracing::warn!(%error, "could not invalidate the order everywhere (this instance's copy is gone)");
+            tracing::warn!(%error, "could not invalidate the order in Redis; owed until Redis is back (this instance's copy is gone)");
         }
         // Every other cached variant of the order (`/orders/7?x=1`) carries its tag.
         if let Err(error) = state.cache.invalidate_tag(&format!("order:{id}")).await {
-            tracing::warn!(%error, "could not invalidate the order's variants by tag");
+            tracing::warn!(%error, "could not invalidate the order's variants by tag in Redis; owed until Redis is back");
         }
     }
     relay(state.announce("order.updated", response).await, false)
@@ -451,7 +451,7 @@ impl<R: Registry> Gateway<R> {
     async fn invalidate_user(&self, id: &str) {
         let keys = [format!("/users/{id}")];
         if let Err(error) = self.cache.invalidate(&keys).await {
-            tracing::warn!(%error, "could not invalidate the user everywhere (this instance's copy is gone)");
+            tracing::warn!(%error, "could not invalidate the user in Redis; owed until Redis is back (this instance's copy is gone)");
         }
         match self.cache.invalidate_tag(&format!("user:{id}")).await {
             Ok(_) => {}
@@ -459,8 +459,9 @@ impl<R: Registry> Gateway<R> {
                 let _ = self.cache.invalidate_prefix("/orders/").await;
             }
             Err(error) => {
-                tracing::warn!(%error, "could not invalidate the user's orders by tag; dropping every cached order");
-                let _ = self.cache.invalidate_prefix("/orders/").await;
+                // The memory tier dropped the tag already, and the cache owes it to Redis: it reads nothing from
+                // Redis until the tag's entries there are gone.
+                tracing::warn!(%error, "could not invalidate the user's orders by tag in Redis; owed until Redis is back");
             }
         }
     }

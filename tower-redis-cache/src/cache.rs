@@ -18,6 +18,7 @@ use crate::entry::Entry;
 use crate::error::ConfigError;
 use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
+use crate::owed::{self, Owed, Owing};
 use crate::policy::variant_matches;
 use crate::stats::{CacheStats, Event, Stats, Tier};
 use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
@@ -42,6 +43,8 @@ pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) fill_lock: Option<Duration>,
     instance: String,
+    /// Invalidations that could not reach Redis, replayed when it answers.
+    owed: Owed,
     /// Dropping it stops the subscription.
     _listener: Option<Subscription>,
 }
@@ -273,6 +276,7 @@ impl CacheBuilder {
                 name: self.name,
                 fill_lock: self.fill_lock,
                 instance,
+                owed: Owed::default(),
                 _listener: listener,
             }),
         })
@@ -387,6 +391,7 @@ impl Cache {
                 .redis
                 .as_ref()
                 .map(|redis| redis.guard.breaker().state()),
+            self.inner.owed.len(),
         )
     }
 
@@ -401,9 +406,14 @@ impl Cache {
     /// Removes every variant stored under these cache keys, here and (through Redis) on every instance.
     /// Returns how many Redis entries were deleted.
     ///
+    /// When Redis cannot take it (down, stalled, too slow), the invalidation is *owed*: the memory tier is cleared
+    /// at once, this instance reads nothing from Redis until Redis has taken every owed invalidation, and a
+    /// background task replays them, with backoff, as soon as Redis answers (also after a restart from a snapshot
+    /// that brought the deleted entries back). See the README's failure semantics.
+    ///
     /// # Errors
     ///
-    /// The Redis error, or a timeout, when Redis could not be reached; the memory tier is cleared regardless.
+    /// The Redis error, or a timeout, when Redis could not be reached: the invalidation is owed (above).
     pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
         if let Some(memory) = &self.inner.memory {
             for key in keys {
@@ -411,13 +421,7 @@ impl Cache {
             }
         }
         self.inner.stats.bump(Event::Invalidations);
-        let Some(redis) = &self.inner.redis else {
-            return Ok(0);
-        };
-        self.settle_writes(redis).await;
-        let deleted = admin(redis, || redis.store.delete(keys)).await?;
-        self.announce(redis, Message::Keys(keys)).await;
-        Ok(deleted)
+        self.pay_or_owe(Owing::Keys(keys.to_vec())).await
     }
 
     /// Removes every entry whose cache key starts with `prefix` (for the default key, a URL prefix such as
@@ -425,20 +429,13 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// As for [`invalidate`](Self::invalidate).
+    /// As for [`invalidate`](Self::invalidate): the invalidation is then owed.
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
         if let Some(memory) = &self.inner.memory {
             memory.remove_prefix(prefix);
         }
         self.inner.stats.bump(Event::Invalidations);
-        let Some(redis) = &self.inner.redis else {
-            return Ok(0);
-        };
-        self.settle_writes(redis).await;
-        let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
-        let deleted = admin(redis, || redis.store.delete(&keys)).await?;
-        self.announce(redis, Message::Prefix(prefix)).await;
-        Ok(deleted)
+        self.pay_or_owe(Owing::Prefix(prefix.to_owned())).await
     }
 
     /// Removes every entry stored with this tag (from the `Surrogate-Key` response header or the route's tag
@@ -447,7 +444,8 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// As for [`invalidate`](Self::invalidate); the memory tier is cleared of the tag regardless.
+    /// As for [`invalidate`](Self::invalidate): the invalidation is then owed. The memory tier is cleared of the
+    /// tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
         self.inner.stats.bump(Event::Invalidations);
         let in_memory = self
@@ -455,21 +453,93 @@ impl Cache {
             .memory
             .as_ref()
             .map_or(0, |memory| memory.remove_tag(tag));
-        let Some(redis) = &self.inner.redis else {
+        if self.inner.redis.is_none() {
             return Ok(in_memory as u64);
+        }
+        let paid = self.pay_or_owe(Owing::Tag(tag.to_owned())).await;
+        if paid.is_err()
+            && let Some(memory) = &self.inner.memory
+        {
+            // Entries promoted from Redis keep their tags there only: any of them may carry this one.
+            memory.remove_untracked();
+        }
+        paid
+    }
+
+    /// Runs `owing` against Redis, or owes it when Redis cannot take it.
+    async fn pay_or_owe(&self, owing: Owing) -> Result<u64, InvalidateError> {
+        let Some(redis) = &self.inner.redis else {
+            return Ok(0);
         };
         self.settle_writes(redis).await;
-        let keys = admin(redis, || redis.store.tagged(tag)).await?;
-        if let Some(memory) = &self.inner.memory {
-            for key in &keys {
-                memory.remove(key);
+        match self.invalidate_in_redis(redis, &owing).await {
+            Ok(deleted) => Ok(deleted),
+            Err(error) => {
+                // An error reply (an ACL refusal, say) would fail the same way again: not owed.
+                if unreachable(&error) {
+                    self.owe(owing);
+                }
+                Err(error)
             }
         }
+    }
+
+    /// The Redis half of an invalidation: delete, then tell the other instances.
+    async fn invalidate_in_redis(
+        &self,
+        redis: &RedisTier,
+        owing: &Owing,
+    ) -> Result<u64, InvalidateError> {
+        match owing {
+            Owing::Keys(keys) => {
+                let deleted = admin(redis, || redis.store.delete(keys)).await?;
+                self.announce(redis, Message::Keys(keys)).await;
+                Ok(deleted)
+            }
+            Owing::Prefix(prefix) => self.invalidate_prefix_in_redis(redis, prefix).await,
+            Owing::Everything => self.invalidate_prefix_in_redis(redis, "").await,
+            Owing::Tag(tag) => {
+                let keys = admin(redis, || redis.store.tagged(tag)).await?;
+                if let Some(memory) = &self.inner.memory {
+                    for key in &keys {
+                        memory.remove(key);
+                    }
+                }
+                let deleted = admin(redis, || redis.store.delete(&keys)).await?;
+                admin(redis, || redis.store.forget_tag(tag)).await?;
+                self.announce(redis, Message::Keys(&keys)).await;
+                self.announce(redis, Message::Tag(tag)).await;
+                Ok(deleted)
+            }
+        }
+    }
+
+    async fn invalidate_prefix_in_redis(
+        &self,
+        redis: &RedisTier,
+        prefix: &str,
+    ) -> Result<u64, InvalidateError> {
+        let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
         let deleted = admin(redis, || redis.store.delete(&keys)).await?;
-        admin(redis, || redis.store.forget_tag(tag)).await?;
-        self.announce(redis, Message::Keys(&keys)).await;
-        self.announce(redis, Message::Tag(tag)).await;
+        self.announce(redis, Message::Prefix(prefix)).await;
         Ok(deleted)
+    }
+
+    /// Owes `owing`, and starts the replay when none is running.
+    fn owe(&self, owing: Owing) {
+        self.inner.stats.bump(Event::InvalidationsOwed);
+        if !self.inner.owed.push(owing) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to replay on; the next invalidation tries again, and reads skip Redis meanwhile.
+            self.inner.owed.abandon();
+            return;
+        };
+        tracing::warn!(
+            "an invalidation could not reach Redis; reading nothing from Redis until it is replayed there"
+        );
+        runtime.spawn(replay(Arc::downgrade(&self.inner)));
     }
 
     /// Empties the memory tier here and on every subscribed instance. Redis entries stay (they expire by their TTL;
@@ -561,7 +631,7 @@ impl Cache {
         self.inner.stats.bump(Event::Stores);
         let keep = Duration::from_millis(keep_ms);
         if let Some(memory) = &self.inner.memory {
-            memory.insert(key, vary, entry, keep, &tags);
+            memory.insert(key, vary, entry, keep, Some(&tags));
         }
         if self.inner.redis.is_none() || keep_ms == 0 {
             if let Some(token) = lock {
@@ -641,6 +711,11 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(None);
         };
+        if self.inner.owed.any() {
+            // Redis may still hold what an owed invalidation deletes: a miss, answered by the origin.
+            self.inner.stats.bump(Event::OwedBypasses);
+            return Ok(None);
+        }
         let replicas = &self.inner.replicas;
         let mut found = None;
         if !replicas.is_empty() {
@@ -665,7 +740,7 @@ impl Cache {
             // Promote for as long as it stays useful; the Redis TTL already bounds it.
             let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
             // Tags live in Redis for this entry; a tag invalidation reaches it through the keys it resolves to.
-            memory.insert(key, &vary, &entry, Duration::from_millis(keep), &[]);
+            memory.insert(key, &vary, &entry, Duration::from_millis(keep), None);
         }
         Ok(Some(entry))
     }
@@ -778,6 +853,43 @@ impl Cache {
     }
 }
 
+/// Replays the owed invalidations, oldest first, until Redis has taken them all; waits with backoff and jitter
+/// after each failed attempt. Holds the cache weakly: dropping the last handle stops it.
+async fn replay(inner: std::sync::Weak<Inner>) {
+    let mut backoff = owed::MIN_BACKOFF;
+    loop {
+        tokio::time::sleep(backoff.mul_f64(rand::random_range(0.75..1.25))).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let cache = Cache { inner };
+        let Some(redis) = &cache.inner.redis else {
+            return;
+        };
+        while let Some(owing) = cache.inner.owed.oldest() {
+            match cache.invalidate_in_redis(redis, &owing).await {
+                Ok(_) => {
+                    cache.inner.owed.paid(&owing);
+                    cache.inner.stats.bump(Event::InvalidationsReplayed);
+                    backoff = owed::MIN_BACKOFF;
+                }
+                Err(error) if unreachable(&error) => {
+                    tracing::debug!(%error, owed = cache.inner.owed.len(), "owed invalidations: Redis still unavailable");
+                    backoff = (backoff * 2).min(owed::MAX_BACKOFF);
+                    break;
+                }
+                Err(error) => {
+                    // Redis answered, with an error that a retry would meet again: give this one up.
+                    tracing::warn!(%error, ?owing, "Redis refused an owed invalidation; giving it up");
+                    cache.inner.owed.paid(&owing);
+                }
+            }
+        }
+        if !cache.inner.owed.any() && cache.inner.owed.finish() {
+            tracing::info!("every owed invalidation reached Redis; reading from Redis again");
+            return;
+        }
+    }
+}
+
 /// An admin call: the same timeout as reads, but not counted against the breaker (an admin call failing says
 /// nothing new about the request path).
 async fn admin<'a, T>(
@@ -794,6 +906,21 @@ async fn admin<'a, T>(
             Ok(Err(error)) => return Err(InvalidateError::Redis(error)),
             Err(_) => return Err(InvalidateError::Timeout),
         }
+    }
+}
+
+/// Whether an invalidation failed in a way that a later try can get past: Redis could not be reached, or answered
+/// that it cannot serve yet (`LOADING` after a restart, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN`), rather than with
+/// a refusal that would come again (an ACL denial, say).
+fn unreachable(error: &InvalidateError) -> bool {
+    match error {
+        InvalidateError::Timeout => true,
+        InvalidateError::Redis(error) => {
+            connection_lost(error)
+                || error.is_timeout()
+                || !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
+        }
+        InvalidateError::NoRedis => false,
     }
 }
 
@@ -922,5 +1049,34 @@ impl std::error::Error for InvalidateError {
             Self::Redis(error) => Some(error),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    use super::{InvalidateError, unreachable};
+
+    fn server(kind: ServerErrorKind) -> InvalidateError {
+        InvalidateError::Redis(RedisError::from((
+            ErrorKind::Server(kind),
+            "from the server",
+        )))
+    }
+
+    #[test]
+    fn only_what_a_later_try_can_get_past_is_owed() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(unreachable(&InvalidateError::Redis(refused.into())));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(unreachable(&InvalidateError::Redis(reset.into())));
+        assert!(unreachable(&InvalidateError::Timeout));
+        assert!(unreachable(&server(ServerErrorKind::BusyLoading)));
+        assert!(unreachable(&server(ServerErrorKind::TryAgain)));
+        assert!(unreachable(&server(ServerErrorKind::MasterDown)));
+        assert!(!unreachable(&server(ServerErrorKind::NoPerm)));
+        assert!(!unreachable(&server(ServerErrorKind::CrossSlot)));
+        assert!(!unreachable(&InvalidateError::NoRedis));
     }
 }

@@ -43,6 +43,7 @@ mod entry;
 mod error;
 mod layer;
 mod memory;
+mod owed;
 mod policy;
 mod service;
 mod stats;

@@ -18,6 +18,8 @@ pub(crate) struct Slot {
     pub(crate) variants: Vec<Arc<Entry>>,
     /// The tags of every variant, so a tag can be invalidated without Redis.
     tags: Vec<String>,
+    /// Whether `tags` is all of them: a variant promoted from Redis has its tags in Redis only.
+    tags_known: bool,
     expires_at: Instant,
     weight: u32,
 }
@@ -77,13 +79,14 @@ impl MemoryTier {
     }
 
     /// Stores `entry` as a variant of `key` for `keep` from now. A different `Vary` replaces every variant.
+    /// `tags` is `None` when they are not known here (an entry promoted from Redis, whose tags live there).
     pub(crate) fn insert(
         &self,
         key: &str,
         vary: &str,
         entry: &Arc<Entry>,
         keep: Duration,
-        tags: &[String],
+        tags: Option<&[String]>,
     ) {
         let weight = entry.weight();
         if keep.is_zero() || weight as u64 + key.len() as u64 > self.capacity / 2 {
@@ -96,7 +99,8 @@ impl MemoryTier {
         self.cache.entry(key).and_upsert_with(|existing| {
             let mut variants = vec![entry.clone()];
             let mut expires = expires_at;
-            let mut all_tags = tags.to_vec();
+            let mut all_tags = tags.map(<[String]>::to_vec).unwrap_or_default();
+            let mut tags_known = tags.is_some();
             if let Some(existing) = existing.map(|existing| existing.into_value())
                 && *existing.vary == *vary
             {
@@ -110,6 +114,7 @@ impl MemoryTier {
                 );
                 expires = expires.max(existing.expires_at);
                 all_tags.extend(existing.tags.iter().cloned());
+                tags_known &= existing.tags_known;
             }
             all_tags.sort();
             all_tags.dedup();
@@ -123,6 +128,7 @@ impl MemoryTier {
                 expires_at: expires,
                 weight: u32::try_from(weight).unwrap_or(u32::MAX),
                 tags: all_tags,
+                tags_known,
             })
         });
     }
@@ -137,6 +143,12 @@ impl MemoryTier {
 
     pub(crate) fn remove_tag(&self, tag: &str) -> usize {
         self.remove_where(|_, slot| slot.tags.iter().any(|own| own == tag))
+    }
+
+    /// Removes every key whose tags are not all known here (promoted from Redis): what a tag invalidation that
+    /// could not reach Redis may have missed.
+    pub(crate) fn remove_untracked(&self) -> usize {
+        self.remove_where(|_, slot| !slot.tags_known)
     }
 
     /// Removes every key `doomed` selects (a scan of the tier: invalidations are rare next to lookups).

@@ -35,11 +35,14 @@ pub(crate) enum Event {
     RedisSkipped,
     ReplicaHits,
     ReplicaFallbacks,
+    InvalidationsOwed,
+    InvalidationsReplayed,
+    OwedBypasses,
 }
 
 impl Event {
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const ALL: [Self; 19] = [
+    const ALL: [Self; 22] = [
         Self::MemoryLookups,
         Self::RedisLookups,
         Self::Misses,
@@ -59,6 +62,9 @@ impl Event {
         Self::RedisSkipped,
         Self::ReplicaHits,
         Self::ReplicaFallbacks,
+        Self::InvalidationsOwed,
+        Self::InvalidationsReplayed,
+        Self::OwedBypasses,
     ];
 
     /// The `event` label of the `metrics` counter.
@@ -84,6 +90,9 @@ impl Event {
             Self::RedisSkipped => "redis_skipped",
             Self::ReplicaHits => "replica_hits",
             Self::ReplicaFallbacks => "replica_fallbacks",
+            Self::InvalidationsOwed => "invalidations_owed",
+            Self::InvalidationsReplayed => "invalidations_replayed",
+            Self::OwedBypasses => "owed_bypasses",
         }
     }
 }
@@ -139,6 +148,9 @@ pub(crate) struct Stats {
     redis_skipped: AtomicU64,
     replica_hits: AtomicU64,
     replica_fallbacks: AtomicU64,
+    invalidations_owed: AtomicU64,
+    invalidations_replayed: AtomicU64,
+    owed_bypasses: AtomicU64,
     redis_calls: AtomicU64,
     redis_micros: AtomicU64,
     redis_max_micros: AtomicU64,
@@ -176,6 +188,9 @@ impl Stats {
             Event::RedisSkipped => &self.redis_skipped,
             Event::ReplicaHits => &self.replica_hits,
             Event::ReplicaFallbacks => &self.replica_fallbacks,
+            Event::InvalidationsOwed => &self.invalidations_owed,
+            Event::InvalidationsReplayed => &self.invalidations_replayed,
+            Event::OwedBypasses => &self.owed_bypasses,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -215,6 +230,7 @@ impl Stats {
         &self,
         memory: Option<(u64, u64, u64)>,
         breaker: Option<State>,
+        owed: usize,
     ) -> CacheStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let ratio = |hits: u64, lookups: u64| {
@@ -248,6 +264,10 @@ impl Stats {
             redis_skipped: load(&self.redis_skipped),
             replica_hits: load(&self.replica_hits),
             replica_fallbacks: load(&self.replica_fallbacks),
+            invalidations_owed: load(&self.invalidations_owed),
+            invalidations_replayed: load(&self.invalidations_replayed),
+            owed_bypasses: load(&self.owed_bypasses),
+            owed_now: owed as u64,
             redis_mean_micros: self
                 .redis_micros
                 .load(Ordering::Relaxed)
@@ -308,6 +328,15 @@ pub struct CacheStats {
     pub replica_hits: u64,
     /// Replica reads that missed or failed and went to the primary.
     pub replica_fallbacks: u64,
+    /// Invalidations that could not reach Redis (down, stalled, or its breaker open) and were owed: replayed once
+    /// it answers; until then this instance reads nothing from Redis.
+    pub invalidations_owed: u64,
+    /// Owed invalidations that reached Redis later.
+    pub invalidations_replayed: u64,
+    /// Redis lookups skipped (answered as misses) because invalidations were owed.
+    pub owed_bypasses: u64,
+    /// Invalidations owed right now.
+    pub owed_now: u64,
     /// Mean latency of successful Redis reads, in µs.
     pub redis_mean_micros: u64,
     /// Slowest successful Redis read, in µs.
