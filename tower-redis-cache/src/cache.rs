@@ -19,6 +19,7 @@ use crate::error::ConfigError;
 use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
 use crate::owed::{self, Owed, Owing};
+use crate::pending::PendingWrites;
 use crate::policy::variant_matches;
 use crate::stats::{CacheStats, Event, Stats, Tier};
 use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
@@ -35,10 +36,10 @@ pub(crate) struct Inner {
     pub(crate) redis: Option<RedisTier>,
     replicas: Vec<RedisTier>,
     flights: DashMap<String, Arc<watch::Sender<Option<Arc<Entry>>>>>,
-    /// Held shared by every background write from the moment it is queued; an invalidation takes it exclusively
-    /// for an instant first, so the writes queued before it reach Redis before it deletes (otherwise a write still
-    /// queued could store an entry just after the invalidation removed it).
-    writes: Arc<tokio::sync::RwLock<()>>,
+    /// Every background write from the moment it is queued until it is done: an invalidation waits for the ones
+    /// it concerns, so they reach Redis before it deletes (otherwise a write still queued could store an entry just
+    /// after the invalidation removed it).
+    writes: Arc<PendingWrites>,
     pub(crate) stats: Stats,
     pub(crate) name: String,
     pub(crate) fill_lock: Option<Duration>,
@@ -471,7 +472,10 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(0);
         };
-        self.settle_writes(redis).await;
+        self.inner
+            .writes
+            .settle(&owing, redis.guard.timeout() * 4)
+            .await;
         match self.invalidate_in_redis(redis, &owing).await {
             Ok(deleted) => Ok(deleted),
             Err(error) => {
@@ -652,25 +656,17 @@ impl Cache {
         };
         let cache = self.clone();
         let key = key.to_owned();
-        // Taken now, not when the task runs: an invalidation that starts before the task does still waits for it.
-        let queued = self.inner.writes.clone().try_read_owned().ok();
+        // Registered now, not when the task runs: an invalidation that starts before the task does still waits
+        // for it.
+        let queued = self.inner.writes.queue(&key, &write.tags);
         spawn(async move {
-            // Only `None` while an invalidation is draining the earlier writes: this one comes after it.
-            let _pending = match queued {
-                Some(pending) => pending,
-                None => cache.inner.writes.clone().read_owned().await,
-            };
+            let _queued = queued;
             cache.write(write).await;
             // Other instances waiting on our fill lock find the entry now; release it for the next fill.
             if let Some(token) = lock {
                 cache.unlock(&key, &token).await;
             }
         });
-    }
-
-    /// Waits (at most as long as a write may take) until the background writes queued so far have reached Redis.
-    async fn settle_writes(&self, redis: &RedisTier) {
-        let _ = tokio::time::timeout(redis.guard.timeout() * 4, self.inner.writes.write()).await;
     }
 
     async fn write(&self, write: Write) {

@@ -44,6 +44,7 @@ mod error;
 mod layer;
 mod memory;
 mod owed;
+mod pending;
 mod policy;
 mod service;
 mod stats;
