@@ -16,6 +16,7 @@ use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig}
 
 use crate::entry::Entry;
 use crate::error::ConfigError;
+use crate::invalidated::{Invalidated, Scope};
 use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
 use crate::owed::{self, Owed, Owing};
@@ -46,6 +47,8 @@ pub(crate) struct Inner {
     instance: String,
     /// Invalidations that could not reach Redis, replayed when it answers.
     owed: Owed,
+    /// When keys, prefixes and tags were last invalidated: a fill sent before is not stored.
+    invalidated: Arc<Invalidated>,
     /// Dropping it stops the subscription.
     _listener: Option<Subscription>,
 }
@@ -246,6 +249,7 @@ impl CacheBuilder {
         }
         let instance = format!("{:016x}", rand_u64());
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
+        let invalidated = Arc::new(Invalidated::default());
         let listener = match self.subscriber {
             Some(subscriber) => Some(
                 Subscription::spawn(
@@ -255,6 +259,7 @@ impl CacheBuilder {
                     Invalidations {
                         instance: instance.clone(),
                         memory: memory.clone(),
+                        invalidated: invalidated.clone(),
                     },
                 )
                 .map_err(|error| {
@@ -278,6 +283,7 @@ impl CacheBuilder {
                 fill_lock: self.fill_lock,
                 instance,
                 owed: Owed::default(),
+                invalidated,
                 _listener: listener,
             }),
         })
@@ -416,6 +422,7 @@ impl Cache {
     ///
     /// The Redis error, or a timeout, when Redis could not be reached: the invalidation is owed (above).
     pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
+        self.inner.invalidated.record(Scope::Keys(keys), now_ms());
         if let Some(memory) = &self.inner.memory {
             for key in keys {
                 memory.remove(key);
@@ -432,6 +439,9 @@ impl Cache {
     ///
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed.
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
+        self.inner
+            .invalidated
+            .record(Scope::Prefix(prefix), now_ms());
         if let Some(memory) = &self.inner.memory {
             memory.remove_prefix(prefix);
         }
@@ -448,6 +458,7 @@ impl Cache {
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed. The memory tier is cleared of the
     /// tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
+        self.inner.invalidated.record(Scope::Tag(tag), now_ms());
         self.inner.stats.bump(Event::Invalidations);
         let in_memory = self
             .inner
@@ -632,6 +643,20 @@ impl Cache {
         tags: Vec<String>,
         lock: Option<String>,
     ) {
+        if self.inner.invalidated.since(key, &tags, entry.request_time) {
+            // Sent before an invalidation of its key or tags: it may hold what was invalidated.
+            self.inner.stats.bump(Event::NotStored);
+            tracing::debug!(
+                key,
+                "not storing a response whose request was sent before an invalidation"
+            );
+            if let Some(token) = lock {
+                let cache = self.clone();
+                let key = key.to_owned();
+                spawn(async move { cache.unlock(&key, &token).await });
+            }
+            return;
+        }
         self.inner.stats.bump(Event::Stores);
         let keep = Duration::from_millis(keep_ms);
         if let Some(memory) = &self.inner.memory {
@@ -972,6 +997,7 @@ pub(crate) fn variant_field(selecting: &[(http::HeaderName, Option<http::HeaderV
 struct Invalidations {
     instance: String,
     memory: Option<MemoryTier>,
+    invalidated: Arc<Invalidated>,
 }
 
 impl Listener for Invalidations {
@@ -988,32 +1014,51 @@ impl Listener for Invalidations {
 
     fn message(&mut self, message: &redis::Msg) {
         if let Ok(text) = message.get_payload::<String>() {
-            apply(&text, &self.instance, self.memory.as_ref());
+            apply(
+                &text,
+                &self.instance,
+                self.memory.as_ref(),
+                &self.invalidated,
+            );
         }
     }
 }
 
-fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>) {
-    let Some(memory) = memory else { return };
+fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>, invalidated: &Invalidated) {
     let mut lines = text.split('\n');
     if lines.next() == Some(instance) {
         return;
     }
+    let now = now_ms();
     match lines.next() {
         Some("k") => {
-            for key in lines {
-                memory.remove(key);
+            let keys: Vec<String> = lines.map(str::to_owned).collect();
+            invalidated.record(Scope::Keys(&keys), now);
+            if let Some(memory) = memory {
+                for key in &keys {
+                    memory.remove(key);
+                }
             }
         }
         Some("p") => {
             let prefix = lines.collect::<Vec<_>>().join("\n");
-            memory.remove_prefix(&prefix);
+            invalidated.record(Scope::Prefix(&prefix), now);
+            if let Some(memory) = memory {
+                memory.remove_prefix(&prefix);
+            }
         }
         Some("t") => {
             let tag = lines.collect::<Vec<_>>().join("\n");
-            memory.remove_tag(&tag);
+            invalidated.record(Scope::Tag(&tag), now);
+            if let Some(memory) = memory {
+                memory.remove_tag(&tag);
+            }
         }
-        Some("*") => memory.clear(),
+        Some("*") => {
+            if let Some(memory) = memory {
+                memory.clear();
+            }
+        }
         _ => tracing::debug!("ignoring an invalidation message in an unknown format"),
     }
 }

@@ -41,6 +41,7 @@ mod cache;
 mod directives;
 mod entry;
 mod error;
+mod invalidated;
 mod layer;
 mod memory;
 mod owed;

@@ -568,3 +568,69 @@ async fn an_invalidation_waits_for_the_writes_queued_before_it() {
         );
     }
 }
+
+/// A request that reaches the origin before a write and answers after the write's invalidation carries the old
+/// data: it is served to its own client, but stored in neither tier, so the next request sees the new data (this
+/// race made the demo's gateway serve orders with a renamed user's old name until their TTL ran out).
+#[tokio::test]
+async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = RedisServer::start();
+    let connection = server.connection_manager().await;
+    for (round, by_tag) in [(0, false), (1, true)] {
+        let cache = Cache::builder()
+            .redis(connection.clone())
+            .prefix(format!("race-{round}:"))
+            .build()
+            .unwrap();
+        let version = Arc::new(AtomicUsize::new(1));
+        let origin = {
+            let version = version.clone();
+            Router::new().route(
+                "/u/7",
+                get_route(move || {
+                    let version = version.clone();
+                    async move {
+                        // Reads the record, then takes a while to answer.
+                        let read = version.load(Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Response::builder()
+                            .header("cache-control", "max-age=60")
+                            .header("surrogate-key", "user-7")
+                            .body(Body::from(format!("v{read}")))
+                            .unwrap()
+                    }
+                }),
+            )
+        };
+        let address = serve(origin.layer(cache.layer())).await;
+        let slow = tokio::spawn(async move { get(address, "/u/7").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The write, and its invalidation, while the read is still at the origin.
+        version.store(2, Ordering::SeqCst);
+        if by_tag {
+            cache.invalidate_tag("user-7").await.unwrap();
+        } else {
+            cache
+                .invalidate(&["http://test/u/7".to_owned()])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            slow.await.unwrap().body,
+            "v1",
+            "its own client gets what it asked for"
+        );
+        let next = get(address, "/u/7").await;
+        assert_eq!(next.body, "v2", "by tag: {by_tag}: {}", next.cache_status());
+        assert!(!next.is_hit());
+        // And the new data is stored as usual.
+        let stored = eventually(Duration::from_secs(5), || async {
+            get(address, "/u/7").await.is_hit()
+        })
+        .await;
+        assert!(stored);
+        assert_eq!(get(address, "/u/7").await.body, "v2");
+    }
+}
