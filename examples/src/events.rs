@@ -749,13 +749,28 @@ fn field(fields: &[String], name: &str) -> Option<String> {
         .and_then(|pair| pair.get(1).cloned())
 }
 
+/// The longest `data` relayed: a record is well under 1 KiB, so anything longer was not written by the demo.
+const MAX_DATA: usize = 64 * 1024;
+
+/// An entry as an event, or `None` when it is not one. Nothing read from the stream is trusted: an id that is not a
+/// stream id is skipped, a `type` that is not a short token (SSE's `event:` cannot hold a line break, and axum
+/// panics on one) becomes `message`, and `data` over [`MAX_DATA`] is dropped (the event still moves the reader on).
 fn entry(entry: &Value) -> Option<Event> {
     let (id, fields) = fields(entry)?;
-    Some(Event {
-        id,
-        kind: field(&fields, "type").unwrap_or_else(|| "message".to_owned()),
-        data: field(&fields, "data").unwrap_or_default(),
-    })
+    position(&id)?;
+    let kind = field(&fields, "type")
+        .filter(|kind| {
+            !kind.is_empty()
+                && kind.len() <= 64
+                && kind
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+        })
+        .unwrap_or_else(|| "message".to_owned());
+    let data = field(&fields, "data")
+        .filter(|data| data.len() <= MAX_DATA)
+        .unwrap_or_default();
+    Some(Event { id, kind, data })
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -768,7 +783,64 @@ fn text(value: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn stream_entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        let mut flat = Vec::new();
+        for (name, value) in fields {
+            flat.push(Value::BulkString(name.as_bytes().to_vec()));
+            flat.push(Value::BulkString(value.as_bytes().to_vec()));
+        }
+        Value::Array(vec![
+            Value::BulkString(id.as_bytes().to_vec()),
+            Value::Array(flat),
+        ])
+    }
+
+    #[test]
+    fn a_crafted_entry_becomes_a_safe_event_or_none() {
+        let fine = entry(&stream_entry(
+            "5-1",
+            &[("type", "user.created"), ("data", "{}")],
+        ))
+        .unwrap();
+        assert_eq!(
+            (fine.kind.as_str(), fine.data.as_str()),
+            ("user.created", "{}")
+        );
+        // `event:` with a line break would panic in axum: it is a plain message instead.
+        let forged = entry(&stream_entry(
+            "5-2",
+            &[("type", "user.created\nevent: admin"), ("data", "{}")],
+        ))
+        .unwrap();
+        assert_eq!(forged.kind, "message");
+        assert!(entry(&stream_entry("5-3\nid: 9", &[("type", "x")])).is_none());
+        let huge = "x".repeat(MAX_DATA + 1);
+        let big = entry(&stream_entry(
+            "5-4",
+            &[("type", "user.updated"), ("data", &huge)],
+        ))
+        .unwrap();
+        assert_eq!(big.data, "");
+        assert!(entry(&Value::Int(7)).is_none());
+        assert!(entry(&Value::Array(vec![])).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn any_entry_makes_an_sse_event_without_panicking(
+            id in ".{0,24}", kind in ".{0,80}", data in ".{0,200}", ms in any::<u64>(), seq in any::<u64>()
+        ) {
+            for id in [id, format!("{ms}-{seq}")] {
+                if let Some(event) = entry(&stream_entry(&id, &[("type", &kind), ("data", &data)])) {
+                    let _ = sse::Event::default().id(event.id).event(event.kind).data(event.data);
+                }
+            }
+        }
+    }
 
     #[test]
     fn stream_ids_order_by_time_then_sequence() {
