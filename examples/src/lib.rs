@@ -1,4 +1,4 @@
-//! The code behind the example binaries: the product brief's demo (a gateway, a user service and an order service
+//! The code behind the example binaries: the workspace demo (a gateway, a user service and an order service
 //! that find each other through Redis), composed from the workspace's four layers.
 //!
 //! - [`config`]: configuration from the environment (`REDIS_URL`, `REDIS_CLUSTER_NODES`, `REDIS_PREFIX`,
