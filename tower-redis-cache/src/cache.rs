@@ -16,7 +16,7 @@ use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig}
 
 use crate::entry::Entry;
 use crate::error::ConfigError;
-use crate::invalidated::{Invalidated, Scope};
+use crate::invalidated::Invalidated;
 use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
 use crate::owed::{self, Owed, Owing};
@@ -422,14 +422,15 @@ impl Cache {
     ///
     /// The Redis error, or a timeout, when Redis could not be reached: the invalidation is owed (above).
     pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
-        self.inner.invalidated.record(Scope::Keys(keys), now_ms());
+        let owing = Owing::Keys(keys.to_vec());
+        self.inner.invalidated.record(&owing, now_ms());
         if let Some(memory) = &self.inner.memory {
             for key in keys {
                 memory.remove(key);
             }
         }
         self.inner.stats.bump(Event::Invalidations);
-        self.pay_or_owe(Owing::Keys(keys.to_vec())).await
+        self.pay_or_owe(owing).await
     }
 
     /// Removes every entry whose cache key starts with `prefix` (for the default key, a URL prefix such as
@@ -439,14 +440,13 @@ impl Cache {
     ///
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed.
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
-        self.inner
-            .invalidated
-            .record(Scope::Prefix(prefix), now_ms());
+        let owing = Owing::Prefix(prefix.to_owned());
+        self.inner.invalidated.record(&owing, now_ms());
         if let Some(memory) = &self.inner.memory {
             memory.remove_prefix(prefix);
         }
         self.inner.stats.bump(Event::Invalidations);
-        self.pay_or_owe(Owing::Prefix(prefix.to_owned())).await
+        self.pay_or_owe(owing).await
     }
 
     /// Removes every entry stored with this tag (from the `Surrogate-Key` response header or the route's tag
@@ -458,7 +458,8 @@ impl Cache {
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed. The memory tier is cleared of the
     /// tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
-        self.inner.invalidated.record(Scope::Tag(tag), now_ms());
+        let owing = Owing::Tag(tag.to_owned());
+        self.inner.invalidated.record(&owing, now_ms());
         self.inner.stats.bump(Event::Invalidations);
         let in_memory = self
             .inner
@@ -468,7 +469,7 @@ impl Cache {
         if self.inner.redis.is_none() {
             return Ok(in_memory as u64);
         }
-        let paid = self.pay_or_owe(Owing::Tag(tag.to_owned())).await;
+        let paid = self.pay_or_owe(owing).await;
         if paid.is_err()
             && let Some(memory) = &self.inner.memory
         {
@@ -1033,23 +1034,23 @@ fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>, invalidated: &
     match lines.next() {
         Some("k") => {
             let keys: Vec<String> = lines.map(str::to_owned).collect();
-            invalidated.record(Scope::Keys(&keys), now);
             if let Some(memory) = memory {
                 for key in &keys {
                     memory.remove(key);
                 }
             }
+            invalidated.record(&Owing::Keys(keys), now);
         }
         Some("p") => {
             let prefix = lines.collect::<Vec<_>>().join("\n");
-            invalidated.record(Scope::Prefix(&prefix), now);
+            invalidated.record(&Owing::Prefix(prefix.clone()), now);
             if let Some(memory) = memory {
                 memory.remove_prefix(&prefix);
             }
         }
         Some("t") => {
             let tag = lines.collect::<Vec<_>>().join("\n");
-            invalidated.record(Scope::Tag(&tag), now);
+            invalidated.record(&Owing::Tag(tag.clone()), now);
             if let Some(memory) = memory {
                 memory.remove_tag(&tag);
             }

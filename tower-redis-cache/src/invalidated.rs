@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::owed::Owing;
+
 /// Records older than this are dropped once there are more than [`MAX_RECORDS`]; a fill older than what was dropped
 /// is not stored (it cannot be told apart from one that raced an invalidation).
 const KEEP_MS: u64 = 60_000;
@@ -20,7 +22,7 @@ struct Records {
     keys: HashMap<String, u64>,
     tags: HashMap<String, u64>,
     prefixes: HashMap<String, u64>,
-    /// Every fill sent before this is treated as invalidated (its records were dropped).
+    /// Every fill sent before this is treated as invalidated (everything was, or its records were dropped).
     horizon_ms: u64,
 }
 
@@ -45,14 +47,6 @@ impl Records {
     }
 }
 
-/// What one invalidation covers.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Scope<'a> {
-    Keys(&'a [String]),
-    Prefix(&'a str),
-    Tag(&'a str),
-}
-
 /// The last invalidations of one cache.
 #[derive(Debug, Default)]
 pub(crate) struct Invalidated {
@@ -61,20 +55,21 @@ pub(crate) struct Invalidated {
 
 impl Invalidated {
     /// Notes an invalidation at `now_ms`.
-    pub(crate) fn record(&self, scope: Scope<'_>, now_ms: u64) {
+    pub(crate) fn record(&self, owing: &Owing, now_ms: u64) {
         let mut records = self.lock();
         let note = |map: &mut HashMap<String, u64>, name: &str| {
             let at = map.entry(name.to_owned()).or_insert(now_ms);
             *at = (*at).max(now_ms);
         };
-        match scope {
-            Scope::Keys(keys) => {
+        match owing {
+            Owing::Keys(keys) => {
                 for key in keys {
                     note(&mut records.keys, key);
                 }
             }
-            Scope::Prefix(prefix) => note(&mut records.prefixes, prefix),
-            Scope::Tag(tag) => note(&mut records.tags, tag),
+            Owing::Prefix(prefix) => note(&mut records.prefixes, prefix),
+            Owing::Tag(tag) => note(&mut records.tags, tag),
+            Owing::Everything => records.horizon_ms = records.horizon_ms.max(now_ms),
         }
         if records.len() > MAX_RECORDS {
             records.prune(now_ms);
@@ -110,7 +105,7 @@ mod tests {
         let invalidated = Invalidated::default();
         let tags = ["user:7".to_owned()];
         assert!(!invalidated.since("/users/7", &tags, 1_000));
-        invalidated.record(Scope::Keys(&["/users/7".to_owned()]), 2_000);
+        invalidated.record(&Owing::Keys(vec!["/users/7".to_owned()]), 2_000);
         assert!(invalidated.since("/users/7", &tags, 1_999));
         assert!(
             invalidated.since("/users/7", &tags, 2_000),
@@ -119,11 +114,11 @@ mod tests {
         assert!(!invalidated.since("/users/7", &tags, 2_001));
         assert!(!invalidated.since("/users/8", &[], 1_000));
 
-        invalidated.record(Scope::Tag("user:7"), 3_000);
+        invalidated.record(&Owing::Tag("user:7".to_owned()), 3_000);
         assert!(invalidated.since("/orders/1", &tags, 2_500));
         assert!(!invalidated.since("/orders/1", &["user:8".to_owned()], 2_500));
 
-        invalidated.record(Scope::Prefix("/orders/"), 4_000);
+        invalidated.record(&Owing::Prefix("/orders/".to_owned()), 4_000);
         assert!(invalidated.since("/orders/2", &[], 3_500));
         assert!(!invalidated.since("/users/9", &[], 3_500));
     }
@@ -132,7 +127,7 @@ mod tests {
     fn records_stay_bounded_and_what_was_dropped_is_treated_as_invalidated() {
         let invalidated = Invalidated::default();
         for n in 0..=MAX_RECORDS {
-            invalidated.record(Scope::Tag(&format!("t{n}")), 100_000 + n as u64);
+            invalidated.record(&Owing::Tag(format!("t{n}")), 100_000 + n as u64);
         }
         let records = invalidated.lock();
         assert!(records.len() <= MAX_RECORDS);

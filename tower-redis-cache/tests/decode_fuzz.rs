@@ -7,32 +7,10 @@ mod support;
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::Path;
-use axum::http::{Response, StatusCode};
-use axum::routing::get as get_route;
+use axum::http::StatusCode;
 use redis_fixtures::RedisServer;
-use support::{Calls, eventually, get, serve};
+use support::{Calls, eventually, get, origin, serve};
 use tower_redis_cache::Cache;
-
-/// An origin at `/r/{n}` whose responses are fresh for a minute; the body names the call.
-fn origin(calls: &Calls) -> Router {
-    let calls = calls.clone();
-    Router::new().route(
-        "/r/{n}",
-        get_route(move |Path(n): Path<String>| {
-            let calls = calls.clone();
-            async move {
-                let call = calls.bump();
-                Response::builder()
-                    .header("cache-control", "max-age=60")
-                    .body(Body::from(format!("{n} call {call}")))
-                    .unwrap()
-            }
-        }),
-    )
-}
 
 /// The start of an entry in the layout of the crate's `entry` module: magic and version, a 200, both times.
 fn entry_start() -> Vec<u8> {
@@ -83,7 +61,8 @@ async fn a_crafted_entry_in_redis_is_a_miss_answered_by_the_origin() {
         .build()
         .unwrap();
     let calls = Calls::default();
-    let address = serve(origin(&calls).layer(cache.layer())).await;
+    let address =
+        serve(origin(&calls, &[("cache-control", "max-age=60")]).layer(cache.layer())).await;
 
     for (round, (name, bytes)) in crafted().into_iter().enumerate() {
         let key = cache.redis_key(&format!("http://test/r/{name}")).unwrap();

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Path;
 use axum::http::{HeaderMap, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend};
-use support::{Calls, eventually, get, send, serve, stored_in_redis};
+use support::{Calls, eventually, get, origin, send, serve, stored_in_redis};
 use tower_redis_cache::Cache;
 
 async fn redis_cache(server: &RedisServer) -> Cache {
@@ -23,27 +22,6 @@ async fn redis_cache(server: &RedisServer) -> Cache {
         .prefix("http-test:")
         .build()
         .unwrap()
-}
-
-/// An origin at `/r/{n}` whose responses carry `headers`, counting its calls; the body names the call.
-fn origin(calls: &Calls, headers: &'static [(&'static str, &'static str)]) -> Router {
-    let calls = calls.clone();
-    Router::new().route(
-        "/r/{n}",
-        get_route(move |Path(n): Path<String>| {
-            let calls = calls.clone();
-            async move {
-                let call = calls.bump();
-                let mut response = Response::builder();
-                for (name, value) in headers {
-                    response = response.header(*name, *value);
-                }
-                response
-                    .body(Body::from(format!("{n} call {call}")))
-                    .unwrap()
-            }
-        }),
-    )
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::extract::Path;
+use axum::http::{HeaderMap, Request, Response, StatusCode};
+use axum::routing::get as get_route;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
@@ -135,4 +137,25 @@ where
         }
     })
     .await
+}
+
+/// An origin at `/r/{n}` whose responses carry `headers`, counting its calls; the body names the call.
+pub fn origin(calls: &Calls, headers: &'static [(&'static str, &'static str)]) -> Router {
+    let calls = calls.clone();
+    Router::new().route(
+        "/r/{n}",
+        get_route(move |Path(n): Path<String>| {
+            let calls = calls.clone();
+            async move {
+                let call = calls.bump();
+                let mut response = Response::builder();
+                for (name, value) in headers {
+                    response = response.header(*name, *value);
+                }
+                response
+                    .body(Body::from(format!("{n} call {call}")))
+                    .unwrap()
+            }
+        }),
+    )
 }
