@@ -4,7 +4,7 @@
 //!    answers at once with `503 {"error": "<service> is unavailable", ...}` and `Retry-After`;
 //! 2. retries (tower's `Retry`) of requests that were never sent (connection refused: an instance that died
 //!    before leaving the registry), and for idempotent methods of any transport error, at most twice;
-//! 3. `tower-discovery`'s balancer (power of two choices over peak-EWMA, fail-fast) over the `UP` instances,
+//! 3. `tower-redis-discovery`'s balancer (power of two choices over peak-EWMA, fail-fast) over the `UP` instances,
 //!    each endpoint wrapped in passive health ([`Ejecting`]: two failures in a row take it out of the choice for a
 //!    growing backoff, then one probe decides).
 
@@ -23,7 +23,7 @@ use tower_breaker::classify::{
 use tower_breaker::{
     BreakerLayer, CircuitBreaker, FallbackReason, FallbackRequest, HttpClassifier, NotSuccess,
 };
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Discovery, Ejecting, EjectionOptions, HttpEndpoint, Instance, NoEndpoints,
     Unavailable, WatchHandle, WatchStats, balance,
 };

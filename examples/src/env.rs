@@ -11,7 +11,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_discovery::{Discovery, MemoryRegistry, RedisRegistry, Registry, Status, WatchOptions};
+use tower_redis_discovery::{
+    Discovery, MemoryRegistry, RedisRegistry, Registry, Status, WatchOptions,
+};
 
 use crate::config::Config;
 use crate::connection::{Redis, RedisConnection};
@@ -154,7 +156,7 @@ impl<R: Registry> Env<R> {
         &self,
         service: &str,
         self_id: &str,
-    ) -> Result<Vec<tower_discovery::Instance>, tower_discovery::RegistryError> {
+    ) -> Result<Vec<tower_redis_discovery::Instance>, tower_redis_discovery::RegistryError> {
         match self.registry.instances(service).await {
             Ok(instances) => Ok(instances
                 .into_iter()

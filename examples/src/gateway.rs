@@ -29,10 +29,10 @@ use axum::routing::{get, patch, post, put};
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use tower_discovery::{
+use tower_redis_cache::{Cache, InvalidateError};
+use tower_redis_discovery::{
     Registry, RegistryError, ServiceEntry, ServiceListing, Status, list_services,
 };
-use tower_redis_cache::{Cache, InvalidateError};
 use tower_redis_ratelimit::key::{Header, KeyExtractor, PeerIp};
 use tower_redis_ratelimit::{Decision, LimiterStats, RateLimitLayer, RateLimiter};
 

@@ -11,7 +11,7 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use tokio::sync::watch;
-use tower_discovery::{Instance, Registration, Registry};
+use tower_redis_discovery::{Instance, Registration, Registry};
 
 use crate::env::Env;
 

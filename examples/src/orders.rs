@@ -19,7 +19,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
-use tower_discovery::Registry;
+use tower_redis_discovery::Registry;
 
 use crate::downstream::Downstream;
 use crate::env::Env;

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use tower_discovery::Registry;
+use tower_redis_discovery::Registry;
 
 use crate::env::Env;
 

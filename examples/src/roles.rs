@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use tower_discovery::MemoryRegistry;
+use tower_redis_discovery::MemoryRegistry;
 use tower_redis_ratelimit::{FailurePolicy, Policy, RateLimiter};
 
 use crate::config::{Config, DemoPorts};

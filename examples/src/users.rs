@@ -18,7 +18,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
-use tower_discovery::Registry;
+use tower_redis_discovery::Registry;
 
 use crate::env::Env;
 use crate::ids::Ids;

@@ -20,9 +20,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_fixtures::{FaultProxy, RedisServer};
-use tower_discovery::{Discovery, Instance, RedisRegistry, Registration, WatchOptions};
 use tower_redis_cache::Cache;
 use tower_redis_core::{HealingConfig, HealingConnection};
+use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration, WatchOptions};
 use tower_redis_ratelimit::key::Header;
 use tower_redis_ratelimit::{DecisionSource, FailurePolicy, Policy, RateLimitLayer, RateLimiter};
 
@@ -49,7 +49,7 @@ struct Stack {
     address: SocketAddr,
     limiter: RateLimiter<HealingConnection<ConnectionManager>>,
     cache: Cache,
-    watch: tower_discovery::WatchHandle,
+    watch: tower_redis_discovery::WatchHandle,
     _registration: Registration<RedisRegistry<HealingConnection<ConnectionManager>>>,
     _discovery: tokio::task::JoinHandle<()>,
 }

@@ -1,5 +1,5 @@
 //! Redis plumbing shared by the workspace's Redis crates (`tower-redis-cache`, `tower-redis-ratelimit`,
-//! `tower-discovery`):
+//! `tower-redis-discovery`):
 //!
 //! - [`healing`]: a connection that replaces itself after commands in a row with no reply (half-open, stalled),
 //!   with backoff and jitter so a slow Redis gets no reconnect storm;

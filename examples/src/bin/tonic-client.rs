@@ -15,7 +15,7 @@
 //!    UNKNOWN, DATA_LOSS and transport errors count as failures; RESOURCE_EXHAUSTED (the server's rate limit) does
 //!    not, since a server that rate-limits is healthy. Once open, a call gets `Status` UNAVAILABLE ("circuit
 //!    breaker is open") at once, without touching the network; a call past `--timeout-ms` gets DEADLINE_EXCEEDED;
-//! 2. `tower_discovery::balance`: power of two choices over each instance's peak-EWMA latency, over the `UP`
+//! 2. `tower_redis_discovery::balance`: power of two choices over each instance's peak-EWMA latency, over the `UP`
 //!    instances of `echo` in the registry (new and leaving instances are known within milliseconds through the
 //!    registry's change hints). No instance, or none ready within a second, is an UNAVAILABLE `Status` at once;
 //! 3. per instance, passive health (`Ejecting`: two failures in a row take it out of the choice for a growing
@@ -39,7 +39,7 @@ use tonic::{Code, Status};
 use tower::{BoxError, ServiceBuilder};
 use tower_breaker::classify::{GrpcCode, SharedClassifier};
 use tower_breaker::{BreakerLayer, CircuitBreaker, GrpcClassifier};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Discovery, Ejecting, EjectionOptions, Instance, MemoryRegistry, NoEndpoints,
     Registration, Unavailable, WatchHandle, balance,
 };
@@ -253,7 +253,7 @@ fn static_servers(
 /// The channel: breaker, then balancer, then per instance passive health around a lazily connected `Channel`.
 type Channel = tower_breaker::Breaker<
     tower::util::MapErr<
-        tower_discovery::Balanced<
+        tower_redis_discovery::Balanced<
             http::Request<tonic::body::Body>,
             http::Response<tonic::body::Body>,
         >,

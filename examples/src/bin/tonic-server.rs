@@ -34,7 +34,7 @@ use redis::aio::ConnectionLike;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
-use tower_discovery::{Instance, MemoryRegistry, Registration, Registry};
+use tower_redis_discovery::{Instance, MemoryRegistry, Registration, Registry};
 use tower_redis_ratelimit::key::{Header, KeyExtractor, PeerIp};
 use tower_redis_ratelimit::{
     FailurePolicy, Policy, RateLimitLayer, RateLimiter, RateLimiterBuilder,

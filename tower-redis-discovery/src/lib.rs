@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use tower_discovery::{Instance, RedisRegistry, Registration};
+//! use tower_redis_discovery::{Instance, RedisRegistry, Registration};
 //!
 //! let client = redis::Client::open("redis://127.0.0.1:6379")?;
 //! let registry = RedisRegistry::new(client.get_connection_manager().await?);

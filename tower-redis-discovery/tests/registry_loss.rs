@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis_fixtures::RedisServer;
 use tower::discover::Change;
-use tower_discovery::{Discovery, Instance, RedisRegistry, Registration, Registry, WatchOptions};
+use tower_redis_discovery::{
+    Discovery, Instance, RedisRegistry, Registration, Registry, WatchOptions,
+};
 
 async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -124,7 +126,9 @@ async fn after_a_flushall_a_registration_is_back_in_the_registry_within_one_hear
             .await
             .unwrap()
             .iter()
-            .any(|instance| instance.id == id && instance.status == tower_discovery::Status::Up)
+            .any(|instance| {
+                instance.id == id && instance.status == tower_redis_discovery::Status::Up
+            })
     };
     wait_until("registered and UP", Duration::from_secs(10), || {
         listed(registry.clone(), id.clone())

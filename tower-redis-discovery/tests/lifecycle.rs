@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisServer;
 use tower::{Service, ServiceExt};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, NoEndpoints, RedisRegistry,
     Registration, WatchOptions, balance,
 };
@@ -259,7 +259,7 @@ impl Drop for KillableServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_requests_fail() {
-    use tower_discovery::{Ejecting, EjectionOptions};
+    use tower_redis_discovery::{Ejecting, EjectionOptions};
 
     let server = RedisServer::start();
     let registry = registry(&server).await;

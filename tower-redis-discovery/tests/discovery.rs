@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis_fixtures::RedisServer;
 use tower::discover::Change;
-use tower_discovery::{
+use tower_redis_discovery::{
     Discovery, Instance, RedisRegistry, Registration, Registry, Status, WatchOptions,
 };
 

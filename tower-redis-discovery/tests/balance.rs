@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisServer;
 use tower::{Service, ServiceExt};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Discovery, HttpEndpoint, Instance, MemoryRegistry, NoEndpoints, RedisRegistry,
     Registry, Status, Unavailable, WatchOptions, balance,
 };
@@ -149,7 +149,7 @@ async fn with_no_ready_instance_a_request_fails_after_the_failfast_timeout() {
 #[tokio::test]
 async fn a_tonic_client_balances_over_discovered_grpc_instances() {
     use grpc_echo::{EchoClient, EchoRequest, EchoServer};
-    use tower_discovery::Protocol;
+    use tower_redis_discovery::Protocol;
 
     let server = RedisServer::start();
     let registry = RedisRegistry::new(server.connection_manager().await);
@@ -207,7 +207,7 @@ async fn a_failing_instance_is_ejected_then_re_admitted_after_a_successful_probe
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU16, Ordering};
 
-    use tower_discovery::{Ejecting, EjectionOptions};
+    use tower_redis_discovery::{Ejecting, EjectionOptions};
 
     // Two instances: one healthy, one answering 503 until told otherwise.
     let healthy = serve_port().await;

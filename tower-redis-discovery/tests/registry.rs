@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_fixtures::{RedisCluster, RedisServer};
-use tower_discovery::{
+use tower_redis_discovery::{
     Heartbeat, Instance, MemoryRegistry, RedisRegistry, Registration, Registry, Status,
 };
 

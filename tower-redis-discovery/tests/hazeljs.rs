@@ -30,7 +30,7 @@ use redis_fixtures::RedisServer;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tower::{Service, ServiceExt};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, NoEndpoints, Protocol,
     RedisRegistry, Registration, Registry, Status, WatchOptions, balance,
 };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_fixtures::{AclUser, RedisServer};
-use tower_discovery::{Heartbeat, Instance, RedisRegistry, Registration, Registry, Status};
+use tower_redis_discovery::{Heartbeat, Instance, RedisRegistry, Registration, Registry, Status};
 
 async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,

@@ -31,7 +31,7 @@ impl WatchCounters {
         self.reachable.store(ok, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         metrics::counter!(
-            "tower_discovery_polls_total",
+            "tower_redis_discovery_polls_total",
             "service" => service.to_owned(),
             "outcome" => if ok { "ok" } else { "error" }
         )
@@ -47,11 +47,11 @@ impl WatchCounters {
         #[cfg(feature = "metrics")]
         {
             let service = service.to_owned();
-            metrics::counter!("tower_discovery_changes_total", "service" => service.clone(), "kind" => "insert")
+            metrics::counter!("tower_redis_discovery_changes_total", "service" => service.clone(), "kind" => "insert")
                 .increment(inserts);
-            metrics::counter!("tower_discovery_changes_total", "service" => service.clone(), "kind" => "remove")
+            metrics::counter!("tower_redis_discovery_changes_total", "service" => service.clone(), "kind" => "remove")
                 .increment(removes);
-            metrics::gauge!("tower_discovery_instances", "service" => service)
+            metrics::gauge!("tower_redis_discovery_instances", "service" => service)
                 .set(instances as f64);
         }
         #[cfg(not(feature = "metrics"))]
@@ -61,7 +61,7 @@ impl WatchCounters {
     pub(crate) fn preservation_entered(&self, service: &str) {
         self.preservations.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!("tower_discovery_preservations_total", "service" => service.to_owned())
+        metrics::counter!("tower_redis_discovery_preservations_total", "service" => service.to_owned())
             .increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = service;
@@ -70,7 +70,7 @@ impl WatchCounters {
     pub(crate) fn preserved(&self, service: &str, preserved: usize) {
         self.preserved.store(preserved as u64, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::gauge!("tower_discovery_preserved_instances", "service" => service.to_owned())
+        metrics::gauge!("tower_redis_discovery_preserved_instances", "service" => service.to_owned())
             .set(preserved as f64);
         #[cfg(not(feature = "metrics"))]
         let _ = service;
@@ -156,7 +156,7 @@ impl RegistrationCounters {
         }
         #[cfg(feature = "metrics")]
         metrics::counter!(
-            "tower_discovery_heartbeats_total",
+            "tower_redis_discovery_heartbeats_total",
             "service" => service.to_owned(),
             "outcome" => if ok { "ok" } else { "error" }
         )

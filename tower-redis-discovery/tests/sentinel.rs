@@ -15,8 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisSentinel;
 use tower::{Service, ServiceExt};
-use tower_discovery::sentinel::{SentinelConfig, SentinelConnection};
-use tower_discovery::{
+use tower_redis_discovery::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_discovery::{
     BalanceOptions, Discovery, HttpEndpoint, Instance, RedisRegistry, Registration, Registry,
     Status, WatchOptions, balance,
 };

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use tower_discovery::{Discovery, Instance, MemoryRegistry, Registration, WatchOptions};
+use tower_redis_discovery::{Discovery, Instance, MemoryRegistry, Registration, WatchOptions};
 
 #[tokio::test]
 async fn watches_and_heartbeats_are_exported() {
@@ -47,17 +47,20 @@ async fn watches_and_heartbeats_are_exported() {
         })
     };
     assert!(
-        matches!(value("tower_discovery_polls_total", Some(("outcome", "ok"))), Some(DebugValue::Counter(n)) if *n >= 1)
+        matches!(value("tower_redis_discovery_polls_total", Some(("outcome", "ok"))), Some(DebugValue::Counter(n)) if *n >= 1)
     );
     assert!(matches!(
-        value("tower_discovery_changes_total", Some(("kind", "insert"))),
+        value(
+            "tower_redis_discovery_changes_total",
+            Some(("kind", "insert"))
+        ),
         Some(DebugValue::Counter(1))
     ));
     assert!(
-        matches!(value("tower_discovery_instances", None), Some(DebugValue::Gauge(g)) if g.into_inner() == 1.0)
+        matches!(value("tower_redis_discovery_instances", None), Some(DebugValue::Gauge(g)) if g.into_inner() == 1.0)
     );
     assert!(
-        matches!(value("tower_discovery_heartbeats_total", Some(("outcome", "ok"))), Some(DebugValue::Counter(n)) if *n >= 1)
+        matches!(value("tower_redis_discovery_heartbeats_total", Some(("outcome", "ok"))), Some(DebugValue::Counter(n)) if *n >= 1)
     );
     assert!(registration.stats().heartbeats >= 1);
 }

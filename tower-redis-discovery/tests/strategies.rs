@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisServer;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, MemoryRegistry, NoEndpoints,
     RedisRegistry, Registry, Status, Strategy, WatchOptions, balance_with,
 };

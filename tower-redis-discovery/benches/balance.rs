@@ -1,7 +1,7 @@
 //! Balancer figures: the overhead of `balance` per request, and power of two choices over peak-EWMA against round
 //! robin with five instances, one of them 20× slower.
 //!
-//! `cargo bench -p tower-discovery --bench balance`
+//! `cargo bench -p tower-redis-discovery --bench balance`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::convert::Infallible;
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tower::{Service, ServiceExt, service_fn};
-use tower_discovery::{
+use tower_redis_discovery::{
     BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, Strategy, WatchOptions,
     balance, balance_with,
 };
