@@ -29,7 +29,7 @@ use axum::routing::{get, patch, post, put};
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use tower_redis_cache::{Cache, InvalidateError};
+use tower_redis_cache::{CacheLayer, HttpCache, InvalidateError};
 use tower_redis_discovery::{
     Registry, RegistryError, ServiceEntry, ServiceListing, Status, list_services,
 };
@@ -64,7 +64,7 @@ struct Gateway<R> {
     info: InstanceInfo,
     users: Downstream,
     orders: Downstream,
-    cache: Cache,
+    cache: HttpCache,
     events: Events,
     limiter: Arc<dyn Fn() -> LimiterStats + Send + Sync>,
     local_limiter: bool,
@@ -75,8 +75,8 @@ struct Gateway<R> {
 /// # Errors
 ///
 /// The cache's configuration error.
-pub fn cache<R: Registry>(env: &Env<R>) -> Result<Cache, ServeError> {
-    let mut builder = Cache::builder()
+pub fn cache<R: Registry>(env: &Env<R>) -> Result<HttpCache, ServeError> {
+    let mut builder = HttpCache::builder()
         .name(NAME)
         .prefix(format!("{}cache:", env.config.redis.prefix))
         .memory_capacity(32 * 1024 * 1024);
@@ -102,7 +102,7 @@ pub fn cache<R: Registry>(env: &Env<R>) -> Result<Cache, ServeError> {
 pub async fn run<R, C>(
     env: Env<R>,
     limiter: RateLimiter<C>,
-    cache: Cache,
+    cache: HttpCache,
     port: u16,
     stop: Stop,
 ) -> Result<(), ServeError>
@@ -170,14 +170,11 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     // Writes: by API key, else by the client's address.
-    let writes = RateLimitLayer::builder(limiter, Header::new(API_KEY).or(PeerIp::new()))
-        .on_reject(too_many)
-        .build();
+    let writes =
+        RateLimitLayer::new(limiter, Header::new(API_KEY).or(PeerIp::new())).on_reject(too_many);
     // Reads: keyed by path and query (whatever Host the client used), served stale for a minute if the service
     // behind fails.
-    let reads = state
-        .cache
-        .layer()
+    let reads = CacheLayer::new(state.cache.clone())
         .key_fn(|parts| {
             parts
                 .uri

@@ -71,11 +71,12 @@ fn shared_limiter(
         config.write_limit.window,
     )
     .map_err(|error| ServeError(format!("RATE_LIMIT_WRITES: {error}")))?;
-    RateLimiter::builder(redis.connection.clone())
+    RateLimiter::builder()
+        .redis(redis.connection.clone())
         .name("gateway-writes")
         .prefix(format!("{}rl:", config.redis.prefix))
         .policy(policy)
-        .timeout(redis.command_timeout)
+        .redis_timeout(redis.command_timeout)
         .on_redis_failure(FailurePolicy::Local { share: 1 })
         .build()
         .map_err(|error| ServeError(format!("gateway rate limiter: {error}")))
@@ -91,7 +92,7 @@ fn local_limiter(
         config.write_limit.window,
     )
     .map_err(|error| ServeError(format!("RATE_LIMIT_WRITES: {error}")))?;
-    RateLimiter::local()
+    RateLimiter::builder()
         .name("gateway-writes")
         .policy(policy)
         .build()

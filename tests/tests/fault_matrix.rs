@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_fixtures::{FaultProxy, RedisServer};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 use tower_redis_core::{HealingConfig, HealingConnection};
 use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration, WatchOptions};
 use tower_redis_ratelimit::key::Header;
@@ -48,7 +48,7 @@ async fn healing(proxy: &FaultProxy, server: &RedisServer) -> HealingConnection<
 struct Stack {
     address: SocketAddr,
     limiter: RateLimiter<HealingConnection<ConnectionManager>>,
-    cache: Cache,
+    cache: HttpCache,
     watch: tower_redis_discovery::WatchHandle,
     _registration: Registration<RedisRegistry<HealingConnection<ConnectionManager>>>,
     _discovery: tokio::task::JoinHandle<()>,
@@ -56,14 +56,15 @@ struct Stack {
 
 async fn stack(proxy: &FaultProxy, server: &RedisServer) -> Stack {
     let connection = healing(proxy, server).await;
-    let limiter = RateLimiter::builder(connection.clone())
+    let limiter = RateLimiter::builder()
+        .redis(connection.clone())
         .prefix("fm:rl:")
         .policy(Policy::new("writes", 1_000_000, Duration::from_secs(1)).unwrap())
         .on_redis_failure(FailurePolicy::Local { share: 1 })
         .build()
         .unwrap();
     // No memory tier: every read goes to Redis, so a Redis fault is felt on every request.
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(connection.clone())
         .memory_capacity(0)
         .subscribe(proxy.client_for(server))
@@ -75,7 +76,7 @@ async fn stack(proxy: &FaultProxy, server: &RedisServer) -> Stack {
             "/items/{n}",
             get(|| async { ([("cache-control", "max-age=1")], "item") }),
         )
-        .layer(cache.layer());
+        .layer(CacheLayer::new(cache.clone()));
     let writes = Router::new()
         .route("/write", post(|| async { "written" }))
         .layer(RateLimitLayer::new(

@@ -55,7 +55,7 @@ use redis::aio::ConnectionManager;
 use redis_fixtures::RedisServer;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// The handler's body: 4 KiB of text.
 const BODY_LEN: usize = 4096;
@@ -211,28 +211,28 @@ async fn wait_for_key(connection: &mut ConnectionManager, key: &str) {
 /// The services, caches filled, and the facts the checks need.
 struct Setup {
     variants: Vec<Variant>,
-    memory_cache: Cache,
-    redis_cache: Cache,
+    memory_cache: HttpCache,
+    redis_cache: HttpCache,
     entry_len: usize,
 }
 
 async fn setup(server: &RedisServer) -> Setup {
     let mut admin = server.connection_manager().await;
 
-    let memory_cache = Cache::builder()
+    let memory_cache = HttpCache::builder()
         .redis(server.connection_manager().await)
         .prefix("bench-memory:")
         .build()
         .unwrap();
-    let memory_hit = memory_cache.layer().layer(router());
+    let memory_hit = CacheLayer::new(memory_cache.clone()).layer(router());
 
-    let redis_cache = Cache::builder()
+    let redis_cache = HttpCache::builder()
         .redis(server.connection_manager().await)
         .memory_capacity(0)
         .prefix("bench-redis:")
         .build()
         .unwrap();
-    let redis_hit = redis_cache.layer().layer(router());
+    let redis_hit = CacheLayer::new(redis_cache.clone()).layer(router());
 
     let response_cache =
         axum_response_cache::CacheLayer::with_lifespan(Duration::from_secs(3_600)).layer(router());

@@ -1,4 +1,4 @@
-//! [`Cache`]: the tiers, the in-flight fills, invalidation and stats, shared by every layer built from it.
+//! [`HttpCache`]: the tiers, the in-flight fills, invalidation and stats, shared by every layer built from it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,7 +17,6 @@ use tower_redis_core::subscription::{Listener, Subscription, SubscriptionConfig}
 use crate::entry::Entry;
 use crate::error::ConfigError;
 use crate::invalidated::Invalidated;
-use crate::layer::CacheLayer;
 use crate::memory::MemoryTier;
 use crate::owed::{self, Owed, Owing};
 use crate::pending::PendingWrites;
@@ -28,7 +27,7 @@ use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
 /// The shared cache behind every [`CacheLayer`] made from it: a bounded memory tier, an optional Redis tier
 /// guarded by a circuit breaker, the fills in flight, and the stats. Cloning is an `Arc` bump.
 #[derive(Clone)]
-pub struct Cache {
+pub struct HttpCache {
     pub(crate) inner: Arc<Inner>,
 }
 
@@ -49,6 +48,9 @@ pub(crate) struct Inner {
     owed: Owed,
     /// When keys, prefixes and tags were last invalidated: a fill sent before is not stored.
     invalidated: Arc<Invalidated>,
+    /// Where background work runs (the Redis writes, refreshes, lock releases, body drains, replays): the
+    /// runtime `build` was called in.
+    runtime: tokio::runtime::Handle,
     /// Dropping it stops the subscription.
     _listener: Option<Subscription>,
 }
@@ -59,9 +61,9 @@ pub(crate) struct RedisTier {
     pub(crate) guard: Guard,
 }
 
-impl fmt::Debug for Cache {
+impl fmt::Debug for HttpCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cache")
+        f.debug_struct("HttpCache")
             .field("name", &self.inner.name)
             .field("memory", &self.inner.memory)
             .field("redis", &self.inner.redis.is_some())
@@ -69,7 +71,7 @@ impl fmt::Debug for Cache {
     }
 }
 
-/// Builds a [`Cache`]; see [`Cache::builder`].
+/// Builds a [`HttpCache`]; see [`HttpCache::builder`].
 #[must_use]
 pub struct CacheBuilder {
     memory_capacity: u64,
@@ -178,8 +180,9 @@ impl CacheBuilder {
     /// # Errors
     ///
     /// [`ConfigError`] when the Redis timeout or the fill lock is zero, the name is not a valid `Cache-Status`
-    /// token, or [`subscribe`](Self::subscribe) was used outside a Tokio runtime.
-    pub fn build(self) -> Result<Cache, ConfigError> {
+    /// token, or it is called outside a Tokio runtime (the cache's background work runs on the runtime it is built
+    /// in: it is never skipped).
+    pub fn build(self) -> Result<HttpCache, ConfigError> {
         if self.timeout.is_zero() {
             return Err(crate::error::config_error(
                 "redis_timeout",
@@ -247,6 +250,13 @@ impl CacheBuilder {
                 )?,
             });
         }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            crate::error::config_error(
+                "runtime",
+                "build the cache inside a Tokio runtime (in `#[tokio::main]` or `Runtime::block_on`): it runs its \
+                 Redis writes, refreshes and invalidation replays as background tasks there",
+            )
+        })?;
         let instance = format!("{:016x}", rand_u64());
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
         let invalidated = Arc::new(Invalidated::default());
@@ -271,7 +281,7 @@ impl CacheBuilder {
             ),
             None => None,
         };
-        Ok(Cache {
+        Ok(HttpCache {
             inner: Arc::new(Inner {
                 memory,
                 redis,
@@ -284,6 +294,7 @@ impl CacheBuilder {
                 instance,
                 owed: Owed::default(),
                 invalidated,
+                runtime,
                 _listener: listener,
             }),
         })
@@ -300,16 +311,6 @@ fn rand_u64() -> u64 {
             .as_nanos(),
     );
     hasher.finish()
-}
-
-pub(crate) fn spawn<F>(future: F)
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    // Outside a runtime there is nothing to run background work on; it is skipped (the cache stays correct).
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(future);
-    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -331,7 +332,7 @@ pub(crate) enum Flight {
 
 /// Held by the request filling a key; dropping it ends the flight.
 pub(crate) struct FlightGuard {
-    cache: Cache,
+    cache: HttpCache,
     key: String,
     sender: Arc<watch::Sender<Option<Arc<Entry>>>>,
 }
@@ -359,7 +360,7 @@ enum Message<'a> {
     All,
 }
 
-impl Cache {
+impl HttpCache {
     /// A builder: memory tier of 100 MiB, no Redis.
     pub fn builder() -> CacheBuilder {
         CacheBuilder {
@@ -375,10 +376,12 @@ impl Cache {
         }
     }
 
-    /// A layer caching with this cache and the default per-route settings (standards mode: only responses that say
-    /// how long they are fresh are stored).
-    pub fn layer(&self) -> CacheLayer {
-        CacheLayer::new(self.clone())
+    /// Runs `future` in the background on the runtime the cache was built in.
+    pub(crate) fn spawn<F>(&self, future: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        drop(self.inner.runtime.spawn(future));
     }
 
     /// The breaker guarding Redis, when there is a Redis tier.
@@ -547,15 +550,10 @@ impl Cache {
         if !self.inner.owed.push(owing) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to replay on; the next invalidation tries again, and reads skip Redis meanwhile.
-            self.inner.owed.abandon();
-            return;
-        };
         tracing::warn!(
             "an invalidation could not reach Redis; reading nothing from Redis until it is replayed there"
         );
-        runtime.spawn(replay(Arc::downgrade(&self.inner)));
+        self.spawn(replay(Arc::downgrade(&self.inner)));
     }
 
     /// Empties the memory tier here and on every subscribed instance. Redis entries stay (they expire by their TTL;
@@ -654,7 +652,7 @@ impl Cache {
             if let Some(token) = lock {
                 let cache = self.clone();
                 let key = key.to_owned();
-                spawn(async move { cache.unlock(&key, &token).await });
+                self.spawn(async move { cache.unlock(&key, &token).await });
             }
             return;
         }
@@ -667,7 +665,7 @@ impl Cache {
             if let Some(token) = lock {
                 let cache = self.clone();
                 let key = key.to_owned();
-                spawn(async move { cache.unlock(&key, &token).await });
+                self.spawn(async move { cache.unlock(&key, &token).await });
             }
             return;
         }
@@ -685,7 +683,7 @@ impl Cache {
         // Registered now, not when the task runs: an invalidation that starts before the task does still waits
         // for it.
         let queued = self.inner.writes.queue(&key, &write.tags);
-        spawn(async move {
+        self.spawn(async move {
             let _queued = queued;
             cache.write(write).await;
             // Other instances waiting on our fill lock find the entry now; release it for the next fill.
@@ -882,7 +880,7 @@ async fn replay(inner: std::sync::Weak<Inner>) {
     loop {
         tokio::time::sleep(backoff.mul_f64(rand::random_range(0.75..1.25))).await;
         let Some(inner) = inner.upgrade() else { return };
-        let cache = Cache { inner };
+        let cache = HttpCache { inner };
         let Some(redis) = &cache.inner.redis else {
             return;
         };
@@ -1098,7 +1096,29 @@ impl std::error::Error for InvalidateError {
 mod tests {
     use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-    use super::{InvalidateError, unreachable};
+    use super::{HttpCache, InvalidateError, unreachable};
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error_that_says_what_to_do() {
+        let error = HttpCache::builder()
+            .build()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("inside a Tokio runtime"), "{error}");
+    }
+
+    #[test]
+    fn building_inside_a_runtime_works() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(
+            runtime
+                .block_on(async { HttpCache::builder().build() })
+                .is_ok()
+        );
+    }
 
     fn server(kind: ServerErrorKind) -> InvalidateError {
         InvalidateError::Redis(RedisError::from((

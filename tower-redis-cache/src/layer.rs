@@ -8,9 +8,9 @@ use http::header::HeaderName;
 use http::request::Parts;
 use tower_layer::Layer;
 
-use crate::cache::Cache;
+use crate::cache::HttpCache;
 use crate::policy::Rules;
-use crate::service::CacheService;
+use crate::service::Cache;
 
 /// Computes the cache key of a request; `None` passes the request through uncached.
 pub type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
@@ -53,30 +53,32 @@ impl Default for Route {
     }
 }
 
-/// Caches the responses of the services it wraps in a [`Cache`].
+/// Caches the responses of the services it wraps in a [`HttpCache`].
 ///
-/// Build one per route with [`Cache::layer`] and adjust it; every layer made from one cache shares its tiers.
+/// Build one per route with `CacheLayer::new(cache)` and adjust it with the setters below, as tower-http's layers
+/// are configured; every layer made from one cache shares its tiers.
 ///
 /// ```
 /// use std::time::Duration;
 /// use axum::{Router, routing::get};
-/// use tower_redis_cache::Cache;
+/// use tower_redis_cache::{CacheLayer, HttpCache};
 ///
-/// # fn main() -> Result<(), tower_redis_cache::ConfigError> {
-/// let cache = Cache::builder().build()?; // add `.redis(connection)` for the shared tier
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_redis_cache::ConfigError> {
+/// let cache = HttpCache::builder().build()?; // add `.redis(connection)` for the shared tier
 /// let app: Router = Router::new()
 ///     .route("/users/{id}", get(|| async { ([("cache-control", "max-age=60")], "user") }))
 ///     .route(
 ///         "/feed",
-///         get(|| async { "feed" }).layer(cache.layer().default_ttl(Duration::from_secs(5))),
+///         get(|| async { "feed" }).layer(CacheLayer::new(cache.clone()).default_ttl(Duration::from_secs(5))),
 ///     )
-///     .layer(cache.layer().stale_while_revalidate(Duration::from_secs(30)));
+///     .layer(CacheLayer::new(cache).stale_while_revalidate(Duration::from_secs(30)));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 #[must_use]
 pub struct CacheLayer {
-    cache: Cache,
+    cache: HttpCache,
     route: Arc<Route>,
 }
 
@@ -93,7 +95,7 @@ impl fmt::Debug for CacheLayer {
 
 impl CacheLayer {
     /// A layer with the default settings.
-    pub fn new(cache: Cache) -> Self {
+    pub fn new(cache: HttpCache) -> Self {
         Self {
             cache,
             route: Arc::new(Route::default()),
@@ -161,7 +163,7 @@ impl CacheLayer {
         self.with(|route| route.bypass = Some(Arc::new(bypass)))
     }
 
-    /// Adds tags to stored responses, for [`Cache::invalidate_tag`].
+    /// Adds tags to stored responses, for [`HttpCache::invalidate_tag`].
     pub fn tags(
         self,
         tags: impl Fn(&Parts, &http::response::Parts) -> Vec<String> + Send + Sync + 'static,
@@ -200,9 +202,9 @@ impl CacheLayer {
 }
 
 impl<S> Layer<S> for CacheLayer {
-    type Service = CacheService<S>;
+    type Service = Cache<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CacheService::new(inner, self.cache.clone(), self.route.clone())
+        Cache::new(inner, self.cache.clone(), self.route.clone())
     }
 }

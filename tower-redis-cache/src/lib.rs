@@ -25,10 +25,10 @@ pub mod sentinel {
 }
 
 pub use body::CacheBody;
-pub use cache::{Cache, CacheBuilder, InvalidateError};
+pub use cache::{CacheBuilder, HttpCache, InvalidateError};
 pub use error::ConfigError;
 pub use layer::{BypassFn, CacheLayer, KeyFn, PurgeFn, TagFn};
-pub use service::{CacheService, ResponseFuture};
+pub use service::{Cache, ResponseFuture};
 pub use stats::CacheStats;
 pub use tower_redis_core::Subscriber;
 

@@ -90,11 +90,6 @@ impl Owed {
         }
     }
 
-    /// The replay task could not run (no runtime): let the next invalidation try again.
-    pub(crate) fn abandon(&self) {
-        self.replaying.store(false, Ordering::Release);
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Owing>> {
         self.queue
             .lock()

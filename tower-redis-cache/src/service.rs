@@ -1,4 +1,4 @@
-//! [`CacheService`]: the request path.
+//! [`Cache`]: the request path.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{CacheBody, Recorder, Sink, drain};
-use crate::cache::{Cache, Flight, FlightGuard, now_ms, spawn};
+use crate::cache::{Flight, FlightGuard, HttpCache, now_ms};
 use crate::directives::CacheControl;
 use crate::entry::{Entry, Facts};
 use crate::layer::Route;
@@ -26,29 +26,29 @@ use crate::policy::{self, Timing, Use};
 use crate::stats::{Event, Tier};
 use crate::status::{CacheStatus, Forward};
 
-/// The future of a [`CacheService`] call.
+/// The future of a [`Cache`] call.
 pub type ResponseFuture<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
 
 /// Caches the responses of `S`; made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
-pub struct CacheService<S> {
+pub struct Cache<S> {
     inner: S,
-    cache: Cache,
+    cache: HttpCache,
     route: Arc<Route>,
 }
 
-impl<S: std::fmt::Debug> std::fmt::Debug for CacheService<S> {
+impl<S: std::fmt::Debug> std::fmt::Debug for Cache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheService")
+        f.debug_struct("Cache")
             .field("inner", &self.inner)
             .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
 
-impl<S> CacheService<S> {
-    pub(crate) fn new(inner: S, cache: Cache, route: Arc<Route>) -> Self {
+impl<S> Cache<S> {
+    pub(crate) fn new(inner: S, cache: HttpCache, route: Arc<Route>) -> Self {
         Self {
             inner,
             cache,
@@ -57,7 +57,7 @@ impl<S> CacheService<S> {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CacheService<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -90,7 +90,7 @@ where
 /// One request's view of the cache and its route.
 #[derive(Clone)]
 struct Call {
-    cache: Cache,
+    cache: HttpCache,
     route: Arc<Route>,
 }
 
@@ -371,7 +371,7 @@ impl Call {
                 {
                     let (head, body) = response.into_parts();
                     if stored {
-                        spawn(drain(body));
+                        self.cache.spawn(drain(body));
                     }
                     let mut not_modified = not_modified_response(&head.headers);
                     not_modified
@@ -380,7 +380,7 @@ impl Call {
                     return Ok(not_modified);
                 }
                 if client.method == Method::HEAD {
-                    response = strip_body(response, stored);
+                    response = strip_body(&self.cache, response, stored);
                 }
                 response
                     .headers_mut()
@@ -673,7 +673,8 @@ impl Call {
                 if let Some(token) = lock {
                     let cache = self.cache.clone();
                     let key = key.to_owned();
-                    spawn(async move { cache.unlock(&key, &token).await });
+                    self.cache
+                        .spawn(async move { cache.unlock(&key, &token).await });
                 }
                 Fetched::Response {
                     response: Box::new(Response::from_parts(head, CacheBody::stream(body))),
@@ -767,7 +768,7 @@ impl Call {
         };
         self.stats().bump(Event::BackgroundRefreshes);
         let call = self.clone();
-        spawn(async move {
+        self.cache.spawn(async move {
             match call
                 .fetch(service, parts, body, &key, Some(&entry), Some(guard), None)
                 .await
@@ -1043,7 +1044,11 @@ fn vary_spec(headers: &HeaderMap) -> String {
 }
 
 /// A HEAD answered by the GET the origin was asked for: the body is not sent, but is still read into the cache.
-fn strip_body<B>(response: Response<CacheBody<B>>, stored: bool) -> Response<CacheBody<B>>
+fn strip_body<B>(
+    cache: &HttpCache,
+    response: Response<CacheBody<B>>,
+    stored: bool,
+) -> Response<CacheBody<B>>
 where
     B: Body + Send + 'static,
     B::Data: Buf + Send,
@@ -1051,7 +1056,7 @@ where
 {
     let (head, body) = response.into_parts();
     if stored {
-        spawn(drain(body));
+        cache.spawn(drain(body));
     }
     Response::from_parts(head, CacheBody::default())
 }
@@ -1120,7 +1125,7 @@ fn same_origin(parts: &Parts, location: &str) -> Option<http::Uri> {
 
 /// Copies a response into the cache once its body has streamed through.
 struct Fill {
-    cache: Cache,
+    cache: HttpCache,
     key: String,
     vary: String,
     status: StatusCode,
@@ -1163,7 +1168,8 @@ impl Drop for Fill {
         if let Some(token) = self.lock.take() {
             let cache = self.cache.clone();
             let key = std::mem::take(&mut self.key);
-            spawn(async move { cache.unlock(&key, &token).await });
+            self.cache
+                .spawn(async move { cache.unlock(&key, &token).await });
         }
     }
 }

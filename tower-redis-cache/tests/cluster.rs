@@ -15,7 +15,7 @@ use axum::routing::get as get_route;
 use redis_fixtures::RedisCluster;
 use support::scenarios::{self, Backend};
 use support::{Calls, eventually, get, send, serve, stored_in_redis};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 fn origin(calls: &Calls) -> Router {
     let calls = calls.clone();
@@ -48,7 +48,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     let cluster = RedisCluster::start();
     let calls = Calls::default();
     let build = || async {
-        Cache::builder()
+        HttpCache::builder()
             .redis(cluster.connection().await)
             .subscribe(cluster.node_client(0))
             .prefix("cl:")
@@ -58,8 +58,8 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     };
     let one = build().await;
     let two = build().await;
-    let a = serve(origin(&calls).layer(one.layer())).await;
-    let b = serve(origin(&calls).layer(two.layer())).await;
+    let a = serve(origin(&calls).layer(CacheLayer::new(one.clone()))).await;
+    let b = serve(origin(&calls).layer(CacheLayer::new(two.clone()))).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Concurrent cold misses on both instances: one origin call in all.
@@ -119,7 +119,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    let c = serve(origin(&calls).layer(build().await.layer())).await;
+    let c = serve(origin(&calls).layer(CacheLayer::new(build().await))).await;
     let miss = send(c, "GET", "/items/2", &[("accept-language", "en")]).await;
     assert!(!miss.is_hit());
     assert_eq!(miss.status, StatusCode::OK);

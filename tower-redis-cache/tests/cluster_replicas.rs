@@ -20,7 +20,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_read_routing::RandomReplicaStrategy;
 use redis_fixtures::RedisCluster;
 use support::{Calls, get, serve, stored_in_redis};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// Paths per shard: enough that every master and every replica has work.
 const PATHS_PER_SHARD: usize = 4;
@@ -70,7 +70,7 @@ fn shard_of(cluster: &RedisCluster, key: &str) -> usize {
 }
 
 /// `PATHS_PER_SHARD` paths whose cache entries live in each master's slot range, shard by shard.
-fn paths_by_shard(cluster: &RedisCluster, cache: &Cache) -> [Vec<String>; 3] {
+fn paths_by_shard(cluster: &RedisCluster, cache: &HttpCache) -> [Vec<String>; 3] {
     let mut shards: [Vec<String>; 3] = Default::default();
     let mut n = 0;
     while shards.iter().any(|paths| paths.len() < PATHS_PER_SHARD) {
@@ -129,21 +129,21 @@ async fn replicas_serve_the_hits_masters_the_writes_and_a_dead_replica_fails_not
     let calls = Calls::default();
     // Instance one fills; instance two has no memory tier, so each of its hits is one read of Redis.
     // A generous Redis timeout: a slow call on this busy machine must not pass for a failure caused by the kill.
-    let one = Cache::builder()
+    let one = HttpCache::builder()
         .redis(replica_reading_connection(&cluster).await)
         .prefix("rr:")
         .redis_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let two = Cache::builder()
+    let two = HttpCache::builder()
         .redis(replica_reading_connection(&cluster).await)
         .prefix("rr:")
         .redis_timeout(Duration::from_secs(2))
         .memory_capacity(0)
         .build()
         .unwrap();
-    let a = serve(origin(&calls).layer(one.layer())).await;
-    let b = serve(origin(&calls).layer(two.layer())).await;
+    let a = serve(origin(&calls).layer(CacheLayer::new(one.clone()))).await;
+    let b = serve(origin(&calls).layer(CacheLayer::new(two.clone()))).await;
     let shards = paths_by_shard(&cluster, &one);
     let paths: Vec<String> = shards.iter().flatten().cloned().collect();
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use redis_fixtures::RedisServer;
 use support::{Calls, eventually, get, origin, serve};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// The start of an entry in the layout of the crate's `entry` module: magic and version, a 200, both times.
 fn entry_start() -> Vec<u8> {
@@ -55,14 +55,16 @@ fn crafted() -> Vec<(&'static str, Vec<u8>)> {
 async fn a_crafted_entry_in_redis_is_a_miss_answered_by_the_origin() {
     let server = RedisServer::start();
     let connection = server.connection_manager().await;
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(connection.clone())
         .prefix("decode-fuzz:")
         .build()
         .unwrap();
     let calls = Calls::default();
-    let address =
-        serve(origin(&calls, &[("cache-control", "max-age=60")]).layer(cache.layer())).await;
+    let address = serve(
+        origin(&calls, &[("cache-control", "max-age=60")]).layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
 
     for (round, (name, bytes)) in crafted().into_iter().enumerate() {
         let key = cache.redis_key(&format!("http://test/r/{name}")).unwrap();

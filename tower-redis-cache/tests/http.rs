@@ -14,10 +14,10 @@ use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend};
 use support::{Calls, eventually, get, origin, send, serve, stored_in_redis};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
-async fn redis_cache(server: &RedisServer) -> Cache {
-    Cache::builder()
+async fn redis_cache(server: &RedisServer) -> HttpCache {
+    HttpCache::builder()
         .redis(server.connection_manager().await)
         .prefix("http-test:")
         .build()
@@ -35,7 +35,7 @@ async fn a_fresh_response_is_stored_then_served_from_memory_and_from_redis_with_
         ("content-type", "text/plain"),
     ];
     let cache = redis_cache(&server).await;
-    let address = serve(origin(&calls, headers).layer(cache.layer())).await;
+    let address = serve(origin(&calls, headers).layer(CacheLayer::new(cache.clone()))).await;
 
     let first = get(address, "/r/a").await;
     assert_eq!(first.status, StatusCode::OK);
@@ -61,7 +61,7 @@ async fn a_fresh_response_is_stored_then_served_from_memory_and_from_redis_with_
 
     // Another instance with an empty memory tier finds it in Redis, every header line intact.
     let elsewhere = redis_cache(&server).await;
-    let address = serve(origin(&calls, headers).layer(elsewhere.layer())).await;
+    let address = serve(origin(&calls, headers).layer(CacheLayer::new(elsewhere.clone()))).await;
     let from_redis = get(address, "/r/a").await;
     assert_eq!(from_redis.body, "a call 1");
     assert!(from_redis.is_hit());
@@ -81,8 +81,10 @@ async fn the_query_is_part_of_the_key_and_head_is_answered_from_the_stored_get()
     let server = RedisServer::start();
     let calls = Calls::default();
     let cache = redis_cache(&server).await;
-    let address =
-        serve(origin(&calls, &[("cache-control", "max-age=60")]).layer(cache.layer())).await;
+    let address = serve(
+        origin(&calls, &[("cache-control", "max-age=60")]).layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
 
     assert_eq!(get(address, "/r/q?page=1").await.body, "q call 1");
     assert_eq!(get(address, "/r/q?page=2").await.body, "q call 2");
@@ -135,7 +137,7 @@ async fn vary_keeps_one_variant_per_selecting_header_value() {
         )
     };
     let cache = redis_cache(&server).await;
-    let address = serve(app(calls.clone()).layer(cache.layer())).await;
+    let address = serve(app(calls.clone()).layer(CacheLayer::new(cache.clone()))).await;
     for language in ["en", "fr", "en", "fr"] {
         let reply = send(
             address,
@@ -152,7 +154,7 @@ async fn vary_keeps_one_variant_per_selecting_header_value() {
     assert_eq!(calls.get(), 3);
 
     let elsewhere = redis_cache(&server).await;
-    let address = serve(app(calls.clone()).layer(elsewhere.layer())).await;
+    let address = serve(app(calls.clone()).layer(CacheLayer::new(elsewhere.clone()))).await;
     for language in ["fr", "en"] {
         let reply = send(
             address,
@@ -201,7 +203,7 @@ async fn a_stale_entry_is_revalidated_and_a_304_updates_its_headers() {
         }),
     );
     let cache = redis_cache(&server).await;
-    let address = serve(app.layer(cache.layer())).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     assert_eq!(
         get(address, "/doc").await.header("x-revision").as_deref(),
         Some("1")
@@ -241,8 +243,10 @@ async fn request_directives_no_cache_max_age_and_only_if_cached_are_honoured() {
     let server = RedisServer::start();
     let calls = Calls::default();
     let cache = redis_cache(&server).await;
-    let address =
-        serve(origin(&calls, &[("cache-control", "max-age=60")]).layer(cache.layer())).await;
+    let address = serve(
+        origin(&calls, &[("cache-control", "max-age=60")]).layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
 
     let miss = send(
         address,
@@ -313,7 +317,7 @@ async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
         }),
     );
     let cache = redis_cache(&server).await;
-    let address = serve(app.layer(cache.layer())).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     assert_eq!(get(address, "/flaky").await.body, "good");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let stale = get(address, "/flaky").await;
@@ -341,7 +345,7 @@ async fn a_successful_unsafe_method_invalidates_its_url_and_its_location() {
             "/r/{n}/fail",
             axum::routing::post(|| async { StatusCode::BAD_REQUEST }),
         );
-    let address = serve(app.layer(cache.layer())).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
 
     get(address, "/r/a").await;
     get(address, "/r/b").await;
@@ -375,8 +379,8 @@ async fn an_unsafe_method_the_origin_accepts_invalidates_in_redis_for_every_inst
     };
     let first = redis_cache(&server).await;
     let second = redis_cache(&server).await;
-    let a = serve(app(&calls).layer(first.layer())).await;
-    let b = serve(app(&calls).layer(second.layer().coalesce(false))).await;
+    let a = serve(app(&calls).layer(CacheLayer::new(first.clone()))).await;
+    let b = serve(app(&calls).layer(CacheLayer::new(second.clone()).coalesce(false))).await;
     get(a, "/r/u").await;
     // The write to Redis happens in the background once the body has streamed: wait for it.
     let redis_key = first.redis_key("http://test/r/u").unwrap();
@@ -387,7 +391,7 @@ async fn an_unsafe_method_the_origin_accepts_invalidates_in_redis_for_every_inst
     // The first instance still has it in memory (no subscription here), but Redis lost it:
     assert!(again.is_hit());
     let third = redis_cache(&server).await;
-    let c = serve(app(&calls).layer(third.layer())).await;
+    let c = serve(app(&calls).layer(CacheLayer::new(third.clone()))).await;
     assert!(!get(c, "/r/u").await.is_hit());
 }
 
@@ -400,7 +404,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
         ("surrogate-key", "users user-1"),
     ];
     let build = || async {
-        Cache::builder()
+        HttpCache::builder()
             .redis(server.connection_manager().await)
             .subscribe(server.client())
             .prefix("inv:")
@@ -409,8 +413,8 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     };
     let one = build().await;
     let two = build().await;
-    let a = serve(origin(&calls, headers).layer(one.layer())).await;
-    let b = serve(origin(&calls, headers).layer(two.layer())).await;
+    let a = serve(origin(&calls, headers).layer(CacheLayer::new(one.clone()))).await;
+    let b = serve(origin(&calls, headers).layer(CacheLayer::new(two.clone()))).await;
     // Let both subscriptions settle before anything is announced.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -481,12 +485,12 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
 #[tokio::test]
 async fn tags_work_without_redis() {
     let calls = Calls::default();
-    let cache = Cache::builder().build().unwrap();
+    let cache = HttpCache::builder().build().unwrap();
     let headers: &'static [_] = &[
         ("cache-control", "max-age=60"),
         ("surrogate-key", "user:1 orders"),
     ];
-    let address = serve(origin(&calls, headers).layer(cache.layer())).await;
+    let address = serve(origin(&calls, headers).layer(CacheLayer::new(cache.clone()))).await;
     get(address, "/r/1").await;
     get(address, "/r/2").await;
     assert!(get(address, "/r/1").await.is_hit());
@@ -507,12 +511,12 @@ async fn an_invalidation_waits_for_the_writes_queued_before_it() {
     let connection = server.connection_manager().await;
     let calls = Calls::default();
     let headers: &'static [_] = &[("cache-control", "max-age=60"), ("surrogate-key", "user-7")];
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(connection.clone())
         .prefix("settle:")
         .build()
         .unwrap();
-    let app = origin(&calls, headers).layer(cache.layer());
+    let app = origin(&calls, headers).layer(CacheLayer::new(cache.clone()));
     for round in 0..20 {
         let path = format!("/r/{round}");
         let request = axum::http::Request::builder()
@@ -557,7 +561,7 @@ async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
     let server = RedisServer::start();
     let connection = server.connection_manager().await;
     for (round, by_tag) in [(0, false), (1, true)] {
-        let cache = Cache::builder()
+        let cache = HttpCache::builder()
             .redis(connection.clone())
             .prefix(format!("race-{round}:"))
             .build()
@@ -582,7 +586,7 @@ async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
                 }),
             )
         };
-        let address = serve(origin.layer(cache.layer())).await;
+        let address = serve(origin.layer(CacheLayer::new(cache.clone()))).await;
         let slow = tokio::spawn(async move { get(address, "/u/7").await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The write, and its invalidation, while the read is still at the origin.

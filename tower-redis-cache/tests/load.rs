@@ -17,7 +17,7 @@ use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend, slow_origin};
 use support::{Calls, eventually, get, serve};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 async fn backend(server: &RedisServer) -> Backend<redis::aio::ConnectionManager> {
     Backend {
@@ -41,15 +41,17 @@ async fn stale_while_revalidate_serves_a_hundred_stale_responses_and_refreshes_o
 async fn with_redis_killed_mid_load_no_request_fails_and_redis_is_used_again_after_it_returns() {
     let mut server = RedisServer::start();
     let calls = Calls::default();
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(server.connection_manager().await)
         .prefix("outage:")
         .memory_capacity(0) // every lookup needs Redis
         .redis_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
-    let address =
-        serve(slow_origin(&calls, Duration::ZERO, "max-age=60").layer(cache.layer())).await;
+    let address = serve(
+        slow_origin(&calls, Duration::ZERO, "max-age=60").layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
 
     let load = move |round: usize| async move {
         let mut statuses = Vec::new();
@@ -100,7 +102,10 @@ async fn with_redis_killed_mid_load_no_request_fails_and_redis_is_used_again_aft
 async fn the_memory_tier_stays_within_its_bound() {
     let calls = Calls::default();
     let capacity = 64 * 1024;
-    let cache = Cache::builder().memory_capacity(capacity).build().unwrap();
+    let cache = HttpCache::builder()
+        .memory_capacity(capacity)
+        .build()
+        .unwrap();
     let calls_in = calls.clone();
     let app = Router::new().route(
         "/blob/{n}",
@@ -115,7 +120,7 @@ async fn the_memory_tier_stays_within_its_bound() {
             }
         }),
     );
-    let address = serve(app.layer(cache.layer())).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     for n in 0..100 {
         assert_eq!(get(address, &format!("/blob/{n}")).await.body.len(), 4096);
     }
@@ -136,7 +141,7 @@ async fn the_memory_tier_stays_within_its_bound() {
 #[tokio::test]
 async fn bodies_over_the_limit_stream_through_uncached_and_smaller_streams_are_stored() {
     let calls = Calls::default();
-    let cache = Cache::builder().build().unwrap();
+    let cache = HttpCache::builder().build().unwrap();
     let (sized, streamed) = (calls.clone(), calls.clone());
     let app = Router::new()
         .route(
@@ -162,7 +167,7 @@ async fn bodies_over_the_limit_stream_through_uncached_and_smaller_streams_are_s
                 }
             }),
         );
-    let address = serve(app.layer(cache.layer().max_body_size(1000))).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()).max_body_size(1000))).await;
 
     let big = get(address, "/sized/5000").await;
     assert_eq!(big.body.len(), 5000);
@@ -192,7 +197,7 @@ struct Tenant(&'static str);
 
 #[tokio::test]
 async fn request_extensions_and_path_parameters_survive_the_layer() {
-    let cache = Cache::builder().build().unwrap();
+    let cache = HttpCache::builder().build().unwrap();
     let app = Router::new()
         .route(
             "/tenants/{id}",
@@ -204,7 +209,7 @@ async fn request_extensions_and_path_parameters_survive_the_layer() {
                     )
                 },
             )
-            .layer(cache.layer()),
+            .layer(CacheLayer::new(cache.clone())),
         )
         .layer(axum::Extension(Tenant("acme")));
     let address = serve(app).await;
@@ -222,7 +227,7 @@ async fn the_fill_lock_makes_one_origin_call_across_two_instances() {
         let mut addresses = Vec::new();
         let prefix = format!("lock-{locked}:");
         for _ in 0..2 {
-            let mut builder = Cache::builder()
+            let mut builder = HttpCache::builder()
                 .redis(server.connection_manager().await)
                 .prefix(prefix.clone());
             if locked {
@@ -232,7 +237,7 @@ async fn the_fill_lock_makes_one_origin_call_across_two_instances() {
             addresses.push(
                 serve(
                     slow_origin(&calls, Duration::from_millis(300), "max-age=60")
-                        .layer(cache.layer()),
+                        .layer(CacheLayer::new(cache.clone())),
                 )
                 .await,
             );

@@ -8,19 +8,20 @@ use axum::Router;
 use axum::routing::get as get_route;
 use metrics_util::debugging::DebuggingRecorder;
 use support::{get, serve};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 #[tokio::test]
 async fn hits_misses_and_stores_are_counted_per_cache() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    let cache =
-        metrics::with_local_recorder(&recorder, || Cache::builder().name("edge").build().unwrap());
+    let cache = metrics::with_local_recorder(&recorder, || {
+        HttpCache::builder().name("edge").build().unwrap()
+    });
     let app = Router::new().route(
         "/",
         get_route(|| async { ([("cache-control", "max-age=60")], "x") }),
     );
-    let address = serve(app.layer(cache.layer())).await;
+    let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     for _ in 0..3 {
         get(address, "/").await;
     }

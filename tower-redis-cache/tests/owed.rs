@@ -17,7 +17,7 @@ use axum::http::Response;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::{eventually, get, serve, stored_in_redis};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// `/u/{n}`: the record's current version, fresh for a minute and tagged `user-{n}`.
 fn origin(version: Arc<AtomicUsize>) -> Router {
@@ -53,14 +53,14 @@ async fn an_invalidation_made_while_redis_was_down_holds_after_it_returns_from_i
     let mut server = RedisServer::start();
     let connection = server.connection_manager().await;
     // No memory tier: every read goes to Redis, so nothing hides what Redis serves.
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(connection.clone())
         .prefix("owed:")
         .memory_capacity(0)
         .build()
         .unwrap();
     let version = Arc::new(AtomicUsize::new(1));
-    let address = serve(origin(version.clone()).layer(cache.layer())).await;
+    let address = serve(origin(version.clone()).layer(CacheLayer::new(cache.clone()))).await;
 
     assert_eq!(get(address, "/u/7").await.body, "user 7 v1");
     let url = "http://test/u/7".to_owned();
@@ -148,14 +148,14 @@ async fn an_invalidation_through_a_stalled_redis_is_owed_and_replayed_when_it_fl
         .get_connection_manager()
         .await
         .unwrap();
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(connection.clone())
         .prefix("owed-stall:")
         .memory_capacity(0)
         .build()
         .unwrap();
     let version = Arc::new(AtomicUsize::new(1));
-    let address = serve(origin(version.clone()).layer(cache.layer())).await;
+    let address = serve(origin(version.clone()).layer(CacheLayer::new(cache.clone()))).await;
     assert_eq!(get(address, "/u/3").await.body, "user 3 v1");
     let redis_key = cache.redis_key("http://test/u/3").unwrap();
     assert!(stored_in_redis(&server.connection_manager().await, &redis_key).await);
@@ -183,7 +183,7 @@ async fn a_tag_invalidation_that_cannot_reach_redis_drops_what_memory_promoted_f
     let mut server = RedisServer::start();
     let connection = server.connection_manager().await;
     let build = |memory: bool| {
-        let builder = Cache::builder()
+        let builder = HttpCache::builder()
             .redis(connection.clone())
             .prefix("owed-promoted:");
         if memory {
@@ -196,8 +196,8 @@ async fn a_tag_invalidation_that_cannot_reach_redis_drops_what_memory_promoted_f
     };
     let (filler, reader) = (build(false), build(true));
     let version = Arc::new(AtomicUsize::new(1));
-    let filling = serve(origin(version.clone()).layer(filler.layer())).await;
-    let reading = serve(origin(version.clone()).layer(reader.layer())).await;
+    let filling = serve(origin(version.clone()).layer(CacheLayer::new(filler.clone()))).await;
+    let reading = serve(origin(version.clone()).layer(CacheLayer::new(reader.clone()))).await;
 
     // The reader never fills /u/5 itself: it finds it in Redis and keeps a copy in memory, without its tags.
     assert_eq!(get(filling, "/u/5").await.body, "user 5 v1");

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use redis_fixtures::RedisServer;
 use support::scenarios::slow_origin;
 use support::{Calls, eventually, get, serve, stored_in_redis};
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// A replica of `primary`, once its replication link is up.
 async fn replica_of(primary: &RedisServer) -> RedisServer {
@@ -46,14 +46,16 @@ async fn hits_are_read_from_the_replica_and_writes_go_to_the_primary() {
     let primary = RedisServer::start();
     let replica = replica_of(&primary).await;
     let calls = Calls::default();
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(primary.connection_manager().await)
         .read_replica(replica.connection_manager().await)
         .memory_capacity(0)
         .build()
         .unwrap();
-    let address =
-        serve(slow_origin(&calls, Duration::ZERO, "max-age=60").layer(cache.layer())).await;
+    let address = serve(
+        slow_origin(&calls, Duration::ZERO, "max-age=60").layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
     get(address, "/slow/a").await;
     let key = cache.redis_key("http://test/slow/a").unwrap();
     assert!(
@@ -82,14 +84,16 @@ async fn a_replica_that_lags_is_a_miss_there_and_a_hit_on_the_primary() {
     // A server that never receives the writes: the worst lag there is.
     let lagging = RedisServer::start();
     let calls = Calls::default();
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(primary.connection_manager().await)
         .read_replica(lagging.connection_manager().await)
         .memory_capacity(0)
         .build()
         .unwrap();
-    let address =
-        serve(slow_origin(&calls, Duration::ZERO, "max-age=60").layer(cache.layer())).await;
+    let address = serve(
+        slow_origin(&calls, Duration::ZERO, "max-age=60").layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
     get(address, "/slow/b").await;
     let key = cache.redis_key("http://test/slow/b").unwrap();
     assert!(stored_in_redis(&primary.connection_manager().await, &key).await);
@@ -114,15 +118,17 @@ async fn a_replica_killed_mid_load_fails_no_request() {
     let primary = RedisServer::start();
     let mut replica = replica_of(&primary).await;
     let calls = Calls::default();
-    let cache = Cache::builder()
+    let cache = HttpCache::builder()
         .redis(primary.connection_manager().await)
         .read_replica(replica.connection_manager().await)
         .memory_capacity(0)
         .redis_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
-    let address =
-        serve(slow_origin(&calls, Duration::ZERO, "max-age=60").layer(cache.layer())).await;
+    let address = serve(
+        slow_origin(&calls, Duration::ZERO, "max-age=60").layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
     for n in 0..10 {
         get(address, &format!("/slow/{n}")).await;
     }

@@ -13,8 +13,8 @@ use axum::http::StatusCode;
 use redis_fixtures::RedisSentinel;
 use support::scenarios::slow_origin;
 use support::{Calls, eventually, get, serve};
-use tower_redis_cache::Cache;
 use tower_redis_cache::sentinel::{SentinelConfig, SentinelConnection};
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 async fn sentinel_connection(set: &RedisSentinel) -> SentinelConnection {
     SentinelConnection::connect(
@@ -33,19 +33,19 @@ async fn a_failover_under_load_fails_no_request_and_the_shared_tier_works_again_
     let calls = Calls::default();
     // Two instances, each with its own connection and no memory tier: a hit on one for what the other stored comes
     // from Redis.
-    let first = Cache::builder()
+    let first = HttpCache::builder()
         .redis(sentinel_connection(&set).await)
         .memory_capacity(0)
         .build()
         .unwrap();
-    let second = Cache::builder()
+    let second = HttpCache::builder()
         .redis(sentinel_connection(&set).await)
         .memory_capacity(0)
         .build()
         .unwrap();
     let origin = slow_origin(&calls, Duration::ZERO, "max-age=60");
-    let first_address = serve(origin.clone().layer(first.layer())).await;
-    let second_address = serve(origin.layer(second.layer())).await;
+    let first_address = serve(origin.clone().layer(CacheLayer::new(first.clone()))).await;
+    let second_address = serve(origin.layer(CacheLayer::new(second.clone()))).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicUsize::new(0));
@@ -135,7 +135,7 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     let calls = Calls::default();
     let build = || async {
         let connection = sentinel_connection(&set).await;
-        Cache::builder()
+        HttpCache::builder()
             .redis(connection.clone())
             .subscribe(&connection)
             .prefix("fo:")
@@ -145,8 +145,8 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     let one = build().await;
     let two = build().await;
     let origin = slow_origin(&calls, Duration::ZERO, "max-age=60");
-    let a = serve(origin.clone().layer(one.layer())).await;
-    let b = serve(origin.layer(two.layer())).await;
+    let a = serve(origin.clone().layer(CacheLayer::new(one.clone()))).await;
+    let b = serve(origin.layer(CacheLayer::new(two.clone()))).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             subscribers(primary, "fo:invalidate").await == 2

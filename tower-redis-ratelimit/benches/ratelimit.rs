@@ -129,8 +129,9 @@ fn huge_limiter<C>(connection: C) -> RateLimiter<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    RateLimiter::builder(connection)
-        .timeout(TIMEOUT)
+    RateLimiter::builder()
+        .redis(connection)
+        .redis_timeout(TIMEOUT)
         .policy(Policy::new("p", HUGE_LIMIT, Duration::from_millis(WINDOW_MS)).unwrap())
         .build()
         .unwrap()
@@ -726,8 +727,8 @@ fn flood() {
     let runtime = multi_thread();
     runtime.block_on(async {
         let mut admin = server.multiplexed().await;
-        let limiter = RateLimiter::builder(server.connection_manager().await)
-            .timeout(TIMEOUT)
+        let limiter = RateLimiter::builder().redis(server.connection_manager().await)
+            .redis_timeout(TIMEOUT)
             .deny_cache(100_000)
             .policy(Policy::per_minute("p", FLOOD_LIMIT).unwrap())
             .build()
@@ -850,8 +851,9 @@ fn memory() {
                 .await
                 .unwrap();
             let policy = Policy::per_hour("p", 100).unwrap().algorithm(algorithm);
-            let limiter = RateLimiter::builder(server.connection_manager().await)
-                .timeout(TIMEOUT)
+            let limiter = RateLimiter::builder()
+                .redis(server.connection_manager().await)
+                .redis_timeout(TIMEOUT)
                 .policy(policy)
                 .build()
                 .unwrap();

@@ -19,7 +19,7 @@ pub enum DecisionSource {
     FailClosed,
     /// Redis failed or its breaker is open, and the local fallback limiter decided.
     LocalFallback,
-    /// A local-only limiter ([`crate::RateLimiter::local`], no Redis) decided.
+    /// A local-only limiter (built without `.redis(connection)`, no Redis) decided.
     Local,
     /// The request is on the allow-list (no limit, no Redis call).
     AllowList,

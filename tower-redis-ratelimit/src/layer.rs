@@ -77,29 +77,46 @@ impl<B: Default> Rejection<B> for DefaultRejection {
 
 pub(crate) struct Shared<C, K, R> {
     pub(crate) limiter: RateLimiter<C>,
-    pub(crate) key: K,
-    pub(crate) select: Option<Box<Selector>>,
-    pub(crate) allow: Option<Box<Predicate>>,
+    pub(crate) key: Arc<K>,
+    pub(crate) select: Option<Arc<Selector>>,
+    pub(crate) allow: Option<Arc<Predicate>>,
     pub(crate) shadow: bool,
     pub(crate) deny_without_key: bool,
     pub(crate) headers: HeaderStyle,
-    pub(crate) rejection: R,
+    pub(crate) rejection: Arc<R>,
 }
 
-/// Applies a [`RateLimiter`] to every request, keyed by a [`KeyExtractor`]. Cloning is an `Arc` bump; every clone
-/// shares the limiter.
+impl<C, K, R> Clone for Shared<C, K, R> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: self.limiter.clone(),
+            key: Arc::clone(&self.key),
+            select: self.select.clone(),
+            allow: self.allow.clone(),
+            shadow: self.shadow,
+            deny_without_key: self.deny_without_key,
+            headers: self.headers,
+            rejection: Arc::clone(&self.rejection),
+        }
+    }
+}
+
+/// Applies a [`RateLimiter`] to every request, keyed by a [`KeyExtractor`]: `RateLimitLayer::new(limiter, key)`,
+/// then the setters below, as tower-http's layers are configured. Cloning is a few `Arc` bumps; every clone and
+/// every service it makes shares the limiter.
 ///
 /// A denied request gets `429 Too Many Requests` with `Retry-After` and the `RateLimit` fields (gRPC requests: a
 /// trailers-only RESOURCE_EXHAUSTED with the same fields as metadata); the inner service never sees it. The
 /// service's error type is kept, so axum needs no `HandleErrorLayer`.
+#[must_use]
 pub struct RateLimitLayer<C, K, R = DefaultRejection> {
-    shared: Arc<Shared<C, K, R>>,
+    shared: Shared<C, K, R>,
 }
 
 impl<C, K, R> Clone for RateLimitLayer<C, K, R> {
     fn clone(&self) -> Self {
         Self {
-            shared: Arc::clone(&self.shared),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -114,42 +131,23 @@ impl<C, K, R> fmt::Debug for RateLimitLayer<C, K, R> {
     }
 }
 
-/// Configures a [`RateLimitLayer`].
-#[must_use]
-pub struct RateLimitLayerBuilder<C, K, R = DefaultRejection> {
-    shared: Shared<C, K, R>,
-}
-
-impl<C, K: fmt::Debug, R> fmt::Debug for RateLimitLayerBuilder<C, K, R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimitLayerBuilder")
-            .field("key", &self.shared.key)
-            .field("shadow", &self.shared.shadow)
-            .finish_non_exhaustive()
-    }
-}
-
 impl<C, K: KeyExtractor> RateLimitLayer<C, K> {
     /// A layer limiting requests with `limiter`, keyed by `key` (for example `ClientIp::trusted_hops(1)`, or a
-    /// closure).
-    pub fn builder(limiter: RateLimiter<C>, key: K) -> RateLimitLayerBuilder<C, K> {
-        RateLimitLayerBuilder {
+    /// closure), with the defaults: every request costs 1 in the default tier, requests without a key pass, the
+    /// IETF `RateLimit` fields on denials, and the built-in 429.
+    pub fn new(limiter: RateLimiter<C>, key: K) -> Self {
+        Self {
             shared: Shared {
                 limiter,
-                key,
+                key: Arc::new(key),
                 select: None,
                 allow: None,
                 shadow: false,
                 deny_without_key: false,
                 headers: HeaderStyle::default(),
-                rejection: DefaultRejection,
+                rejection: Arc::new(DefaultRejection),
             },
         }
-    }
-
-    /// A layer with the defaults.
-    pub fn new(limiter: RateLimiter<C>, key: K) -> Self {
-        Self::builder(limiter, key).build()
     }
 }
 
@@ -158,15 +156,13 @@ impl<C, K, R> RateLimitLayer<C, K, R> {
     pub fn limiter(&self) -> &RateLimiter<C> {
         &self.shared.limiter
     }
-}
 
-impl<C, K, R> RateLimitLayerBuilder<C, K, R> {
     /// Chooses the tier and the cost of each request (for example from an authenticated user's plan).
     pub fn select(
         mut self,
         select: impl for<'a> Fn(&RequestParts<'a>) -> Selection<'static> + Send + Sync + 'static,
     ) -> Self {
-        self.shared.select = Some(Box::new(select));
+        self.shared.select = Some(Arc::new(select));
         self
     }
 
@@ -175,7 +171,7 @@ impl<C, K, R> RateLimitLayerBuilder<C, K, R> {
         mut self,
         allow: impl for<'a> Fn(&RequestParts<'a>) -> bool + Send + Sync + 'static,
     ) -> Self {
-        self.shared.allow = Some(Box::new(allow));
+        self.shared.allow = Some(Arc::new(allow));
         self
     }
 
@@ -198,9 +194,9 @@ impl<C, K, R> RateLimitLayerBuilder<C, K, R> {
     }
 
     /// Replaces the 429 (or gRPC RESOURCE_EXHAUSTED) with your own response; the rate-limit fields are added to it.
-    pub fn on_reject<R2>(self, rejection: R2) -> RateLimitLayerBuilder<C, K, R2> {
+    pub fn on_reject<R2>(self, rejection: R2) -> RateLimitLayer<C, K, R2> {
         let shared = self.shared;
-        RateLimitLayerBuilder {
+        RateLimitLayer {
             shared: Shared {
                 limiter: shared.limiter,
                 key: shared.key,
@@ -209,15 +205,8 @@ impl<C, K, R> RateLimitLayerBuilder<C, K, R> {
                 shadow: shared.shadow,
                 deny_without_key: shared.deny_without_key,
                 headers: shared.headers,
-                rejection,
+                rejection: Arc::new(rejection),
             },
-        }
-    }
-
-    /// The layer.
-    pub fn build(self) -> RateLimitLayer<C, K, R> {
-        RateLimitLayer {
-            shared: Arc::new(self.shared),
         }
     }
 }
@@ -228,7 +217,7 @@ impl<S, C, K, R> Layer<S> for RateLimitLayer<C, K, R> {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            shared: Arc::clone(&self.shared),
+            shared: Arc::new(self.shared.clone()),
         }
     }
 }

@@ -26,7 +26,7 @@ pub mod sentinel {
 pub use decision::{Decision, DecisionSource, PolicyState};
 pub use error::ConfigError;
 pub use headers::HeaderStyle;
-pub use layer::{DefaultRejection, RateLimitLayer, RateLimitLayerBuilder, Rejection, Selection};
+pub use layer::{DefaultRejection, RateLimitLayer, Rejection, Selection};
 pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimiterBuilder};
 pub use offline::Offline;
 pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};

@@ -93,8 +93,8 @@ pub struct RateLimiterBuilder<C> {
     connection: C,
     prefix: String,
     tiers: Vec<(String, Vec<Policy>)>,
-    timeout: Duration,
-    failure: FailurePolicy,
+    redis_timeout: Duration,
+    failure: Option<FailurePolicy>,
     deny_cache: Option<usize>,
     pre_limiter: Option<(u64, Duration)>,
     breaker: Option<CircuitBreaker>,
@@ -107,7 +107,7 @@ impl<C> fmt::Debug for RateLimiterBuilder<C> {
         f.debug_struct("RateLimiterBuilder")
             .field("prefix", &self.prefix)
             .field("tiers", &self.tiers)
-            .field("timeout", &self.timeout)
+            .field("redis_timeout", &self.redis_timeout)
             .field("failure", &self.failure)
             .field("local_only", &self.local_only)
             .finish_non_exhaustive()
@@ -153,15 +153,36 @@ impl<C> RateLimiterBuilder<C> {
     }
 
     /// The deadline of each Redis call (default 50 ms). Past it, the failure policy decides.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
         self
     }
 
-    /// What to do when Redis fails (default [`FailurePolicy::FailOpen`]).
+    /// What to do when Redis fails (default [`FailurePolicy::FailOpen`]; a local-only limiter, built without
+    /// [`redis`](Self::redis), decides with `FailurePolicy::Local { share: 1 }` and accepts no other).
     pub fn on_redis_failure(mut self, policy: FailurePolicy) -> Self {
-        self.failure = policy;
+        self.failure = Some(policy);
         self
+    }
+
+    /// Decides on Redis through `connection` (a `ConnectionManager`, a `MultiplexedConnection`, a cluster
+    /// connection, a `HealingConnection`, a `SentinelConnection`, ...). Without it the limiter is local-only.
+    pub fn redis<C2>(self, connection: C2) -> RateLimiterBuilder<C2>
+    where
+        C2: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        RateLimiterBuilder {
+            connection,
+            prefix: self.prefix,
+            tiers: self.tiers,
+            redis_timeout: self.redis_timeout,
+            failure: self.failure,
+            deny_cache: self.deny_cache,
+            pre_limiter: self.pre_limiter,
+            breaker: self.breaker,
+            name: self.name,
+            local_only: false,
+        }
     }
 
     /// Keeps up to `capacity` denied keys in memory, denying them locally until their retry time (default on,
@@ -204,29 +225,34 @@ impl<C> RateLimiterBuilder<C> {
                 "add at least one policy, e.g. `.policy(Policy::per_minute(\"api\", 600)?)`",
             ));
         }
-        if self.timeout.is_zero() {
+        if self.redis_timeout.is_zero() {
             return Err(crate::error::config_error(
-                "timeout",
+                "redis_timeout",
                 "the Redis timeout must be above zero",
             ));
         }
+        let failure = match self.failure {
+            Some(failure) => failure,
+            None if self.local_only => FailurePolicy::Local { share: 1 },
+            None => FailurePolicy::FailOpen,
+        };
         if self.prefix.contains(['{', '}']) {
             return Err(crate::error::config_error(
                 "prefix",
                 "must not contain `{` or `}`: the limiter puts the request key in a Cluster hash tag",
             ));
         }
-        if let FailurePolicy::Local { share: 0 } = self.failure {
+        if let FailurePolicy::Local { share: 0 } = failure {
             return Err(crate::error::config_error(
                 "on_redis_failure",
                 "the local share must be at least 1",
             ));
         }
-        if self.local_only && !matches!(self.failure, FailurePolicy::Local { .. }) {
+        if self.local_only && !matches!(failure, FailurePolicy::Local { .. }) {
             return Err(crate::error::config_error(
                 "on_redis_failure",
-                "a local-only limiter has no Redis: it decides with its local limiter, so the failure policy \
-                 must be `FailurePolicy::Local`",
+                "a limiter built without `.redis(connection)` is local-only: it decides with its local limiter, \
+                 so the failure policy must be `FailurePolicy::Local` (or give it a Redis connection)",
             ));
         }
         let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
@@ -238,7 +264,7 @@ impl<C> RateLimiterBuilder<C> {
                 ));
             }
             let set = PolicySet::new(policies)?;
-            let fallback = match self.failure {
+            let fallback = match failure {
                 FailurePolicy::Local { share } => {
                     Some(LocalLimiter::for_policies(set.policies(), share)?)
                 }
@@ -275,8 +301,8 @@ impl<C> RateLimiterBuilder<C> {
                 connection: self.connection,
                 prefix: self.prefix,
                 tiers,
-                guard: Guard::new(breaker, self.timeout)?,
-                failure: self.failure,
+                guard: Guard::new(breaker, self.redis_timeout)?,
+                failure,
                 local_only: self.local_only,
                 deny_cache: self.deny_cache.map(DenyCache::new),
                 stats: Stats::default(),
@@ -321,23 +347,7 @@ impl<C> RateLimiter<C>
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A builder using `connection` (a `ConnectionManager`, a `MultiplexedConnection`, a cluster connection, ...).
-    pub fn builder(connection: C) -> RateLimiterBuilder<C> {
-        RateLimiterBuilder {
-            connection,
-            prefix: "rl:".to_owned(),
-            tiers: Vec::new(),
-            timeout: Duration::from_millis(50),
-            failure: FailurePolicy::FailOpen,
-            deny_cache: Some(100_000),
-            pre_limiter: None,
-            breaker: None,
-            name: Cow::Borrowed("ratelimit"),
-            local_only: false,
-        }
-    }
-
-    /// Whether this limiter is local-only (built with [`RateLimiter::local`]): it never calls Redis.
+    /// Whether this limiter is local-only (built without [`RateLimiterBuilder::redis`]): it never calls Redis.
     pub fn is_local_only(&self) -> bool {
         self.inner.local_only
     }
@@ -599,17 +609,18 @@ where
 }
 
 impl RateLimiter<Offline> {
-    /// A builder for a local-only limiter, for a single instance or a run without Redis: every decision is made
-    /// in this process by a `governor` limiter per policy (the same one [`FailurePolicy::Local`] uses), with
-    /// source [`DecisionSource::Local`]. No Redis call is ever made and no breaker is involved; the admin calls
-    /// (`inspect`, `reset`, `block`) need Redis and return an error. The failure policy is
-    /// `FailurePolicy::Local { share: 1 }`; any other is a [`ConfigError`] at build time.
+    /// A builder. Give it a Redis connection with [`redis`](RateLimiterBuilder::redis) for a distributed limiter;
+    /// without one it is local-only, for a single instance or a run without Redis: every decision is made in this
+    /// process by a `governor` limiter per policy (the same one [`FailurePolicy::Local`] uses), with source
+    /// [`DecisionSource::Local`]. A local-only limiter never calls Redis and involves no breaker; the admin calls
+    /// (`inspect`, `reset`, `block`) need Redis and return an error, and a failure policy other than
+    /// `FailurePolicy::Local` is a [`ConfigError`] at build time.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use tower_redis_ratelimit::{DecisionSource, Policy, RateLimiter};
     ///
-    /// let limiter = RateLimiter::local().policy(Policy::per_second("burst", 2)?).build()?;
+    /// let limiter = RateLimiter::builder().policy(Policy::per_second("burst", 2)?).build()?;
     /// assert!(limiter.check("k").await.allowed);
     /// assert!(limiter.check("k").await.allowed);
     /// let third = limiter.check("k").await;
@@ -617,11 +628,19 @@ impl RateLimiter<Offline> {
     /// assert_eq!(third.source, DecisionSource::Local);
     /// # Ok(()) }
     /// ```
-    pub fn local() -> RateLimiterBuilder<Offline> {
-        let mut builder =
-            Self::builder(Offline).on_redis_failure(FailurePolicy::Local { share: 1 });
-        builder.local_only = true;
-        builder
+    pub fn builder() -> RateLimiterBuilder<Offline> {
+        RateLimiterBuilder {
+            connection: Offline,
+            prefix: "rl:".to_owned(),
+            tiers: Vec::new(),
+            redis_timeout: Duration::from_millis(50),
+            failure: None,
+            deny_cache: Some(100_000),
+            pre_limiter: None,
+            breaker: None,
+            name: Cow::Borrowed("ratelimit"),
+            local_only: true,
+        }
     }
 }
 
@@ -646,7 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_local_only_limiter_decides_in_process_and_never_touches_redis_or_its_breaker() {
-        let limiter = RateLimiter::local()
+        let limiter = RateLimiter::builder()
             .policy(Policy::per_minute("writes", 3).unwrap())
             .build()
             .unwrap();
@@ -678,7 +697,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_local_only_limiter_answers_admin_calls_with_an_error_at_once() {
-        let limiter = RateLimiter::local()
+        let limiter = RateLimiter::builder()
             .policy(Policy::per_second("burst", 1).unwrap())
             .build()
             .unwrap();
@@ -696,7 +715,7 @@ mod tests {
 
     #[test]
     fn a_local_only_limiter_with_another_failure_policy_does_not_build() {
-        let error = RateLimiter::local()
+        let error = RateLimiter::builder()
             .policy(Policy::per_second("burst", 1).unwrap())
             .on_redis_failure(FailurePolicy::FailOpen)
             .build()
@@ -706,7 +725,8 @@ mod tests {
 
     #[test]
     fn a_limiter_on_a_connection_is_not_local_only() {
-        let limiter = RateLimiter::builder(Offline)
+        let limiter = RateLimiter::builder()
+            .redis(Offline)
             .policy(Policy::per_second("burst", 1).unwrap())
             .build()
             .unwrap();

@@ -1,11 +1,11 @@
-//! [`Offline`]: the connection of a limiter that has no Redis (see [`crate::RateLimiter::local`]).
+//! [`Offline`]: the connection of a limiter that has no Redis (see [`crate::RateLimiter::builder`]).
 
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 
 /// A Redis "connection" with no server behind it: every command fails at once, without I/O.
 ///
-/// It is the connection type of a local-only limiter ([`crate::RateLimiter::local`]), so code that is generic over
+/// It is the connection type of a local-only limiter (a [`crate::RateLimiter`] built without `.redis(connection)`), so code that is generic over
 /// the connection (or that names `RateLimiter<Offline>`) runs the same with and without Redis. The local limiter
 /// never sends it a command on the decision path; only the admin calls (`inspect`, `reset`, `block`) reach it, and
 /// they fail with an error saying there is no Redis.

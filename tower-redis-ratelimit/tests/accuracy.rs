@@ -49,14 +49,14 @@ async fn accuracy_worker() {
             .get_async_connection()
             .await
             .unwrap();
-        run(RateLimiter::builder(connection), policy, prefix).await
+        run(RateLimiter::builder().redis(connection), policy, prefix).await
     } else {
         let connection = redis::Client::open(target.as_str())
             .unwrap()
             .get_connection_manager()
             .await
             .unwrap();
-        run(RateLimiter::builder(connection), policy, prefix).await
+        run(RateLimiter::builder().redis(connection), policy, prefix).await
     };
     let (times, errors) = times;
     for time in times {
@@ -78,7 +78,7 @@ where
         .prefix(prefix)
         .policy(policy)
         .no_deny_cache()
-        .timeout(Duration::from_secs(2))
+        .redis_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     let deadline = Instant::now() + Duration::from_millis(RUN_MS);

@@ -67,7 +67,9 @@ async fn send_with(
 }
 
 async fn builder(server: &RedisServer) -> RateLimiterBuilder<ConnectionManager> {
-    RateLimiter::builder(server.connection_manager().await).prefix("layer-test:")
+    RateLimiter::builder()
+        .redis(server.connection_manager().await)
+        .prefix("layer-test:")
 }
 
 fn api_key() -> Header {
@@ -126,14 +128,12 @@ async fn a_route_layer_limits_only_its_route_and_fields_can_go_on_allowed_respon
         .policy(Policy::new("writes", 1, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(limiter, api_key())
-        .headers(HeaderStyle {
-            legacy: true,
-            x_ratelimit: true,
-            on_allowed: true,
-            ..HeaderStyle::default()
-        })
-        .build();
+    let layer = RateLimitLayer::new(limiter, api_key()).headers(HeaderStyle {
+        legacy: true,
+        x_ratelimit: true,
+        on_allowed: true,
+        ..HeaderStyle::default()
+    });
     let app = Router::new()
         .route("/orders", post(|| async { "created" }).route_layer(layer))
         .route("/orders", get(|| async { "list" }));
@@ -174,9 +174,7 @@ async fn shadow_mode_decides_and_reports_but_never_rejects() {
         .policy(Policy::new("p", 1, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(limiter.clone(), api_key())
-        .shadow(true)
-        .build();
+    let layer = RateLimitLayer::new(limiter.clone(), api_key()).shadow(true);
     let address = serve(
         Router::new()
             .route("/", get(|| async { "ok" }))
@@ -206,9 +204,8 @@ async fn the_allow_list_bypasses_and_requests_without_a_key_pass_unless_configur
         .policy(Policy::new("p", 1, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(limiter.clone(), api_key())
-        .allow_if(|request: &RequestParts<'_>| request.uri.path() == "/health")
-        .build();
+    let layer = RateLimitLayer::new(limiter.clone(), api_key())
+        .allow_if(|request: &RequestParts<'_>| request.uri.path() == "/health");
     let app = Router::new()
         .route("/health", get(|| async { "up" }))
         .route("/", get(|| async { "ok" }))
@@ -226,9 +223,7 @@ async fn the_allow_list_bypasses_and_requests_without_a_key_pass_unless_configur
     assert_eq!(stats.from_source(DecisionSource::NoKey), (3, 0));
     assert_eq!(stats.redis_calls, 0);
 
-    let strict = RateLimitLayer::builder(limiter, api_key())
-        .deny_without_key(true)
-        .build();
+    let strict = RateLimitLayer::new(limiter, api_key()).deny_without_key(true);
     let address = serve(
         Router::new()
             .route("/", get(|| async { "ok" }))
@@ -258,16 +253,15 @@ async fn a_selector_chooses_the_tier_and_the_cost_per_request() {
         )
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(limiter, api_key())
-        .select(|request: &RequestParts<'_>| Selection {
+    let layer =
+        RateLimitLayer::new(limiter, api_key()).select(|request: &RequestParts<'_>| Selection {
             tier: request.headers.get("x-plan").map(|_| "pro"),
             cost: if request.uri.path() == "/export" {
                 40
             } else {
                 1
             },
-        })
-        .build();
+        });
     let app = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/export", get(|| async { "export" }))
@@ -320,16 +314,16 @@ async fn the_rejection_can_be_replaced_and_keeps_the_fields() {
         .policy(Policy::new("p", 1, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(limiter, api_key())
-        .on_reject(|decision: &tower_redis_ratelimit::Decision, _grpc: bool| {
+    let layer = RateLimitLayer::new(limiter, api_key()).on_reject(
+        |decision: &tower_redis_ratelimit::Decision, _grpc: bool| {
             let mut response = Response::new(Body::from(format!(
                 "slow down ({})",
                 decision.source.as_str()
             )));
             *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             response
-        })
-        .build();
+        },
+    );
     let address = serve(
         Router::new()
             .route("/", get(|| async { "ok" }))

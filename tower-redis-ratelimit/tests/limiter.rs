@@ -12,7 +12,9 @@ use tower_redis_ratelimit::{
 };
 
 async fn limiter(server: &RedisServer, policies: Vec<Policy>) -> RateLimiter<ConnectionManager> {
-    let mut builder = RateLimiter::builder(server.connection_manager().await).no_deny_cache();
+    let mut builder = RateLimiter::builder()
+        .redis(server.connection_manager().await)
+        .no_deny_cache();
     for policy in policies {
         builder = builder.policy(policy);
     }
@@ -259,7 +261,8 @@ async fn a_key_that_looks_escaped_has_its_own_bucket() {
 #[tokio::test]
 async fn the_deny_cache_answers_repeated_denials_without_redis() {
     let server = RedisServer::start();
-    let limiter = RateLimiter::builder(server.connection_manager().await)
+    let limiter = RateLimiter::builder()
+        .redis(server.connection_manager().await)
         .policy(Policy::new("p", 2, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
@@ -289,7 +292,8 @@ async fn the_deny_cache_answers_repeated_denials_without_redis() {
 #[tokio::test]
 async fn the_pre_limiter_denies_locally_before_redis() {
     let server = RedisServer::start();
-    let limiter = RateLimiter::builder(server.connection_manager().await)
+    let limiter = RateLimiter::builder()
+        .redis(server.connection_manager().await)
         .policy(Policy::new("p", 1_000, Duration::from_secs(60)).unwrap())
         .pre_limiter(5, Duration::from_secs(60))
         .build()
@@ -341,9 +345,10 @@ async fn limiter_with_failure(
     server: &RedisServer,
     failure: FailurePolicy,
 ) -> RateLimiter<ConnectionManager> {
-    RateLimiter::builder(server.connection_manager().await)
+    RateLimiter::builder()
+        .redis(server.connection_manager().await)
         .policy(Policy::new("p", 5, Duration::from_secs(60)).unwrap())
-        .timeout(Duration::from_millis(50))
+        .redis_timeout(Duration::from_millis(50))
         .on_redis_failure(failure)
         .no_deny_cache()
         .build()

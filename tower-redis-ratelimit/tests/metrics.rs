@@ -15,7 +15,8 @@ async fn decisions_are_counted_by_source_and_outcome() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let limiter = metrics::with_local_recorder(&recorder, || {
-        RateLimiter::builder(connection)
+        RateLimiter::builder()
+            .redis(connection)
             .name("api")
             .policy(Policy::new("p", 2, Duration::from_secs(60)).unwrap())
             .build()

@@ -55,7 +55,8 @@ async fn a_failover_under_load_fails_no_request_and_decisions_come_from_redis_ag
     )
     .await
     .unwrap();
-    let limiter = RateLimiter::builder(connection)
+    let limiter = RateLimiter::builder()
+        .redis(connection)
         .prefix("sentinel-test:")
         .policy(Policy::new("api", 1_000_000, Duration::from_secs(60)).unwrap())
         .on_redis_failure(FailurePolicy::FailOpen)

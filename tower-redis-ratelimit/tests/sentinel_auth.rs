@@ -63,7 +63,8 @@ async fn the_primary_and_the_promoted_replica_are_reached_with_the_configured_pa
     assert_eq!(read_direct(set.primary_port(), 0, "before"), None);
 
     // The limiter works through it too.
-    let limiter = RateLimiter::builder(connection.clone())
+    let limiter = RateLimiter::builder()
+        .redis(connection.clone())
         .prefix("auth-test:")
         .policy(Policy::new("api", 100, Duration::from_secs(60)).unwrap())
         .build()

@@ -35,7 +35,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower_layer::Layer;
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 use tower_service::Service;
 
 /// The pseudonym this proxy gives itself in `Via` and `Cache-Status`.
@@ -102,7 +102,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut builder = Cache::builder()
+    let mut builder = HttpCache::builder()
         .name(NAME)
         .prefix(args.prefix.clone())
         .memory_capacity(args.memory_bytes);
@@ -134,7 +134,7 @@ async fn run(args: Args) -> Result<(), String> {
     // the upstream really gets: otherwise `Connection: accept-language` with `Accept-Language: fr` would store the
     // upstream's default-language answer as the French variant, for everyone.
     let app = Router::new()
-        .fallback_service(cache.layer().layer(forward))
+        .fallback_service(CacheLayer::new(cache.clone()).layer(forward))
         .layer(axum::middleware::map_request(
             |mut request: Request| async move {
                 strip_hop_by_hop(request.headers_mut());

@@ -209,9 +209,10 @@ fn shared(config: &Config, limits: &Limits, redis: &Redis) -> Result<Router, Str
     let prefix = format!("{}api:rl:", config.redis.prefix);
     let (tiers, writes) = limiters(
         || {
-            RateLimiter::builder(redis.connection.clone())
+            RateLimiter::builder()
+                .redis(redis.connection.clone())
                 .prefix(prefix.clone())
-                .timeout(redis.command_timeout)
+                .redis_timeout(redis.command_timeout)
                 .on_redis_failure(FailurePolicy::Local { share: 1 })
         },
         limits,
@@ -221,7 +222,7 @@ fn shared(config: &Config, limits: &Limits, redis: &Redis) -> Result<Router, Str
 
 /// The API without Redis: both limiters count in this process.
 fn local(limits: &Limits) -> Result<Router, String> {
-    let (tiers, writes) = limiters(RateLimiter::local, limits)?;
+    let (tiers, writes) = limiters(RateLimiter::builder, limits)?;
     Ok(app(tiers, writes, limits, "single-instance"))
 }
 
@@ -237,17 +238,14 @@ where
 {
     // By API key, else by client address (behind the proxies `TRUSTED_PROXIES` describes).
     let key = Header::new(API_KEY).or(limits.client_ip.clone());
-    let by_tier = RateLimitLayer::builder(tiers.clone(), key.clone())
+    let by_tier = RateLimitLayer::new(tiers.clone(), key.clone())
         .select(select_tier)
         .headers(HeaderStyle {
             on_allowed: true,
             ..HeaderStyle::default()
         })
-        .on_reject(too_many)
-        .build();
-    let on_writes = RateLimitLayer::builder(writes.clone(), key)
-        .on_reject(too_many)
-        .build();
+        .on_reject(too_many);
+    let on_writes = RateLimitLayer::new(writes.clone(), key).on_reject(too_many);
     let state = Arc::new(Api {
         items: RwLock::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),

@@ -69,9 +69,10 @@ async fn main() -> ExitCode {
             );
             let prefix = format!("{}echo:rl:", config.redis.prefix);
             let limiter = limiter(
-                RateLimiter::builder(redis.connection.clone())
+                RateLimiter::builder()
+                    .redis(redis.connection.clone())
                     .prefix(prefix)
-                    .timeout(redis.command_timeout)
+                    .redis_timeout(redis.command_timeout)
                     .on_redis_failure(FailurePolicy::Local { share: 1 }),
                 &calls,
             );
@@ -90,7 +91,7 @@ async fn main() -> ExitCode {
                 "SINGLE-INSTANCE MODE: {NAME} limits calls locally and is registered in this process only; give \
                  clients its address (tonic-client --server http://<address>)"
             );
-            match limiter(RateLimiter::local(), &calls) {
+            match limiter(RateLimiter::builder(), &calls) {
                 Ok(limiter) => {
                     let env = Env::single(config, MemoryRegistry::new(REGISTRY_TTL), None);
                     serve(env, limiter, stop).await

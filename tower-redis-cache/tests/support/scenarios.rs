@@ -9,7 +9,7 @@ use axum::extract::Path;
 use axum::http::{Response, StatusCode};
 use axum::routing::get as get_route;
 use redis::aio::ConnectionLike;
-use tower_redis_cache::Cache;
+use tower_redis_cache::{CacheLayer, HttpCache};
 
 use super::{Calls, eventually, get, send, serve};
 
@@ -22,8 +22,8 @@ impl<C> Backend<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    pub fn cache(&self, prefix: &str, memory: bool) -> Cache {
-        let mut builder = Cache::builder()
+    pub fn cache(&self, prefix: &str, memory: bool) -> HttpCache {
+        let mut builder = HttpCache::builder()
             .redis(self.connection.clone())
             .prefix(prefix);
         if !memory {
@@ -65,9 +65,11 @@ pub fn slow_origin(calls: &Calls, delay: Duration, cache_control: &'static str) 
 pub async fn cold_herd<C: ConnectionLike + Clone + Send + Sync + 'static>(backend: &Backend<C>) {
     let calls = Calls::default();
     let cache = backend.cache("herd:", true);
-    let address =
-        serve(slow_origin(&calls, Duration::from_millis(300), "max-age=60").layer(cache.layer()))
-            .await;
+    let address = serve(
+        slow_origin(&calls, Duration::from_millis(300), "max-age=60")
+            .layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
 
     let replies =
         futures_util::future::join_all((0..100).map(|_| get(address, "/slow/cold"))).await;
@@ -94,7 +96,7 @@ pub async fn stale_while_revalidate<C: ConnectionLike + Clone + Send + Sync + 's
         Duration::from_millis(500),
         "max-age=1, stale-while-revalidate=30",
     );
-    let address = serve(origin.layer(cache.layer())).await;
+    let address = serve(origin.layer(CacheLayer::new(cache.clone()))).await;
     // The first fill takes 500 ms too; then the entry goes stale after 1 s.
     assert_eq!(get(address, "/slow/s").await.body, "s call 1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -166,7 +168,7 @@ pub async fn never_stored<C: ConnectionLike + Clone + Send + Sync + 'static>(bac
                 }
             }),
         );
-        let address = serve(origin.layer(cache.layer())).await;
+        let address = serve(origin.layer(CacheLayer::new(cache.clone()))).await;
         let first = send(address, "GET", "/x", request_headers).await;
         assert_eq!(
             first.cache_status(),
@@ -188,8 +190,10 @@ pub async fn garbage_is_a_miss<C: ConnectionLike + Clone + Send + Sync + 'static
 ) {
     let calls = Calls::default();
     let cache = backend.cache("garbage:", false);
-    let address =
-        serve(slow_origin(&calls, Duration::ZERO, "max-age=60").layer(cache.layer())).await;
+    let address = serve(
+        slow_origin(&calls, Duration::ZERO, "max-age=60").layer(CacheLayer::new(cache.clone())),
+    )
+    .await;
     let redis_key = cache.redis_key("http://test/slow/g").unwrap();
     let mut connection = backend.connection.clone();
 
