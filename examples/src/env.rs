@@ -17,6 +17,7 @@ use tower_redis_discovery::{
 
 use crate::config::Config;
 use crate::connection::{Redis, RedisConnection};
+use crate::lifecycle::ServeError;
 
 /// How long a registration lives without a heartbeat (heartbeats come about every third of it).
 pub const REGISTRY_TTL: Duration = Duration::from_secs(15);
@@ -74,14 +75,24 @@ pub struct Env<R> {
 
 impl Env<RedisRegistry<RedisConnection>> {
     /// Shared mode: the Redis registry under `{REDIS_PREFIX}discovery:`.
-    pub fn shared(config: Config, redis: Redis, metrics: Option<PrometheusHandle>) -> Self {
-        let registry = RedisRegistry::new(redis.connection.clone())
-            .prefix(&format!("{}discovery:", config.redis.prefix))
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError`] when the registry's settings are invalid.
+    pub fn shared(
+        config: Config,
+        redis: Redis,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, ServeError> {
+        let registry = RedisRegistry::builder()
+            .redis(redis.connection.clone())
+            .prefix(format!("{}discovery:", config.redis.prefix))
             .ttl(REGISTRY_TTL)
-            .timeout(redis.command_timeout.max(Duration::from_millis(500)))
-            .cluster_mode(redis.connection.is_cluster());
+            .redis_timeout(redis.command_timeout.max(Duration::from_millis(500)))
+            .build()
+            .map_err(|error| ServeError(format!("registry: {error}")))?;
         let hints = Some(registry.events_channel());
-        Self {
+        Ok(Self {
             config,
             registry,
             redis: Some(redis),
@@ -89,7 +100,7 @@ impl Env<RedisRegistry<RedisConnection>> {
             metrics,
             client: http_client(),
             drain: Duration::from_secs(1),
-        }
+        })
     }
 }
 

@@ -109,11 +109,11 @@ async fn serve_shared(
 ) -> Result<(), ServeError> {
     let port = config.port;
     match role {
-        Role::Users => users::run(Env::shared(config, redis, metrics), port, stop).await,
-        Role::Orders => orders::run(Env::shared(config, redis, metrics), port, stop).await,
+        Role::Users => users::run(Env::shared(config, redis, metrics)?, port, stop).await,
+        Role::Orders => orders::run(Env::shared(config, redis, metrics)?, port, stop).await,
         Role::Gateway => {
             let limiter = shared_limiter(&config, &redis)?;
-            let env = Env::shared(config, redis, metrics);
+            let env = Env::shared(config, redis, metrics)?;
             let cache = gateway::cache(&env)?;
             gateway::run(env, limiter, cache, port, stop).await
         }

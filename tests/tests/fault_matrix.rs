@@ -88,9 +88,12 @@ async fn stack(proxy: &FaultProxy, server: &RedisServer) -> Stack {
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let registry = RedisRegistry::new(connection)
+    let registry = RedisRegistry::builder()
+        .redis(connection)
         .prefix("fm:d:")
-        .ttl(Duration::from_secs(3));
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let registration = Registration::start(
         registry.clone(),
         Instance::new("items", "127.0.0.1", address.port()),

@@ -25,7 +25,8 @@ pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
 pub use registration::Registration;
 pub use registry::{
-    DEFAULT_MAX_ENTRY_SIZE, Heartbeat, MemoryRegistry, RedisRegistry, Registry, RegistryError,
+    DEFAULT_MAX_ENTRY_SIZE, Heartbeat, MemoryRegistry, RedisRegistry, RedisRegistryBuilder,
+    Registry, RegistryError,
 };
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};

@@ -4,8 +4,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant as Clock};
+
+use tower_redis_core::ConfigError;
 
 use crate::instance::{Instance, Status, iso8601};
 
@@ -212,21 +215,175 @@ impl Registry for MemoryRegistry {
 /// | `{prefix}instance:{id}` | string | `ttl` (default 90 s) | the instance JSON |
 /// | `{prefix}service:{name}` | set | `2 × ttl`, never shortened | instance ids |
 ///
-/// The prefix defaults to `hazeljs:discovery:` and is used exactly as given (end it with `:`). On a single node (the
-/// default) a write is one MULTI/EXEC pipeline and a read is `SMEMBERS` then one pipeline of `GET`s. HazelJS's
-/// layout has no hash tag, so the keys of one write live in different Cluster slots: with
-/// [`RedisRegistry::cluster_mode`] each command is sent on its own (the reads concurrently) and a write is not
-/// atomic, and [`Registry::services`] uses `KEYS` (sent to every primary) instead of `SCAN` (one node). Every call
-/// has a timeout.
+/// The prefix defaults to `hazeljs:discovery:` and is used exactly as given (end it with `:`). Built with
+/// [`RedisRegistry::builder`]. On a single node a write is one MULTI/EXEC pipeline and a read is `SMEMBERS` then one
+/// pipeline of `GETRANGE`s. HazelJS's layout has no hash tag, so the keys of one write live in different Cluster
+/// slots: on a Cluster each command is sent on its own (the reads concurrently), a write is not atomic, and
+/// [`Registry::services`] uses `KEYS` (sent to every primary) instead of `SCAN` (one node). Which one applies is
+/// found out, not configured: the first call asks the server (`INFO cluster`), and a `CROSSSLOT` reply switches to
+/// the Cluster way and sends the call again. Every call has a timeout.
 #[derive(Clone)]
 pub struct RedisRegistry<C> {
     connection: C,
     prefix: Arc<str>,
     ttl: Duration,
     timeout: Duration,
-    cluster: bool,
+    topology: Arc<AtomicU8>,
     max_entry_size: usize,
     warned: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Not asked yet (or the server could not be asked): the single-node way, and ask again on the next call.
+const UNKNOWN: u8 = 0;
+const SINGLE_NODE: u8 = 1;
+const CLUSTER: u8 = 2;
+
+/// Builds a [`RedisRegistry`]: [`RedisRegistry::builder`], then [`redis`](Self::redis) and the settings.
+#[must_use]
+pub struct RedisRegistryBuilder<C> {
+    connection: C,
+    prefix: String,
+    ttl: Duration,
+    redis_timeout: Duration,
+    max_entry_size: usize,
+}
+
+impl<C> fmt::Debug for RedisRegistryBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRegistryBuilder")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("max_entry_size", &self.max_entry_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisRegistry<()> {
+    /// A builder with HazelJS's defaults: prefix `hazeljs:discovery:`, TTL 90 s; 1 s per Redis call, entries up to
+    /// [`DEFAULT_MAX_ENTRY_SIZE`]. Give it its connection with [`RedisRegistryBuilder::redis`] (`build` needs one).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_redis_discovery::RedisRegistry;
+    ///
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let registry = RedisRegistry::builder()
+    ///     .redis(client.get_connection_manager().await?)
+    ///     .prefix("shop:discovery:")
+    ///     .ttl(Duration::from_secs(15))
+    ///     .build()?;
+    /// # let _ = registry; Ok(()) }
+    /// ```
+    pub fn builder() -> RedisRegistryBuilder<()> {
+        RedisRegistryBuilder {
+            connection: (),
+            prefix: "hazeljs:discovery:".to_owned(),
+            ttl: Duration::from_secs(90),
+            redis_timeout: Duration::from_secs(1),
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+        }
+    }
+}
+
+impl<C> RedisRegistryBuilder<C> {
+    /// The connection (a `ConnectionManager`, a `MultiplexedConnection`, a cluster connection, a
+    /// `HealingConnection`, a `SentinelConnection`, ...). A Cluster is recognised on its own.
+    pub fn redis<C2>(self, connection: C2) -> RedisRegistryBuilder<C2>
+    where
+        C2: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        RedisRegistryBuilder {
+            connection,
+            prefix: self.prefix,
+            ttl: self.ttl,
+            redis_timeout: self.redis_timeout,
+            max_entry_size: self.max_entry_size,
+        }
+    }
+
+    /// The key prefix, used exactly as given (HazelJS's default is `hazeljs:discovery:`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The instance TTL (the service set gets twice as long): whole seconds, at least 1 s, since HazelJS's layout
+    /// writes it with `EX`. Heartbeats go every third of it.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The deadline of each Redis call (default 1 s).
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
+        self
+    }
+
+    /// The largest instance entry read, in bytes (default [`DEFAULT_MAX_ENTRY_SIZE`], 64 KiB): a longer one is
+    /// skipped (that instance only; at most this many bytes plus one are transferred). HazelJS's entries are well
+    /// under 1 KiB.
+    pub fn max_entry_size(mut self, bytes: usize) -> Self {
+        self.max_entry_size = bytes;
+        self
+    }
+}
+
+impl<C> RedisRegistryBuilder<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when the TTL is under 1 s or not whole seconds, the Redis timeout is zero, or the entry size
+    /// cap is zero.
+    pub fn build(self) -> Result<RedisRegistry<C>, ConfigError> {
+        if self.ttl < Duration::from_secs(1) || self.ttl.subsec_nanos() != 0 {
+            return Err(config_error(
+                "ttl",
+                format!(
+                    "the registry TTL is written with EX (HazelJS's layout), so it is whole seconds, at least 1 s; \
+                     got {:?}",
+                    self.ttl
+                ),
+            ));
+        }
+        if self.redis_timeout.is_zero() {
+            return Err(config_error(
+                "redis_timeout",
+                "the Redis timeout must be above zero",
+            ));
+        }
+        if self.max_entry_size == 0 {
+            return Err(config_error(
+                "max_entry_size",
+                "the entry size cap must be at least 1 byte (HazelJS's entries are well under 1 KiB)",
+            ));
+        }
+        Ok(RedisRegistry {
+            connection: self.connection,
+            prefix: Arc::from(self.prefix),
+            ttl: self.ttl,
+            timeout: self.redis_timeout,
+            topology: Arc::new(AtomicU8::new(UNKNOWN)),
+            max_entry_size: self.max_entry_size,
+            warned: Arc::default(),
+        })
+    }
+}
+
+/// An invalid registry configuration: `field` is the setting to change.
+fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::in_component("registry", field, message)
+}
+
+/// Whether `error` is a `CROSSSLOT` reply: the keys of one command or transaction are in different Cluster slots.
+fn is_cross_slot(error: &RegistryError) -> bool {
+    matches!(error, RegistryError::Redis(error) if error.code() == Some("CROSSSLOT"))
 }
 
 /// The default [`RedisRegistry::max_entry_size`]: 64 KiB.
@@ -294,7 +451,10 @@ impl<C> fmt::Debug for RedisRegistry<C> {
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
-            .field("cluster", &self.cluster)
+            .field(
+                "cluster",
+                &(self.topology.load(Ordering::Relaxed) == CLUSTER),
+            )
             .field("max_entry_size", &self.max_entry_size)
             .finish_non_exhaustive()
     }
@@ -304,55 +464,49 @@ impl<C> RedisRegistry<C>
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A registry on `connection` with HazelJS's defaults: prefix `hazeljs:discovery:`, TTL 90 s; 1 s per call.
-    pub fn new(connection: C) -> Self {
-        Self {
-            connection,
-            prefix: Arc::from("hazeljs:discovery:"),
-            ttl: Duration::from_secs(90),
-            timeout: Duration::from_secs(1),
-            cluster: false,
-            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
-            warned: Arc::default(),
+    /// Whether the server is a Redis Cluster: asked once (`INFO cluster`), or learnt from a `CROSSSLOT` reply. A
+    /// server that cannot be asked now (down, late) is treated as a single node for this call and asked again on
+    /// the next; one that refuses `INFO` (an ACL without it) is a single node until a `CROSSSLOT` says otherwise.
+    async fn is_cluster(&self) -> bool {
+        match self.topology.load(Ordering::Acquire) {
+            CLUSTER => return true,
+            SINGLE_NODE => return false,
+            _ => {}
         }
+        let mut connection = self.connection.clone();
+        let info = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(&mut connection),
+        )
+        .await;
+        let learnt = match info {
+            Ok(Ok(info)) => {
+                if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+                    CLUSTER
+                } else {
+                    SINGLE_NODE
+                }
+            }
+            Ok(Err(error)) if error.code().is_some() => SINGLE_NODE,
+            Ok(Err(_)) | Err(_) => return false,
+        };
+        // Never downgrade a CROSSSLOT's verdict.
+        let _ =
+            self.topology
+                .compare_exchange(UNKNOWN, learnt, Ordering::AcqRel, Ordering::Acquire);
+        self.topology.load(Ordering::Acquire) == CLUSTER
     }
 
-    /// The largest instance entry read, in bytes (default [`DEFAULT_MAX_ENTRY_SIZE`], 64 KiB): a longer one is
-    /// skipped (that instance only; at most this many bytes plus one are transferred). HazelJS's entries are well
-    /// under 1 KiB.
-    #[must_use]
-    pub fn max_entry_size(mut self, bytes: usize) -> Self {
-        self.max_entry_size = bytes;
-        self
-    }
-
-    /// The key prefix, used exactly as given (HazelJS's default is `hazeljs:discovery:`).
-    #[must_use]
-    pub fn prefix(mut self, prefix: &str) -> Self {
-        self.prefix = Arc::from(prefix);
-        self
-    }
-
-    /// The instance TTL (the service set gets twice as long). Whole seconds; at least 1 s.
-    #[must_use]
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Duration::from_secs(1));
-        self
-    }
-
-    /// The deadline of each registry call.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Set when the connection is a Redis Cluster connection: the keys of one write are in different slots, so
-    /// commands go one by one instead of in MULTI/EXEC or multi-slot pipelines.
-    #[must_use]
-    pub fn cluster_mode(mut self, cluster: bool) -> Self {
-        self.cluster = cluster;
-        self
+    /// Learnt from a `CROSSSLOT` reply: the server is a Cluster.
+    fn learn_cluster(&self) {
+        if self.topology.swap(CLUSTER, Ordering::AcqRel) != CLUSTER {
+            tracing::info!(
+                prefix = %self.prefix,
+                "the registry's Redis is a Cluster (CROSSSLOT): sending each command on its own from now on"
+            );
+        }
     }
 
     /// The instance TTL.
@@ -388,24 +542,27 @@ where
 
     /// Runs write commands: one MULTI/EXEC on a single node, one by one on a cluster.
     async fn write_all(&self, commands: Vec<redis::Cmd>) -> Result<(), RegistryError> {
-        if self.cluster {
-            for command in commands {
-                let mut connection = self.connection.clone();
-                tokio::time::timeout(
-                    self.timeout,
-                    command.query_async::<redis::Value>(&mut connection),
-                )
-                .await
-                .map_err(|_| RegistryError::Timeout)??;
+        if !self.is_cluster().await {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for command in &commands {
+                pipe.add_command(command.clone()).ignore();
             }
-            return Ok(());
+            match self.run::<()>(pipe).await {
+                Err(error) if is_cross_slot(&error) => self.learn_cluster(),
+                written => return written,
+            }
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         for command in commands {
-            pipe.add_command(command).ignore();
+            let mut connection = self.connection.clone();
+            tokio::time::timeout(
+                self.timeout,
+                command.query_async::<redis::Value>(&mut connection),
+            )
+            .await
+            .map_err(|_| RegistryError::Timeout)??;
         }
-        self.run::<()>(pipe).await
+        Ok(())
     }
 
     /// The commands that write `instance`; `set_pttl` is the service set's current `PTTL` (negative: no TTL, or
@@ -445,7 +602,7 @@ where
         keys: Vec<String>,
     ) -> Result<Vec<redis::RedisResult<Vec<u8>>>, RegistryError> {
         let end = self.max_entry_size;
-        if self.cluster {
+        if self.is_cluster().await {
             let reads = keys.into_iter().map(|key| {
                 let mut connection = self.connection.clone();
                 async move {
@@ -484,19 +641,28 @@ where
         }
         let mut connection = self.connection.clone();
         let set = self.service_key(service);
-        let removed: Result<redis::RedisResult<u64>, _> = if self.cluster {
-            // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
-            let mut remove = redis::cmd("SREM");
-            remove.arg(&set).arg(ids);
-            tokio::time::timeout(self.timeout, remove.query_async(&mut connection)).await
-        } else {
+        let cluster = self.is_cluster().await;
+        let mut removed: Result<redis::RedisResult<u64>, _> = Ok(Ok(0));
+        if !cluster {
             let script = redis::Script::new(PRUNE_SCRIPT);
             let mut invocation = script.key(&set);
             for id in ids {
                 invocation.key(self.instance_key(id)).arg(*id);
             }
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await
-        };
+            removed =
+                tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await;
+            if matches!(&removed, Ok(Err(error)) if error.code() == Some("CROSSSLOT")) {
+                self.learn_cluster();
+            }
+        }
+        if cluster
+            || (self.topology.load(Ordering::Acquire) == CLUSTER && !matches!(removed, Ok(Ok(_))))
+        {
+            // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
+            let mut remove = redis::cmd("SREM");
+            remove.arg(&set).arg(ids);
+            removed = tokio::time::timeout(self.timeout, remove.query_async(&mut connection)).await;
+        }
         match removed {
             Ok(Ok(removed)) => {
                 tracing::debug!(%service, removed, "removed expired ids from the service set");
@@ -591,31 +757,32 @@ where
         // the entry from our own copy if it is missing (HazelJS's heartbeat never does, and its instance vanishes),
         // and rewrite it from our own copy if someone changed where it routes to (or broke it).
         let key = self.instance_key(&instance.id);
-        let (stored, set_pttl): (redis::RedisResult<Option<Vec<u8>>>, i64) = if self.cluster {
-            // Two slots: two single-key reads.
-            let mut connection = self.connection.clone();
-            let get = async {
-                tokio::time::timeout(
-                    self.timeout,
-                    redis::cmd("GET")
-                        .arg(&key)
-                        .query_async::<Option<Vec<u8>>>(&mut connection),
-                )
-                .await
-                .map_err(|_| RegistryError::Timeout)
+        let (stored, set_pttl): (redis::RedisResult<Option<Vec<u8>>>, i64) =
+            if self.is_cluster().await {
+                // Two slots: two single-key reads.
+                let mut connection = self.connection.clone();
+                let get = async {
+                    tokio::time::timeout(
+                        self.timeout,
+                        redis::cmd("GET")
+                            .arg(&key)
+                            .query_async::<Option<Vec<u8>>>(&mut connection),
+                    )
+                    .await
+                    .map_err(|_| RegistryError::Timeout)
+                };
+                futures_util::future::try_join(get, self.set_pttl(&instance.name)).await?
+            } else {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("PTTL")
+                    .arg(self.service_key(&instance.name));
+                let (stored, pttl): (redis::RedisResult<Option<Vec<u8>>>, redis::RedisResult<i64>) =
+                    self.run(pipe).await?;
+                (stored, pttl?)
             };
-            futures_util::future::try_join(get, self.set_pttl(&instance.name)).await?
-        } else {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors()
-                .cmd("GET")
-                .arg(&key)
-                .cmd("PTTL")
-                .arg(self.service_key(&instance.name));
-            let (stored, pttl): (redis::RedisResult<Option<Vec<u8>>>, redis::RedisResult<i64>) =
-                self.run(pipe).await?;
-            (stored, pttl?)
-        };
         let (mut current, outcome) = match stored {
             Ok(None) => (instance.clone(), Heartbeat::Recreated),
             Ok(Some(bytes)) => match decode_entry(&bytes, self.max_entry_size) {
@@ -712,7 +879,7 @@ where
         let service_prefix = format!("{}service:", self.prefix);
         let pattern = format!("{service_prefix}*");
         let mut names = BTreeSet::new();
-        if self.cluster {
+        if self.is_cluster().await {
             // SCAN walks one node only; the cluster client sends KEYS to every primary and joins the answers. KEYS
             // walks the whole keyspace, so this is for an occasional listing, not a hot path.
             let mut connection = self.connection.clone();

@@ -44,7 +44,10 @@ fn up(name: &str, port: u16) -> Instance {
 #[tokio::test]
 async fn requests_are_spread_over_every_discovered_instance() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let ports = [serve_port().await, serve_port().await];
     for port in ports {
         registry.register(&up("user-service", port)).await.unwrap();
@@ -152,7 +155,10 @@ async fn a_tonic_client_balances_over_discovered_grpc_instances() {
     use tower_redis_discovery::Protocol;
 
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let echoes = [EchoServer::new(), EchoServer::new()];
     for echo in &echoes {
         let (address, _task) = grpc_echo::serve(echo.clone()).await;

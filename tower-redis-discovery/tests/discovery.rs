@@ -31,8 +31,11 @@ async fn next(discovery: &mut Discovery, wait: Duration) -> Option<String> {
 #[tokio::test]
 async fn instances_appear_when_ready_and_disappear_when_they_leave() {
     let server = RedisServer::start();
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let mut discovery = Discovery::watch(registry.clone(), "user-service", options());
     let first = Registration::start(
         registry.clone(),
@@ -80,9 +83,12 @@ async fn instances_appear_when_ready_and_disappear_when_they_leave() {
 #[tokio::test]
 async fn a_redis_outage_keeps_the_last_good_set_and_never_yields_an_error() {
     let mut server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await)
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
         .ttl(Duration::from_secs(30))
-        .timeout(Duration::from_millis(100));
+        .redis_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
     let mut up = Instance::new("orders", "127.0.0.1", 4001);
     up.status = Status::Up;
     registry.register(&up).await.unwrap();
@@ -124,8 +130,11 @@ async fn a_redis_outage_keeps_the_last_good_set_and_never_yields_an_error() {
 #[tokio::test]
 async fn with_pub_sub_hints_a_change_arrives_in_milliseconds_not_at_the_next_poll() {
     let server = RedisServer::start();
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(30));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let slow_polling = WatchOptions {
         interval: Duration::from_secs(30),
         ..WatchOptions::default()

@@ -34,7 +34,10 @@ fn ports(instances: &[Instance]) -> Vec<u16> {
 #[tokio::test]
 async fn a_wrong_typed_instance_key_skips_that_instance_only() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let (good, broken) = (up("users", 4301), up("users", 4302));
     registry.register(&good).await.unwrap();
     registry.register(&broken).await.unwrap();
@@ -49,7 +52,11 @@ async fn a_wrong_typed_instance_key_skips_that_instance_only() {
 #[tokio::test]
 async fn an_entry_over_the_size_cap_skips_that_instance_only() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await).max_entry_size(4_096);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .max_entry_size(4_096)
+        .build()
+        .unwrap();
     let small = up("users", 4311);
     let mut large = up("users", 4312);
     large
@@ -59,7 +66,10 @@ async fn an_entry_over_the_size_cap_skips_that_instance_only() {
     registry.register(&large).await.unwrap();
 
     assert_eq!(ports(&registry.instances("users").await.unwrap()), [4311]);
-    let default_cap = RedisRegistry::new(server.connection_manager().await);
+    let default_cap = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     assert_eq!(
         ports(&default_cap.instances("users").await.unwrap()),
         [4311, 4312],
@@ -70,7 +80,10 @@ async fn an_entry_over_the_size_cap_skips_that_instance_only() {
 #[tokio::test]
 async fn a_read_removes_expired_ids_from_the_service_set_at_most_100_at_a_time() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let alive = up("users", 4321);
     registry.register(&alive).await.unwrap();
     let mut con = server.multiplexed().await;
@@ -90,8 +103,11 @@ async fn a_read_removes_expired_ids_from_the_service_set_at_most_100_at_a_time()
 #[tokio::test]
 async fn a_heartbeat_rewrites_an_entry_whose_address_was_overwritten() {
     let server = RedisServer::start();
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let registration =
         Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", 4331));
     registration.ready();
@@ -146,7 +162,10 @@ async fn a_heartbeat_rewrites_an_entry_whose_address_was_overwritten() {
 #[tokio::test]
 async fn a_heartbeat_reports_a_rewritten_wrong_typed_entry_as_healed() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let ours = up("users", 4341);
     registry.register(&ours).await.unwrap();
     let mut con = server.multiplexed().await;
@@ -162,7 +181,9 @@ async fn a_heartbeat_reports_a_rewritten_wrong_typed_entry_as_healed() {
 }
 
 /// The README's recipe for a service named `users` with the prefix `shop:`.
-fn service_user(name: &str) -> AclUser {
+/// The README's recipe for the service `name`; `info: false` leaves out `+info` (what the registry asks once to
+/// find out whether it talks to a Cluster).
+fn service_user(name: &str, info: bool) -> AclUser {
     let own_instances = format!("~shop:instance:{name}:*");
     let own_set = format!("~shop:service:{name}");
     AclUser::new(
@@ -172,6 +193,7 @@ fn service_user(name: &str) -> AclUser {
             "resetkeys",
             "resetchannels",
             "-@all",
+            if info { "+info" } else { "-info" },
             "+ping",
             "+multi",
             "+exec",
@@ -202,15 +224,22 @@ fn service_user(name: &str) -> AclUser {
 #[tokio::test]
 async fn with_the_acl_recipe_a_service_writes_its_own_entries_and_no_one_elses() {
     let server = RedisServer::builder()
-        .acl_user(service_user("users"))
+        .acl_user(service_user("users", true))
         .start();
-    let admin = RedisRegistry::new(server.connection_manager().await).prefix("shop:");
+    let admin = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .prefix("shop:")
+        .build()
+        .unwrap();
     let orders = up("orders", 4351);
     admin.register(&orders).await.unwrap();
 
     let client = server.client_for(&server.url_as("users", "secret"));
-    let as_users = RedisRegistry::new(client.get_multiplexed_async_connection().await.unwrap())
-        .prefix("shop:");
+    let as_users = RedisRegistry::builder()
+        .redis(client.get_multiplexed_async_connection().await.unwrap())
+        .prefix("shop:")
+        .build()
+        .unwrap();
     let users = Instance::new("users", "127.0.0.1", 4352);
     as_users.register(&users).await.unwrap();
     assert_eq!(
@@ -235,4 +264,36 @@ async fn with_the_acl_recipe_a_service_writes_its_own_entries_and_no_one_elses()
         .await;
     assert_eq!(added.unwrap_err().code(), Some("NOPERM"));
     assert_eq!(admin.instances("orders").await.unwrap(), [orders]);
+}
+
+#[tokio::test]
+async fn a_user_that_may_not_run_info_is_taken_for_a_single_node_and_works() {
+    let server = RedisServer::builder()
+        .acl_user(service_user("users", false))
+        .start();
+    let client = server.client_for(&server.url_as("users", "secret"));
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let info: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut con)
+        .await;
+    assert_eq!(
+        info.unwrap_err().code(),
+        Some("NOPERM"),
+        "the user must not be allowed INFO"
+    );
+    let as_users = RedisRegistry::builder()
+        .redis(con)
+        .prefix("shop:")
+        .build()
+        .unwrap();
+    let users = Instance::new("users", "127.0.0.1", 4361);
+    as_users.register(&users).await.unwrap();
+    assert_eq!(
+        as_users.heartbeat(&users, Status::Up).await.unwrap(),
+        Heartbeat::Refreshed
+    );
+    assert_eq!(ports(&as_users.instances("users").await.unwrap()), [4361]);
+    as_users.deregister(&users).await.unwrap();
+    assert!(as_users.instances("users").await.unwrap().is_empty());
 }

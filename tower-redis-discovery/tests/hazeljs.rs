@@ -408,7 +408,11 @@ fn entry_for<'a>(found: &'a Value, id: &str) -> &'a Value {
 }
 
 async fn registry_2s(server: &RedisServer) -> Registry2s {
-    RedisRegistry::new(server.connection_manager().await).ttl(TTL)
+    RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(TTL)
+        .build()
+        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -614,7 +618,11 @@ async fn rust_routes_to_a_hazeljs_registered_service_and_stops_after_it_dies() {
     .await;
     let ready = Instant::now();
 
-    let registry = RedisRegistry::new(server.connection_manager().await).prefix(prefix);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .prefix(prefix)
+        .build()
+        .unwrap();
     assert!(
         stored(&server, &format!("{prefix}instance:{}", hazel.id))
             .await
@@ -914,8 +922,11 @@ async fn a_short_ttl_rust_instance_does_not_make_hazeljs_instances_vanish() {
     let hazel_set_ttl = key_ttl(&server, &set_key).await;
     assert!(hazel_set_ttl > 170, "HazelJS set TTL {hazel_set_ttl}");
 
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(1));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
     let rust = Instance::new("shared", "127.0.0.1", serve().await);
     let registration = Registration::start(registry.clone(), rust.clone());
     registration.ready();

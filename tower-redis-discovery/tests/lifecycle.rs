@@ -49,7 +49,11 @@ async fn whoami(
 }
 
 async fn registry(server: &RedisServer) -> RedisRegistry<redis::aio::ConnectionManager> {
-    RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(30))
+    RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -356,9 +360,12 @@ async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_r
 async fn redis_down_longer_than_the_ttl_keeps_the_last_set_and_registrations_come_back_by_themselves()
  {
     let mut server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await)
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
         .ttl(Duration::from_secs(1))
-        .timeout(Duration::from_millis(100));
+        .redis_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
     let ports = [serve_port().await, serve_port().await];
     let registrations: Vec<_> = ports
         .iter()

@@ -34,7 +34,10 @@ fn instance(name: &str, port: u16) -> Instance {
 #[tokio::test]
 async fn a_registration_is_stored_exactly_as_hazeljs_stores_it() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let user = instance("user-service", 3101);
     registry.register(&user).await.unwrap();
 
@@ -95,7 +98,11 @@ async fn a_registration_is_stored_exactly_as_hazeljs_stores_it() {
 #[tokio::test]
 async fn a_heartbeat_keeps_fields_written_by_others_and_re_creates_an_expired_entry() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await).prefix("shop:");
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .prefix("shop:")
+        .build()
+        .unwrap();
     let order = instance("order-service", 3102);
     registry.register(&order).await.unwrap();
     let mut con = server.multiplexed().await;
@@ -131,7 +138,10 @@ async fn a_heartbeat_keeps_fields_written_by_others_and_re_creates_an_expired_en
 async fn reading_instances_skips_and_prunes_expired_and_skips_undecodable_entries_and_cleanup_matches_hazeljs()
  {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let live = instance("catalog", 1);
     registry.register(&live).await.unwrap();
     let mut con = server.multiplexed().await;
@@ -175,8 +185,11 @@ async fn reading_instances_skips_and_prunes_expired_and_skips_undecodable_entrie
 #[tokio::test]
 async fn a_registration_reports_up_only_once_ready_and_drains_before_leaving() {
     let server = RedisServer::start();
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let registration = Registration::start(registry.clone(), instance("user-service", 3101));
     let status = || async {
         registry
@@ -212,9 +225,12 @@ async fn a_registration_reports_up_only_once_ready_and_drains_before_leaving() {
 #[tokio::test]
 async fn a_registration_survives_a_redis_outage_and_comes_back_by_itself() {
     let mut server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await)
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
         .ttl(Duration::from_secs(3))
-        .timeout(Duration::from_millis(200));
+        .redis_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
     let registration = Registration::start(registry.clone(), instance("search", 4000));
     registration.ready();
     wait_until("up", || async {
@@ -250,7 +266,10 @@ async fn a_registration_survives_a_redis_outage_and_comes_back_by_itself() {
 #[tokio::test]
 async fn on_a_cluster_writes_and_reads_span_slots() {
     let cluster = RedisCluster::start();
-    let registry = RedisRegistry::new(cluster.connection().await).cluster_mode(true);
+    let registry = RedisRegistry::builder()
+        .redis(cluster.connection().await)
+        .build()
+        .unwrap();
     let mut expected = Vec::new();
     for port in 1..=5 {
         let one = instance("payments", port);
@@ -299,8 +318,11 @@ async fn the_memory_registry_behaves_like_the_redis_one_and_expires_entries() {
 async fn heartbeats_lengthen_the_service_set_ttl_but_never_shorten_it() {
     let server = RedisServer::start();
     let mut con = server.multiplexed().await;
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(1));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
     // Our own service: the set gets 2 x ttl, refreshed by each heartbeat.
     let ours = instance("ours", 3001);
     registry.register(&ours).await.unwrap();
@@ -319,4 +341,25 @@ async fn heartbeats_lengthen_the_service_set_ttl_but_never_shorten_it() {
     registry.heartbeat(&shared, Status::Up).await.unwrap();
     let ttl: i64 = con.ttl("hazeljs:discovery:service:shared").await.unwrap();
     assert!(ttl > 170, "the set's TTL was shortened to {ttl} s");
+}
+
+#[tokio::test]
+async fn invalid_registry_settings_are_errors_that_name_the_setting_never_clamped() {
+    let server = RedisServer::start();
+    let connection = server.connection_manager().await;
+    let build = |builder: tower_redis_discovery::RedisRegistryBuilder<_>| {
+        builder.build().map(|_| ()).unwrap_err()
+    };
+    let base = || RedisRegistry::builder().redis(connection.clone());
+    for (error, field) in [
+        (build(base().ttl(Duration::from_millis(500))), "ttl"),
+        (build(base().ttl(Duration::from_millis(1_500))), "ttl"),
+        (build(base().redis_timeout(Duration::ZERO)), "redis_timeout"),
+        (build(base().max_entry_size(0)), "max_entry_size"),
+    ] {
+        assert_eq!(error.field(), field, "{error}");
+        assert_eq!(error.component(), "registry", "{error}");
+    }
+    let ok = base().ttl(Duration::from_secs(1)).build().unwrap();
+    assert_eq!(ok.instance_ttl(), Duration::from_secs(1));
 }

@@ -47,8 +47,11 @@ async fn a_flushall_removes_nothing_from_discovery_and_the_heartbeats_restore_th
     let server = RedisServer::start();
     // TTL 3 s: heartbeats every ~1 s; discovery polls every 50 ms, so it reads the flushed registry before most
     // heartbeats come back.
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let registrations: Vec<_> = (4101..=4103)
         .map(|port| {
             let registration =
@@ -114,8 +117,11 @@ async fn a_flushall_removes_nothing_from_discovery_and_the_heartbeats_restore_th
 async fn after_a_flushall_a_registration_is_back_in_the_registry_within_one_heartbeat_period() {
     let server = RedisServer::start();
     // TTL 3 s: a heartbeat every 1 s ± 10 %.
-    let registry =
-        RedisRegistry::new(server.connection_manager().await).ttl(Duration::from_secs(3));
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let registration =
         Registration::start(registry.clone(), Instance::new("orders", "127.0.0.1", 4201));
     registration.ready();

@@ -32,7 +32,11 @@ async fn registrations_survive_a_failover_and_new_ones_reach_the_promoted_replic
     )
     .await
     .unwrap();
-    let registry = RedisRegistry::new(connection).prefix("sentinel-test:");
+    let registry = RedisRegistry::builder()
+        .redis(connection)
+        .prefix("sentinel-test:")
+        .build()
+        .unwrap();
     let before = Instance::new("user-service", "127.0.0.1", 3101);
     registry.register(&before).await.unwrap();
     // Replication is asynchronous: wait until the replica has the entry before killing the primary.
@@ -113,9 +117,12 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
     .await
     .unwrap();
     // A TTL longer than a failover takes: the replicated entries must outlive the primary.
-    let registry = RedisRegistry::new(connection)
+    let registry = RedisRegistry::builder()
+        .redis(connection)
         .prefix("failover-load:")
-        .ttl(Duration::from_secs(10));
+        .ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let served: [Arc<AtomicUsize>; 3] = Default::default();
     let mut ports = Vec::new();
     for counter in &served {

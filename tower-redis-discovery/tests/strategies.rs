@@ -312,7 +312,10 @@ async fn no_instance_fails_at_once_with_no_endpoints() {
 #[tokio::test]
 async fn weighted_http_balancing_over_real_servers_registered_in_redis() {
     let server = RedisServer::start();
-    let registry = RedisRegistry::new(server.connection_manager().await);
+    let registry = RedisRegistry::builder()
+        .redis(server.connection_manager().await)
+        .build()
+        .unwrap();
     let mut ports = Vec::new();
     for weight in [1.0, 4.0] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

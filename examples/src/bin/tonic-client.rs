@@ -186,10 +186,13 @@ async fn main() -> ExitCode {
                     prefix = %config.redis.prefix,
                     "connected to Redis: discovering {SERVICE} instances"
                 );
-                (
-                    Env::shared(config, redis, None).discover(SERVICE),
-                    Vec::new(),
-                )
+                match Env::shared(config, redis, None) {
+                    Ok(env) => (env.discover(SERVICE), Vec::new()),
+                    Err(error) => {
+                        eprintln!("{NAME}: invalid configuration: {error}");
+                        return ExitCode::from(2);
+                    }
+                }
             }
             Err(ConnectError::Config(message)) => {
                 eprintln!("{NAME}: invalid configuration: {message}");

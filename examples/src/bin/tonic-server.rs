@@ -77,7 +77,10 @@ async fn main() -> ExitCode {
                 &calls,
             );
             match limiter {
-                Ok(limiter) => serve(Env::shared(config, redis, None), limiter, stop).await,
+                Ok(limiter) => match Env::shared(config, redis, None) {
+                    Ok(env) => serve(env, limiter, stop).await,
+                    Err(error) => Err(error.0),
+                },
                 Err(error) => Err(error),
             }
         }
