@@ -13,7 +13,7 @@
 //!
 //! The default prefix is `tower-breaker:`; give each service its own (for example `orders:breaker:`) when several
 //! share one Redis. Payloads are `{"origin":"<process id>","open_for_ms":<n>}`; a payload that does not decode (or is
-//! longer than 1 KiB) is ignored, logged once, and a remote opening lasts at most [`RedisSharing::max_open`].
+//! longer than 1 KiB) is ignored, logged once, and a remote opening lasts at most [`SharingBuilder::max_open`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,7 +23,12 @@
 //! let client = redis::Client::open("redis://127.0.0.1:6379")?;
 //! let publisher = client.get_connection_manager().await?;
 //! let breaker = CircuitBreaker::builder().name("payments").build()?;
-//! let sharing = RedisSharing::new().prefix("shop:breaker:").start(&breaker, publisher, client)?;
+//! let sharing = RedisSharing::builder()
+//!     .breaker(&breaker)
+//!     .redis(publisher)
+//!     .subscribe(client)
+//!     .prefix("shop:breaker:")
+//!     .build()?;
 //! // ... keep `sharing` alive as long as the breaker should share its openings.
 //! # drop(sharing); Ok(()) }
 //! ```
@@ -51,24 +56,28 @@ struct Opening {
     open_for_ms: u64,
 }
 
-/// Configures sharing a breaker's openings through Redis. See the [module docs](self).
-#[derive(Debug, Clone)]
+/// Builds a [`RedisSharing`]: [`RedisSharing::builder`], then the breaker, the connection, the subscriber and the
+/// settings. See the [module docs](self).
 #[must_use]
-pub struct RedisSharing {
+pub struct SharingBuilder<C> {
+    breaker: Option<CircuitBreaker>,
+    connection: C,
+    subscriber: Option<Subscriber>,
     prefix: String,
-    command_timeout: Duration,
+    redis_timeout: Duration,
     max_reconnect_delay: Duration,
     max_open: Duration,
 }
 
-impl Default for RedisSharing {
-    fn default() -> Self {
-        Self {
-            prefix: "tower-breaker:".to_owned(),
-            command_timeout: Duration::from_millis(250),
-            max_reconnect_delay: Duration::from_secs(2),
-            max_open: Duration::from_secs(3600),
-        }
+impl<C> std::fmt::Debug for SharingBuilder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharingBuilder")
+            .field("breaker", &self.breaker.as_ref().map(CircuitBreaker::name))
+            .field("prefix", &self.prefix)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .field("max_open", &self.max_open)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,6 +92,7 @@ struct Status {
 
 /// A snapshot of the sharing's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct SharingStats {
     /// Whether the subscription is up right now.
     pub connected: bool,
@@ -94,16 +104,32 @@ pub struct SharingStats {
     pub errors: u64,
 }
 
-/// Keeps the sharing running; dropping it stops it (the breaker then works locally only).
+/// A breaker's openings shared through Redis, running: built by [`RedisSharing::builder`]. Dropping it stops the
+/// sharing (the breaker then works locally only).
 #[derive(Debug)]
-pub struct SharingHandle {
+pub struct RedisSharing {
     status: Arc<Status>,
     publisher: JoinHandle<()>,
     _subscription: Subscription,
     breaker: CircuitBreaker,
 }
 
-impl SharingHandle {
+impl RedisSharing {
+    /// A builder with the defaults: prefix `tower-breaker:`, 250 ms per Redis command, reconnecting with backoff up
+    /// to 2 s, remote openings of at most 1 h. It needs a breaker ([`breaker`](SharingBuilder::breaker)), a
+    /// connection ([`redis`](SharingBuilder::redis)) and a subscriber ([`subscribe`](SharingBuilder::subscribe)).
+    pub fn builder() -> SharingBuilder<()> {
+        SharingBuilder {
+            breaker: None,
+            connection: (),
+            subscriber: None,
+            prefix: "tower-breaker:".to_owned(),
+            redis_timeout: Duration::from_millis(250),
+            max_reconnect_delay: Duration::from_secs(2),
+            max_open: Duration::from_secs(3600),
+        }
+    }
+
     /// Health and counters.
     pub fn stats(&self) -> SharingStats {
         SharingStats {
@@ -115,7 +141,7 @@ impl SharingHandle {
     }
 }
 
-impl Drop for SharingHandle {
+impl Drop for RedisSharing {
     fn drop(&mut self) {
         self.breaker.set_opening_hook(None);
         self.publisher.abort();
@@ -129,11 +155,41 @@ fn origin_id() -> String {
     format!("{}-{nanos:x}", std::process::id())
 }
 
-impl RedisSharing {
-    /// The defaults: prefix `tower-breaker:`, 250 ms per Redis command, reconnecting with backoff up to 2 s,
-    /// remote openings of at most 1 h.
-    pub fn new() -> Self {
-        Self::default()
+fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::in_component("sharing", field, message)
+}
+
+impl<C> SharingBuilder<C> {
+    /// The breaker whose openings are shared (its name names the key and the channel).
+    pub fn breaker(mut self, breaker: &CircuitBreaker) -> Self {
+        self.breaker = Some(breaker.clone());
+        self
+    }
+
+    /// The connection that publishes and stores this process's openings (any connection: a `ConnectionManager`, a
+    /// cluster connection, a `HealingConnection`, ...).
+    pub fn redis<C2>(self, connection: C2) -> SharingBuilder<C2>
+    where
+        C2: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        SharingBuilder {
+            breaker: self.breaker,
+            connection,
+            subscriber: self.subscriber,
+            prefix: self.prefix,
+            redis_timeout: self.redis_timeout,
+            max_reconnect_delay: self.max_reconnect_delay,
+            max_open: self.max_open,
+        }
+    }
+
+    /// Where the dedicated pub/sub connection connects: a `redis::Client`, or with the `sentinel` feature a
+    /// `SentinelConnection`, whose subscription follows failovers (see [`crate::pubsub`]). The subscription is a
+    /// [`Subscription`]: resubscribed with backoff and jitter, and checked with a `PING` so that a silent
+    /// (half-open) one is replaced.
+    pub fn subscribe(mut self, subscriber: impl Into<Subscriber>) -> Self {
+        self.subscriber = Some(subscriber.into());
+        self
     }
 
     /// The key and channel prefix (namespace), for example `orders:breaker:`.
@@ -142,9 +198,9 @@ impl RedisSharing {
         self
     }
 
-    /// The deadline of each Redis command (publishing, reading the key, subscribing).
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
+    /// The deadline of each Redis command (publishing, reading the key, subscribing); default 250 ms.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
         self
     }
 
@@ -160,51 +216,45 @@ impl RedisSharing {
         self.max_open = max;
         self
     }
+}
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let error = |field: &'static str, message: &str| {
-            Err(ConfigError::in_component(
-                "sharing",
-                field,
-                message.to_owned(),
-            ))
-        };
-        if self.command_timeout.is_zero() {
-            return error("command_timeout", "must be greater than zero");
-        }
-        if self.max_reconnect_delay.is_zero() {
-            return error("max_reconnect_delay", "must be greater than zero");
-        }
-        if self.max_open.is_zero() {
-            return error("max_open", "must be greater than zero");
-        }
-        Ok(())
-    }
-
-    /// Starts sharing `breaker`'s openings: `publisher` publishes and stores this process's openings (any
-    /// connection: a `ConnectionManager`, a cluster connection, ...), and `subscriber` makes the dedicated pub/sub
-    /// connection (a `redis::Client`, or with the `sentinel` feature a `SentinelConnection`, whose subscription
-    /// follows failovers; see [`crate::pubsub`]). The subscription is a [`Subscription`]: resubscribed with
-    /// backoff and jitter, and checked with a `PING` so that a silent (half-open) one is replaced.
+impl<C> SharingBuilder<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Validates, then starts sharing the breaker's openings.
     ///
     /// # Errors
     ///
-    /// When a duration is zero, or there is no Tokio runtime to run on.
-    pub fn start<C>(
-        self,
-        breaker: &CircuitBreaker,
-        publisher: C,
-        subscriber: impl Into<Subscriber>,
-    ) -> Result<SharingHandle, ConfigError>
-    where
-        C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
-    {
-        self.validate()?;
+    /// [`ConfigError`] when the breaker or the subscriber is missing, a duration is zero, or there is no Tokio
+    /// runtime to run on.
+    pub fn build(self) -> Result<RedisSharing, ConfigError> {
+        let Some(breaker) = self.breaker else {
+            return Err(config_error(
+                "breaker",
+                "give the breaker whose openings to share: `.breaker(&breaker)`",
+            ));
+        };
+        let Some(subscriber) = self.subscriber else {
+            return Err(config_error(
+                "subscribe",
+                "give where openings are received from: `.subscribe(client)` (a redis::Client or a \
+                 SentinelConnection)",
+            ));
+        };
+        for (field, value) in [
+            ("redis_timeout", self.redis_timeout),
+            ("max_reconnect_delay", self.max_reconnect_delay),
+            ("max_open", self.max_open),
+        ] {
+            if value.is_zero() {
+                return Err(config_error(field, "must be greater than zero"));
+            }
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            ConfigError::in_component(
-                "sharing",
+            config_error(
                 "runtime",
-                "needs a Tokio runtime: start it from inside one (for example in `#[tokio::main]`)",
+                "needs a Tokio runtime: build it from inside one (for example in `#[tokio::main]`)",
             )
         })?;
         let status = Arc::new(Status::default());
@@ -217,13 +267,13 @@ impl RedisSharing {
             subscriber,
             vec![channel.clone()],
             SubscriptionConfig::default()
-                .connect_timeout(self.command_timeout * 4)
+                .connect_timeout(self.redis_timeout * 4)
                 .backoff(min_backoff, self.max_reconnect_delay),
             Follower {
                 breaker: breaker.clone(),
                 key: key.clone(),
                 origin: origin.clone(),
-                timeout: self.command_timeout,
+                timeout: self.redis_timeout,
                 max_open: self.max_open,
                 status: status.clone(),
                 warned_undecodable: false,
@@ -236,20 +286,20 @@ impl RedisSharing {
         })));
         let publisher = runtime.spawn(publish_openings(
             receiver,
-            publisher,
+            self.connection,
             PublishTarget {
                 channel,
                 key,
                 origin,
-                timeout: self.command_timeout,
+                timeout: self.redis_timeout,
             },
             status.clone(),
         ));
-        Ok(SharingHandle {
+        Ok(RedisSharing {
             status,
             publisher,
             _subscription: subscription,
-            breaker: breaker.clone(),
+            breaker,
         })
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis_fixtures::RedisServer;
 use tower_breaker::{CircuitBreaker, State, TransitionReason};
-use tower_redis_core::sharing::{RedisSharing, SharingHandle};
+use tower_redis_core::sharing::RedisSharing;
 
 const ROUNDS: usize = 20;
 
@@ -28,12 +28,15 @@ fn breaker(name: &str) -> CircuitBreaker {
         .unwrap()
 }
 
-async fn share(breaker: &CircuitBreaker, url: &str, prefix: &str) -> SharingHandle {
+async fn share(breaker: &CircuitBreaker, url: &str, prefix: &str) -> RedisSharing {
     let client = redis::Client::open(url).unwrap();
     let publisher = client.get_connection_manager().await.unwrap();
-    RedisSharing::new()
+    RedisSharing::builder()
+        .breaker(breaker)
+        .redis(publisher)
+        .subscribe(client)
         .prefix(prefix)
-        .start(breaker, publisher, client)
+        .build()
         .unwrap()
 }
 
@@ -269,14 +272,13 @@ async fn a_crafted_opening_is_cut_to_max_open_and_garbage_is_ignored() {
     let server = RedisServer::start();
     let peer = breaker("crafted");
     let client = redis::Client::open(server.url()).unwrap();
-    let sharing = RedisSharing::new()
+    let sharing = RedisSharing::builder()
+        .breaker(&peer)
+        .redis(client.get_connection_manager().await.unwrap())
+        .subscribe(client)
         .prefix("crafted:")
         .max_open(Duration::from_secs(10))
-        .start(
-            &peer,
-            client.get_connection_manager().await.unwrap(),
-            client,
-        )
+        .build()
         .unwrap();
     wait_until("subscribed", || sharing.stats().connected).await;
     let mut connection = server.connection_manager().await;
@@ -313,22 +315,36 @@ async fn an_invalid_sharing_config_is_an_error_that_names_the_setting() {
     let client = redis::Client::open(server.url()).unwrap();
     let publisher = client.get_connection_manager().await.unwrap();
     let breaker = breaker("invalid");
+    let complete = || {
+        RedisSharing::builder()
+            .breaker(&breaker)
+            .redis(publisher.clone())
+            .subscribe(client.clone())
+    };
     for (sharing, setting) in [
+        (complete().redis_timeout(Duration::ZERO), "redis_timeout"),
         (
-            RedisSharing::new().command_timeout(Duration::ZERO),
-            "command_timeout",
-        ),
-        (
-            RedisSharing::new().max_reconnect_delay(Duration::ZERO),
+            complete().max_reconnect_delay(Duration::ZERO),
             "max_reconnect_delay",
         ),
-        (RedisSharing::new().max_open(Duration::ZERO), "max_open"),
+        (complete().max_open(Duration::ZERO), "max_open"),
+        (
+            RedisSharing::builder()
+                .redis(publisher.clone())
+                .subscribe(client.clone()),
+            "breaker",
+        ),
+        (
+            RedisSharing::builder()
+                .breaker(&breaker)
+                .redis(publisher.clone()),
+            "subscribe",
+        ),
     ] {
-        let error = sharing
-            .start(&breaker, publisher.clone(), client.clone())
-            .unwrap_err();
-        assert!(error.to_string().contains(setting), "{error}");
+        let error = sharing.build().unwrap_err();
+        assert_eq!(error.field(), setting, "{error}");
     }
+    assert!(complete().build().is_ok());
 }
 
 #[tokio::test]
@@ -339,9 +355,12 @@ async fn a_half_open_subscription_is_replaced_and_catches_up_on_the_opening_it_m
     let local_sharing = share(&local, &server.url(), "half-open:").await;
     let peer = breaker("half-open");
     let peer_client = proxy.client_for(&server);
-    let peer_sharing = RedisSharing::new()
+    let peer_sharing = RedisSharing::builder()
+        .breaker(&peer)
+        .redis(server.connection_manager().await)
+        .subscribe(peer_client)
         .prefix("half-open:")
-        .start(&peer, server.connection_manager().await, peer_client)
+        .build()
         .unwrap();
     wait_until("both subscribed", || {
         local_sharing.stats().connected && peer_sharing.stats().connected

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis_fixtures::RedisSentinel;
 use tower_breaker::{CircuitBreaker, State};
 use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
-use tower_redis_core::sharing::{RedisSharing, SharingHandle};
+use tower_redis_core::sharing::RedisSharing;
 
 fn breaker() -> CircuitBreaker {
     CircuitBreaker::builder()
@@ -20,7 +20,7 @@ fn breaker() -> CircuitBreaker {
         .unwrap()
 }
 
-async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> SharingHandle {
+async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> RedisSharing {
     let connection = SentinelConnection::connect(
         &set.sentinel_urls(),
         set.master_name(),
@@ -28,10 +28,13 @@ async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> SharingHandle {
     )
     .await
     .unwrap();
-    RedisSharing::new()
+    RedisSharing::builder()
+        .breaker(breaker)
+        .redis(connection.clone())
+        .subscribe(&connection)
         .prefix("sentinel-test:")
         .max_reconnect_delay(Duration::from_millis(200))
-        .start(breaker, connection.clone(), &connection)
+        .build()
         .unwrap()
 }
 
