@@ -301,7 +301,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Redis, ConnectError> {
             let mut settings = SentinelConfig::default()
                 .resolve_timeout(deadline)
                 .connection_timeout(deadline)
-                .response_timeout(config.command_timeout)
+                .redis_timeout(config.command_timeout)
                 .primary_db(primary.db);
             if let Some(password) = &primary.password {
                 settings = settings.primary_auth(primary.username.as_deref(), password);

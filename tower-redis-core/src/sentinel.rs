@@ -59,7 +59,7 @@ use redis::{
 pub struct SentinelConfig {
     resolve_timeout: Duration,
     connection_timeout: Duration,
-    response_timeout: Duration,
+    redis_timeout: Duration,
     min_backoff: Duration,
     max_backoff: Duration,
     primary_username: Option<String>,
@@ -73,7 +73,7 @@ impl std::fmt::Debug for SentinelConfig {
         f.debug_struct("SentinelConfig")
             .field("resolve_timeout", &self.resolve_timeout)
             .field("connection_timeout", &self.connection_timeout)
-            .field("response_timeout", &self.response_timeout)
+            .field("redis_timeout", &self.redis_timeout)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
             .field("primary_username", &self.primary_username)
@@ -93,7 +93,7 @@ impl Default for SentinelConfig {
         Self {
             resolve_timeout: Duration::from_secs(1),
             connection_timeout: Duration::from_millis(500),
-            response_timeout: Duration::from_millis(500),
+            redis_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             primary_username: None,
@@ -117,9 +117,9 @@ impl SentinelConfig {
         self
     }
 
-    /// The response timeout of each command on the primary. Default 500 ms.
-    pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
+    /// The deadline of each command on the primary (redis-rs' response timeout). Default 500 ms.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
         self
     }
 
@@ -127,8 +127,36 @@ impl SentinelConfig {
     /// Defaults 50 ms and 2 s.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
-        self.max_backoff = max.max(min);
+        self.max_backoff = max;
         self
+    }
+
+    /// Every setting that would make the connection unusable, as an error naming it.
+    fn validate(&self) -> RedisResult<()> {
+        let invalid = |message: &str| -> RedisResult<()> {
+            Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "invalid SentinelConfig",
+                message.to_owned(),
+            )))
+        };
+        for (name, value) in [
+            ("resolve_timeout", self.resolve_timeout),
+            ("connection_timeout", self.connection_timeout),
+            ("redis_timeout", self.redis_timeout),
+            ("backoff (min)", self.min_backoff),
+        ] {
+            if value.is_zero() {
+                return invalid(&format!("{name} must be greater than zero"));
+            }
+        }
+        if self.max_backoff < self.min_backoff {
+            return invalid(&format!(
+                "backoff: max ({:?}) is below min ({:?})",
+                self.max_backoff, self.min_backoff
+            ));
+        }
+        Ok(())
     }
 
     /// Authenticates to the primary (and, after a failover, to the replica promoted in its place) as `username`
@@ -223,12 +251,14 @@ impl SentinelConnection {
     ///
     /// # Errors
     ///
-    /// If a sentinel URL is invalid, or no sentinel names a reachable primary within the resolve timeout.
+    /// If a setting of `config` is invalid (a zero timeout, a backoff whose max is below its min), a sentinel URL is
+    /// invalid, or no sentinel names a reachable primary within the resolve timeout.
     pub async fn connect<T: IntoConnectionInfo + Clone>(
         sentinels: &[T],
         master: &str,
         config: SentinelConfig,
     ) -> RedisResult<Self> {
+        config.validate()?;
         // An owned name fits both signatures of `build` (redis-rs changes it with its `tls-rustls` feature).
         let name: String = master.into();
         let client = SentinelClient::build(
@@ -247,12 +277,13 @@ impl SentinelConnection {
     ///
     /// # Errors
     ///
-    /// If no sentinel names a reachable primary within the resolve timeout.
+    /// If a setting of `config` is invalid, or no sentinel names a reachable primary within the resolve timeout.
     pub async fn with_client(
         client: SentinelClient,
         master: &str,
         config: SentinelConfig,
     ) -> RedisResult<Self> {
+        config.validate()?;
         let connection = Self::unconnected(client, master, config);
         connection.inner.connection().await?;
         Ok(connection)
@@ -352,7 +383,7 @@ impl Inner {
     async fn resolve(&self, client: &mut SentinelClient) -> RedisResult<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.config.connection_timeout))
-            .set_response_timeout(Some(self.config.response_timeout));
+            .set_response_timeout(Some(self.config.redis_timeout));
         match tokio::time::timeout(
             self.config.resolve_timeout,
             client.get_async_connection_with_config(&config),
@@ -442,6 +473,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_settings_are_errors_naming_the_setting_never_clamped() {
+        let cases = [
+            (
+                SentinelConfig::default().redis_timeout(Duration::ZERO),
+                "redis_timeout",
+            ),
+            (
+                SentinelConfig::default().resolve_timeout(Duration::ZERO),
+                "resolve_timeout",
+            ),
+            (
+                SentinelConfig::default().connection_timeout(Duration::ZERO),
+                "connection_timeout",
+            ),
+            (
+                SentinelConfig::default().backoff(Duration::from_secs(2), Duration::from_secs(1)),
+                "backoff",
+            ),
+        ];
+        for (config, setting) in cases {
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::InvalidClientConfig);
+            assert!(error.to_string().contains(setting), "{error}");
+        }
+        assert!(SentinelConfig::default().validate().is_ok());
+    }
 
     #[test]
     fn broken_connections_timeouts_and_readonly_replies_ask_for_a_new_primary() {
