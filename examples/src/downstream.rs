@@ -83,11 +83,17 @@ impl Downstream {
         discovery: Discovery,
         client: HttpClient,
     ) -> Result<Self, tower_breaker::ConfigError> {
-        let ejection = EjectionOptions {
-            consecutive_failures: 2,
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(10),
-        };
+        let ejection = EjectionOptions::builder()
+            .consecutive_failures(2)
+            .base(Duration::from_millis(500))
+            .max(Duration::from_secs(10))
+            .build()?;
+        // A new instance looks faster than any measured one until it has answered, so an instance that joins gets
+        // a request at once, whatever the others' latency.
+        let options = BalanceOptions::builder()
+            .failfast(Duration::from_secs(2))
+            .default_rtt(Duration::from_micros(1))
+            .build()?;
         let watch = discovery.handle();
         let balanced = balance(
             discovery,
@@ -98,13 +104,7 @@ impl Downstream {
                     ejection,
                 )
             },
-            BalanceOptions {
-                failfast: Duration::from_secs(2),
-                // A new instance looks faster than any measured one until it has answered, so an instance that
-                // joins gets a request at once, whatever the others' latency.
-                default_rtt: Duration::from_micros(1),
-                ..BalanceOptions::default()
-            },
+            options,
         );
         let breaker = CircuitBreaker::builder()
             .name(name)

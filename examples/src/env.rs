@@ -11,9 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_redis_discovery::{
-    Discovery, MemoryRegistry, RedisRegistry, Registry, Status, WatchOptions,
-};
+use tower_redis_discovery::{Discovery, MemoryRegistry, RedisRegistry, Registry, Status};
 
 use crate::config::Config;
 use crate::connection::{Redis, RedisConnection};
@@ -135,27 +133,25 @@ impl<R: Registry> Env<R> {
 
     /// Watches the `UP` instances of `service`: with Redis, change hints make a new or leaving instance known
     /// within milliseconds, and a poll every 2 s catches anything a hint missed.
-    pub fn discover(&self, service: &str) -> Discovery {
-        match (&self.redis, &self.hints) {
-            (Some(redis), Some(channel)) => Discovery::watch_with_hints(
-                self.registry.clone(),
-                service,
-                WatchOptions {
-                    interval: Duration::from_secs(2),
-                    ..WatchOptions::default()
-                },
-                redis.subscriber.clone(),
-                channel.clone(),
-            ),
-            _ => Discovery::watch(
-                self.registry.clone(),
-                service,
-                WatchOptions {
-                    interval: Duration::from_millis(250),
-                    ..WatchOptions::default()
-                },
-            ),
-        }
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError`] outside a Tokio runtime.
+    pub fn discover(&self, service: &str) -> Result<Discovery, ServeError> {
+        let discovery = match (&self.redis, &self.hints) {
+            (Some(redis), Some(channel)) => Discovery::builder()
+                .interval(Duration::from_secs(2))
+                .registry(self.registry.clone())
+                .service(service)
+                .hints(redis.subscriber.clone(), channel.clone())
+                .build()?,
+            _ => Discovery::builder()
+                .interval(Duration::from_millis(250))
+                .registry(self.registry.clone())
+                .service(service)
+                .build()?,
+        };
+        Ok(discovery)
     }
 
     /// The `UP` instances of `service` other than `self_id` (for peer lookups).

@@ -112,13 +112,13 @@ where
 {
     let users = Downstream::new(
         crate::users::NAME,
-        env.discover(crate::users::NAME),
+        env.discover(crate::users::NAME)?,
         env.client.clone(),
     )
     .map_err(|error| ServeError(format!("{NAME}: {error}")))?;
     let orders = Downstream::new(
         crate::orders::NAME,
-        env.discover(crate::orders::NAME),
+        env.discover(crate::orders::NAME)?,
         env.client.clone(),
     )
     .map_err(|error| ServeError(format!("{NAME}: {error}")))?;

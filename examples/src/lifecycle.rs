@@ -155,6 +155,12 @@ impl InstanceInfo {
 #[derive(Debug)]
 pub struct ServeError(pub String);
 
+impl From<tower_redis_core::ConfigError> for ServeError {
+    fn from(error: tower_redis_core::ConfigError) -> Self {
+        Self(error.to_string())
+    }
+}
+
 impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -201,7 +207,7 @@ where
     let info = InstanceInfo::new(&instance, service);
     let router = info.wrap(make(info.clone())?);
 
-    let registration = Registration::start(env.registry.clone(), instance);
+    let registration = Registration::start(env.registry.clone(), instance)?;
     // The socket is bound, so connections queue from now on: the instance can take traffic.
     registration.ready();
     println!("{service} listening on http://{local}");

@@ -81,7 +81,7 @@ pub async fn run<R: Registry>(env: Env<R>, port: u16, stop: Stop) -> Result<(), 
     let ids = Ids::new("orders", env.redis.as_ref(), &env.config.redis.prefix);
     let users = Downstream::new(
         crate::users::NAME,
-        env.discover(crate::users::NAME),
+        env.discover(crate::users::NAME)?,
         env.client.clone(),
     )
     .map_err(|error| ServeError(format!("{NAME}: {error}")))?;

@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_fixtures::{FaultProxy, RedisServer};
 use tower_redis_cache::{CacheLayer, HttpCache};
 use tower_redis_core::{HealingConfig, HealingConnection};
-use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration, WatchOptions};
+use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration};
 use tower_redis_ratelimit::key::Header;
 use tower_redis_ratelimit::{DecisionSource, FailurePolicy, Policy, RateLimitLayer, RateLimiter};
 
@@ -97,13 +97,11 @@ async fn stack(proxy: &FaultProxy, server: &RedisServer) -> Stack {
     let registration = Registration::start(
         registry.clone(),
         Instance::new("items", "127.0.0.1", address.port()),
-    );
+    )
+    .unwrap();
     registration.ready();
-    let options = WatchOptions {
-        interval: Duration::from_millis(200),
-        ..WatchOptions::default()
-    };
-    let discovery = Discovery::watch(registry, "items", options);
+    let options = Discovery::builder().interval(Duration::from_millis(200));
+    let discovery = options.registry(registry).service("items").build().unwrap();
     let watch = discovery.handle();
     // Drain the change stream, as a balancer would.
     let discovery = tokio::spawn(async move {

@@ -43,6 +43,7 @@ pub enum RejectReason {
 
 /// A call the breaker did not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Rejected {
     reason: RejectReason,
     retry_after: Option<Duration>,
@@ -79,6 +80,7 @@ impl std::error::Error for Rejected {}
 
 /// The error of [`CircuitBreaker::call`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum CallError<E> {
     /// The breaker rejected the call; the future was not run.
     Rejected(Rejected),

@@ -84,6 +84,7 @@ impl Backoff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum ProbePolicy {
     /// Close when the failure (and slow-call) rate over the probes is below the thresholds; open again as soon as
     /// it cannot be (the resilience4j rule). Without a rate threshold this behaves like [`ProbePolicy::AllSucceed`].
@@ -112,6 +113,7 @@ pub enum DroppedBody {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// A name for logs, stats and metric labels.
     pub name: Cow<'static, str>,
@@ -175,6 +177,7 @@ impl Default for BreakerConfig {
 /// A configuration that cannot work, with the setting to change. The crates built on this one (the rate limiter, the
 /// cache) report their own invalid configurations with it too, naming their component.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConfigError {
     component: &'static str,
     field: &'static str,

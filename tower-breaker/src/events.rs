@@ -44,6 +44,7 @@ pub enum TransitionReason {
 
 /// One state change of a breaker.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Transition {
     /// The breaker's name.
     pub breaker: String,

@@ -149,6 +149,7 @@ impl Latency {
 
 /// A summary of sampled call latencies, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[non_exhaustive]
 pub struct LatencySummary {
     /// How many calls were timed (one in `latency_sample_every`, or every call with slow-call detection on).
     pub samples: u64,
@@ -166,6 +167,7 @@ pub struct LatencySummary {
 
 /// How often the fallback ran, by its own outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[non_exhaustive]
 pub struct FallbackStats {
     /// Fallback calls that produced a response.
     pub successes: u64,
@@ -175,6 +177,7 @@ pub struct FallbackStats {
 
 /// How many times the breaker entered each state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[non_exhaustive]
 pub struct TransitionStats {
     /// Into [`State::Closed`].
     pub closed: u64,
@@ -194,6 +197,7 @@ pub struct TransitionStats {
 
 /// What the current window holds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+#[non_exhaustive]
 pub struct WindowStats {
     /// Calls in the window.
     pub calls: u64,
@@ -212,6 +216,7 @@ pub struct WindowStats {
 /// At rest (no call in flight) `requests == successes + failures + ignored + rejects` holds exactly. `timeouts` are
 /// also counted in `failures`, `cancelled` in `ignored`, and slow calls in `successes` or `failures`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct BreakerStats {
     /// The breaker's name.
     pub name: String,

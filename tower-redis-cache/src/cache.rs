@@ -24,7 +24,7 @@ use crate::policy::variant_matches;
 use crate::stats::{CacheStats, Event, Stats, Tier};
 use crate::store::{Keys, PLAIN_FIELD, RedisStore, Store, Write};
 
-/// The shared cache behind every [`CacheLayer`] made from it: a bounded memory tier, an optional Redis tier
+/// The shared cache behind every [`CacheLayer`](crate::CacheLayer) made from it: a bounded memory tier, an optional Redis tier
 /// guarded by a circuit breaker, the fills in flight, and the stats. Cloning is an `Arc` bump.
 #[derive(Clone)]
 pub struct HttpCache {
@@ -1064,6 +1064,7 @@ fn apply(text: &str, instance: &str, memory: Option<&MemoryTier>, invalidated: &
 
 /// Why an invalidation could not reach Redis.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum InvalidateError {
     /// Redis answered with an error.
     Redis(redis::RedisError),

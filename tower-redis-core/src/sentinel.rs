@@ -56,6 +56,7 @@ use redis::{
 /// How a [`SentinelConnection`] asks for and connects to the primary.
 #[derive(Clone)]
 #[must_use]
+#[non_exhaustive]
 pub struct SentinelConfig {
     resolve_timeout: Duration,
     connection_timeout: Duration,

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use tower::{Service, ServiceExt, service_fn};
 use tower_redis_discovery::{
-    BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, Strategy, WatchOptions,
-    balance, balance_with,
+    BalanceOptions, Discovery, Instance, MemoryRegistry, Registry, Status, Strategy, balance,
+    balance_with,
 };
 
 /// The peer: tower's own P2C over peak-EWMA behind a `Buffer` (what `balance` was built on before), fed by the same
@@ -60,14 +60,12 @@ async fn registry_with(ports: &[u16]) -> MemoryRegistry {
 }
 
 fn watch(registry: MemoryRegistry) -> Discovery {
-    Discovery::watch(
-        registry,
-        "svc",
-        WatchOptions {
-            interval: Duration::from_millis(20),
-            ..WatchOptions::default()
-        },
-    )
+    Discovery::builder()
+        .interval(Duration::from_millis(20))
+        .registry(registry)
+        .service("svc")
+        .build()
+        .unwrap()
 }
 
 async fn overhead(runtime_name: &str) {

@@ -12,6 +12,8 @@ use tower::BoxError;
 use tower::Service;
 use tower::util::BoxCloneSyncService;
 
+use tower_redis_core::ConfigError;
+
 use crate::discover::Discovery;
 use crate::instance::Instance;
 use crate::strategy::{Strategy, balance_with};
@@ -52,16 +54,86 @@ impl Unavailable {
     }
 }
 
-/// How to balance.
+/// How to balance: [`BalanceOptions::default`], or [`BalanceOptions::builder`] to change a setting.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct BalanceOptions {
-    /// How long a request may wait for a ready endpoint (default 3 s, as linkerd).
-    pub failfast: Duration,
+    pub(crate) failfast: Duration,
+    pub(crate) default_rtt: Duration,
+    pub(crate) decay: Duration,
+}
+
+/// Builds [`BalanceOptions`].
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct BalanceOptionsBuilder {
+    options: BalanceOptions,
+}
+
+impl BalanceOptions {
+    /// A builder starting from the defaults.
+    pub fn builder() -> BalanceOptionsBuilder {
+        BalanceOptionsBuilder {
+            options: Self::default(),
+        }
+    }
+
+    /// How long a request may wait for a ready endpoint.
+    pub fn failfast(&self) -> Duration {
+        self.failfast
+    }
+
+    /// The latency assumed for a new endpoint before it has answered.
+    pub fn default_rtt(&self) -> Duration {
+        self.default_rtt
+    }
+
+    /// How fast the peak-EWMA forgets.
+    pub fn decay(&self) -> Duration {
+        self.decay
+    }
+}
+
+impl BalanceOptionsBuilder {
+    /// How long a request may wait for a ready endpoint (default 3 s, as linkerd); above zero.
+    pub fn failfast(mut self, wait: Duration) -> Self {
+        self.options.failfast = wait;
+        self
+    }
+
     /// The latency assumed for a new endpoint before it has answered (default 1 ms: optimistic, so a new instance
     /// gets traffic at once; the peak-EWMA jumps to its real latency with its first slow answer).
-    pub default_rtt: Duration,
-    /// How fast the peak-EWMA forgets (default 10 s).
-    pub decay: Duration,
+    pub fn default_rtt(mut self, rtt: Duration) -> Self {
+        self.options.default_rtt = rtt;
+        self
+    }
+
+    /// How fast the peak-EWMA forgets (default 10 s); above zero.
+    pub fn decay(mut self, decay: Duration) -> Self {
+        self.options.decay = decay;
+        self
+    }
+
+    /// Validates.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when the fail-fast wait or the decay is zero.
+    pub fn build(self) -> Result<BalanceOptions, ConfigError> {
+        for (field, value) in [
+            ("failfast", self.options.failfast),
+            ("decay", self.options.decay),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::in_component(
+                    "balance",
+                    field,
+                    "must be greater than zero",
+                ));
+            }
+        }
+        Ok(self.options)
+    }
 }
 
 impl Default for BalanceOptions {

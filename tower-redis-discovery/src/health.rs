@@ -15,16 +15,98 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 use tower_breaker::{Backoff, CircuitBreaker, Permit, ProbePolicy};
+use tower_redis_core::ConfigError;
 
-/// When to eject an endpoint, and for how long.
+/// When to eject an endpoint, and for how long: [`EjectionOptions::default`], or [`EjectionOptions::builder`] to
+/// change a setting.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct EjectionOptions {
-    /// Failures in a row that eject an endpoint (default 5).
-    pub consecutive_failures: u32,
-    /// The first ejection's length (default 1 s); it doubles with each ejection in a row, with jitter.
-    pub base: Duration,
-    /// The longest ejection (default 30 s).
-    pub max: Duration,
+    consecutive_failures: u32,
+    base: Duration,
+    max: Duration,
+}
+
+/// Builds [`EjectionOptions`].
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct EjectionOptionsBuilder {
+    options: EjectionOptions,
+}
+
+impl EjectionOptions {
+    /// A builder starting from the defaults.
+    pub fn builder() -> EjectionOptionsBuilder {
+        EjectionOptionsBuilder {
+            options: Self::default(),
+        }
+    }
+
+    /// Failures in a row that eject an endpoint.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// The first ejection's length.
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The longest ejection.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+}
+
+impl EjectionOptionsBuilder {
+    /// Failures in a row that eject an endpoint (default 5); at least 1.
+    pub fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.options.consecutive_failures = failures;
+        self
+    }
+
+    /// The first ejection's length (default 1 s); it doubles with each ejection in a row, with jitter. At least
+    /// 1 ms.
+    pub fn base(mut self, base: Duration) -> Self {
+        self.options.base = base;
+        self
+    }
+
+    /// The longest ejection (default 30 s); at least the first one.
+    pub fn max(mut self, max: Duration) -> Self {
+        self.options.max = max;
+        self
+    }
+
+    /// Validates.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when no failure ejects, the first ejection is under 1 ms, or the longest is shorter than the
+    /// first.
+    pub fn build(self) -> Result<EjectionOptions, ConfigError> {
+        let error = |field: &'static str, message: &str| {
+            Err(ConfigError::in_component(
+                "ejection",
+                field,
+                message.to_owned(),
+            ))
+        };
+        let options = self.options;
+        if options.consecutive_failures == 0 {
+            return error("consecutive_failures", "must be at least 1");
+        }
+        if options.base < Duration::from_millis(1) {
+            return error("base", "must be at least 1 ms");
+        }
+        if options.max < options.base {
+            return error(
+                "max",
+                "must be at least `base`, the first ejection's length",
+            );
+        }
+        Ok(options)
+    }
 }
 
 impl Default for EjectionOptions {
@@ -52,17 +134,18 @@ impl<S> Ejecting<S> {
         let breaker = CircuitBreaker::builder()
             .name(name.into())
             .no_failure_rate()
-            .consecutive_failures(options.consecutive_failures.max(1))
+            .consecutive_failures(options.consecutive_failures)
             .open_backoff(Backoff {
-                initial: options.base.max(Duration::from_millis(1)),
+                initial: options.base,
                 multiplier: 2.0,
-                max: options.max.max(options.base).max(Duration::from_millis(1)),
+                max: options.max,
                 jitter: 0.2,
             })
             .half_open_permits(1)
             .probe_policy(ProbePolicy::AllSucceed)
             .build();
-        // The settings above are clamped into range, so they always validate; the defaults are the fallback.
+        // `EjectionOptions` are validated when built, so these settings always validate; the defaults are the
+        // fallback.
         let breaker = breaker.unwrap_or_else(|_| default_breaker());
         Self {
             inner,

@@ -18,9 +18,12 @@ pub mod sentinel {
     pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
-pub use balance::{BalanceOptions, Balanced, HttpEndpoint, NoEndpoints, Unavailable, balance};
-pub use discover::{Discovery, Filter, WatchOptions};
-pub use health::{Ejecting, EjectingFuture, EjectionOptions, HealthSignal};
+pub use balance::{
+    BalanceOptions, BalanceOptionsBuilder, Balanced, HttpEndpoint, NoEndpoints, Unavailable,
+    balance,
+};
+pub use discover::{Discovery, DiscoveryBuilder, Filter};
+pub use health::{Ejecting, EjectingFuture, EjectionOptions, EjectionOptionsBuilder, HealthSignal};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
 pub use registration::Registration;
@@ -30,4 +33,4 @@ pub use registry::{
 };
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
 pub use strategy::{HashKey, Strategy, balance_with};
-pub use tower_redis_core::Subscriber;
+pub use tower_redis_core::{ConfigError, Subscriber};

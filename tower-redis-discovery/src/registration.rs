@@ -9,6 +9,8 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use tower_redis_core::ConfigError;
+
 use crate::instance::{Instance, Status};
 use crate::registry::{Heartbeat, Registry};
 use crate::stats::{RegistrationCounters, RegistrationStats};
@@ -69,24 +71,44 @@ fn retry_delay(failures: u32, period: Duration) -> Duration {
 impl<R: Registry> Registration<R> {
     /// Registers `instance` with status `STARTING` and starts heartbeating. Call [`Registration::ready`] when the
     /// service can take traffic. A failure to reach the registry is logged and retried, never returned.
-    pub fn start(registry: R, mut instance: Instance) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] outside a Tokio runtime (the heartbeats are a background task), or when the registry's TTL is
+    /// zero.
+    pub fn start(registry: R, mut instance: Instance) -> Result<Self, ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            ConfigError::in_component(
+                "registration",
+                "runtime",
+                "start the registration inside a Tokio runtime (in `#[tokio::main]` or `Runtime::block_on`): it \
+                 heartbeats in a background task",
+            )
+        })?;
+        if registry.ttl().is_zero() {
+            return Err(ConfigError::in_component(
+                "registration",
+                "ttl",
+                "the registry's TTL must be above zero: heartbeats go every third of it",
+            ));
+        }
         instance.status = Status::Starting;
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::Starting),
             wake: Notify::new(),
             counters: RegistrationCounters::default(),
         });
-        let task = tokio::spawn(heartbeat_loop(
+        let task = runtime.spawn(heartbeat_loop(
             registry.clone(),
             instance.clone(),
             shared.clone(),
         ));
-        Self {
+        Ok(Self {
             registry,
             instance,
             shared,
             task: Some(task),
-        }
+        })
     }
 
     /// The instance as registered.

@@ -15,6 +15,7 @@ use crate::instance::{Instance, Status, iso8601};
 /// Why a registry call failed. Registry errors never take a service down: [`crate::Registration`] retries, and
 /// discovery keeps the last good set.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RegistryError {
     /// Redis answered with an error.
     Redis(redis::RedisError),
@@ -386,7 +387,7 @@ fn is_cross_slot(error: &RegistryError) -> bool {
     matches!(error, RegistryError::Redis(error) if error.code() == Some("CROSSSLOT"))
 }
 
-/// The default [`RedisRegistry::max_entry_size`]: 64 KiB.
+/// The default [`RedisRegistryBuilder::max_entry_size`]: 64 KiB.
 pub const DEFAULT_MAX_ENTRY_SIZE: usize = 64 * 1024;
 
 /// At most this many expired ids are removed from a service's set per read.

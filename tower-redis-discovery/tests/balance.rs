@@ -16,15 +16,12 @@ use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisServer;
 use tower::{Service, ServiceExt};
 use tower_redis_discovery::{
-    BalanceOptions, Discovery, HttpEndpoint, Instance, MemoryRegistry, NoEndpoints, RedisRegistry,
-    Registry, Status, Unavailable, WatchOptions, balance,
+    BalanceOptions, Discovery, DiscoveryBuilder, HttpEndpoint, Instance, MemoryRegistry,
+    NoEndpoints, RedisRegistry, Registry, Status, Unavailable, balance,
 };
 
-fn fast_watch() -> WatchOptions {
-    WatchOptions {
-        interval: Duration::from_millis(50),
-        ..WatchOptions::default()
-    }
+fn fast_watch() -> DiscoveryBuilder<()> {
+    Discovery::builder().interval(Duration::from_millis(50))
 }
 
 async fn serve_port() -> u16 {
@@ -53,7 +50,11 @@ async fn requests_are_spread_over_every_discovered_instance() {
         registry.register(&up("user-service", port)).await.unwrap();
     }
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-    let discovery = Discovery::watch(registry, "user-service", fast_watch());
+    let discovery = fast_watch()
+        .registry(registry)
+        .service("user-service")
+        .build()
+        .unwrap();
     let mut balanced = balance(
         discovery,
         move |instance| HttpEndpoint::new(client.clone(), instance),
@@ -93,7 +94,11 @@ async fn requests_are_spread_over_every_discovered_instance() {
 #[tokio::test]
 async fn with_no_instance_a_request_fails_at_once_with_no_endpoints() {
     let registry = MemoryRegistry::default();
-    let discovery = Discovery::watch(registry, "nobody", fast_watch());
+    let discovery = fast_watch()
+        .registry(registry)
+        .service("nobody")
+        .build()
+        .unwrap();
     let mut balanced = balance(
         discovery,
         |_: &Instance| tower::service_fn(|_: ()| async { Ok::<_, Infallible>(()) }),
@@ -132,11 +137,15 @@ impl Service<()> for NeverReady {
 async fn with_no_ready_instance_a_request_fails_after_the_failfast_timeout() {
     let registry = MemoryRegistry::default();
     registry.register(&up("stuck", 1)).await.unwrap();
-    let discovery = Discovery::watch(registry, "stuck", fast_watch());
-    let options = BalanceOptions {
-        failfast: Duration::from_millis(300),
-        ..BalanceOptions::default()
-    };
+    let discovery = fast_watch()
+        .registry(registry)
+        .service("stuck")
+        .build()
+        .unwrap();
+    let options = BalanceOptions::builder()
+        .failfast(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let mut balanced = balance(discovery, |_: &Instance| NeverReady, options);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
@@ -166,7 +175,11 @@ async fn a_tonic_client_balances_over_discovered_grpc_instances() {
         instance.protocol = Protocol::Grpc;
         registry.register(&instance).await.unwrap();
     }
-    let discovery = Discovery::watch(registry, "echo", fast_watch());
+    let discovery = fast_watch()
+        .registry(registry)
+        .service("echo")
+        .build()
+        .unwrap();
     // One lazily connected channel per instance, each wrapped by the balancer's peak-EWMA load (tonic's own
     // balanced channel reports a load of zero for every endpoint).
     let balanced = balance(
@@ -238,13 +251,18 @@ async fn a_failing_instance_is_ejected_then_re_admitted_after_a_successful_probe
     registry.register(&up("svc", healthy)).await.unwrap();
     registry.register(&up("svc", sick)).await.unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-    let options = EjectionOptions {
-        consecutive_failures: 3,
-        base: Duration::from_secs(2),
-        max: Duration::from_secs(2),
-    };
+    let options = EjectionOptions::builder()
+        .consecutive_failures(3)
+        .base(Duration::from_secs(2))
+        .max(Duration::from_secs(2))
+        .build()
+        .unwrap();
     let mut balanced = balance(
-        Discovery::watch(registry, "svc", fast_watch()),
+        fast_watch()
+            .registry(registry)
+            .service("svc")
+            .build()
+            .unwrap(),
         move |instance: &Instance| {
             Ejecting::new(
                 HttpEndpoint::new(client.clone(), instance),

@@ -9,14 +9,11 @@ use futures_util::StreamExt;
 use redis_fixtures::RedisServer;
 use tower::discover::Change;
 use tower_redis_discovery::{
-    Discovery, Instance, RedisRegistry, Registration, Registry, Status, WatchOptions,
+    Discovery, DiscoveryBuilder, Instance, RedisRegistry, Registration, Registry, Status,
 };
 
-fn options() -> WatchOptions {
-    WatchOptions {
-        interval: Duration::from_millis(50),
-        ..WatchOptions::default()
-    }
+fn options() -> DiscoveryBuilder<()> {
+    Discovery::builder().interval(Duration::from_millis(50))
 }
 
 /// The next change as `+id` or `-id`, or `None` if none comes within `wait`.
@@ -36,15 +33,21 @@ async fn instances_appear_when_ready_and_disappear_when_they_leave() {
         .ttl(Duration::from_secs(3))
         .build()
         .unwrap();
-    let mut discovery = Discovery::watch(registry.clone(), "user-service", options());
+    let mut discovery = options()
+        .registry(registry.clone())
+        .service("user-service")
+        .build()
+        .unwrap();
     let first = Registration::start(
         registry.clone(),
         Instance::new("user-service", "127.0.0.1", 3001),
-    );
+    )
+    .unwrap();
     let second = Registration::start(
         registry.clone(),
         Instance::new("user-service", "127.0.0.1", 3002),
-    );
+    )
+    .unwrap();
     assert_eq!(
         next(&mut discovery, Duration::from_millis(400)).await,
         None,
@@ -92,7 +95,11 @@ async fn a_redis_outage_keeps_the_last_good_set_and_never_yields_an_error() {
     let mut up = Instance::new("orders", "127.0.0.1", 4001);
     up.status = Status::Up;
     registry.register(&up).await.unwrap();
-    let mut discovery = Discovery::watch(registry.clone(), "orders", options());
+    let mut discovery = options()
+        .registry(registry.clone())
+        .service("orders")
+        .build()
+        .unwrap();
     assert_eq!(
         next(&mut discovery, Duration::from_secs(2))
             .await
@@ -135,24 +142,21 @@ async fn with_pub_sub_hints_a_change_arrives_in_milliseconds_not_at_the_next_pol
         .ttl(Duration::from_secs(30))
         .build()
         .unwrap();
-    let slow_polling = WatchOptions {
-        interval: Duration::from_secs(30),
-        ..WatchOptions::default()
-    };
-    let mut discovery = Discovery::watch_with_hints(
-        registry.clone(),
-        "billing",
-        slow_polling,
-        server.client(),
-        registry.events_channel(),
-    );
+    let slow_polling = Discovery::builder().interval(Duration::from_secs(30));
+    let mut discovery = slow_polling
+        .registry(registry.clone())
+        .service("billing")
+        .hints(server.client(), registry.events_channel())
+        .build()
+        .unwrap();
     // Let the first (empty) poll and the subscription happen.
     assert_eq!(next(&mut discovery, Duration::from_millis(300)).await, None);
     let started = std::time::Instant::now();
     let registration = Registration::start(
         registry.clone(),
         Instance::new("billing", "127.0.0.1", 5001),
-    );
+    )
+    .unwrap();
     registration.ready();
     assert_eq!(
         next(&mut discovery, Duration::from_secs(2))

@@ -109,7 +109,7 @@ async fn a_heartbeat_rewrites_an_entry_whose_address_was_overwritten() {
         .build()
         .unwrap();
     let registration =
-        Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", 4331));
+        Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", 4331)).unwrap();
     registration.ready();
     let id = registration.instance().id.clone();
     let host_of = |registry: RedisRegistry<_>| async move {

@@ -32,7 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tower::{Service, ServiceExt};
 use tower_redis_discovery::{
     BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, NoEndpoints, Protocol,
-    RedisRegistry, Registration, Registry, Status, WatchOptions, balance,
+    RedisRegistry, Registration, Registry, Status, balance,
 };
 
 /// HazelJS's default key prefix (`RedisRegistryBackend`: `cfg.keyPrefix || "hazeljs:discovery:"`).
@@ -445,7 +445,7 @@ async fn hazeljs_finds_and_calls_a_rust_registered_service_across_three_ttls() {
     instance.metadata.insert("weight".to_owned(), json!(2));
     instance.tags = vec!["rust".to_owned(), "api".to_owned()];
     let started = Instant::now();
-    let registration = Registration::start(registry.clone(), instance.clone());
+    let registration = Registration::start(registry.clone(), instance.clone()).unwrap();
     let key = registry.instance_key(&instance.id);
     eventually(Duration::from_secs(3), "our entry is written", || {
         stored(&server, &key)
@@ -486,7 +486,7 @@ async fn hazeljs_finds_and_calls_a_rust_registered_service_across_three_ttls() {
     let mut zoned = Instance::new("rust-api", "127.0.0.1", zoned_port);
     zoned.zone = Some("eu-west-1".to_owned());
     zoned.tags = vec!["rust".to_owned()];
-    let zoned_registration = Registration::start(registry.clone(), zoned.clone());
+    let zoned_registration = Registration::start(registry.clone(), zoned.clone()).unwrap();
     zoned_registration.ready();
     let zoned_key = registry.instance_key(&zoned.id);
     eventually(
@@ -664,14 +664,18 @@ async fn rust_routes_to_a_hazeljs_registered_service_and_stops_after_it_dies() {
     assert_eq!(registry.services().await.unwrap(), vec!["hazel-api"]);
 
     let interval = Duration::from_millis(200);
-    let options = WatchOptions {
-        interval,
-        // The service's only instance expiring reads as an empty service, which self-preservation would hold for
-        // 2 x TTL (a registry that lost its data reads the same); this test measures the TTL path itself.
-        preservation_grace: Some(Duration::ZERO),
-        ..WatchOptions::default()
-    };
-    let mut service = balanced(Discovery::watch(registry.clone(), "hazel-api", options));
+    // The service's only instance expiring reads as an empty service, which self-preservation would hold for
+    // 2 x TTL (a registry that lost its data reads the same); this test measures the TTL path itself.
+    let options = Discovery::builder()
+        .interval(interval)
+        .without_self_preservation();
+    let mut service = balanced(
+        options
+            .registry(registry.clone())
+            .service("hazel-api")
+            .build()
+            .unwrap(),
+    );
     let expected = format!("hazel:hazel-api:{}", hazel.port);
     let first = eventually(
         Duration::from_secs(3),
@@ -746,7 +750,7 @@ async fn a_field_hazeljs_adds_survives_our_heartbeats() {
     let url = server.url();
     let registry = registry_2s(&server).await;
     let instance = Instance::new("fields-rust", "127.0.0.1", serve().await);
-    let registration = Registration::start(registry.clone(), instance.clone());
+    let registration = Registration::start(registry.clone(), instance.clone()).unwrap();
     registration.ready();
     let key = registry.instance_key(&instance.id);
     eventually(Duration::from_secs(3), "our entry turns UP", || async {
@@ -928,7 +932,7 @@ async fn a_short_ttl_rust_instance_does_not_make_hazeljs_instances_vanish() {
         .build()
         .unwrap();
     let rust = Instance::new("shared", "127.0.0.1", serve().await);
-    let registration = Registration::start(registry.clone(), rust.clone());
+    let registration = Registration::start(registry.clone(), rust.clone()).unwrap();
     registration.ready();
     let before = registration.stats().heartbeats;
     eventually(Duration::from_secs(3), "three heartbeats", || async {

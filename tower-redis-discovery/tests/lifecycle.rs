@@ -16,7 +16,7 @@ use redis_fixtures::RedisServer;
 use tower::{Service, ServiceExt};
 use tower_redis_discovery::{
     BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, NoEndpoints, RedisRegistry,
-    Registration, WatchOptions, balance,
+    Registration, balance,
 };
 
 type Response = http::Response<hyper::body::Incoming>;
@@ -63,19 +63,16 @@ async fn a_new_instance_gets_its_first_request_within_200_ms_of_registering() {
     let first = Registration::start(
         registry.clone(),
         Instance::new("api", "127.0.0.1", serve_port().await),
-    );
+    )
+    .unwrap();
     first.ready();
-    let options = WatchOptions {
-        interval: Duration::from_secs(30),
-        ..WatchOptions::default()
-    };
-    let discovery = Discovery::watch_with_hints(
-        registry.clone(),
-        "api",
-        options,
-        server.client(),
-        registry.events_channel(),
-    );
+    let options = Discovery::builder().interval(Duration::from_secs(30));
+    let discovery = options
+        .registry(registry.clone())
+        .service("api")
+        .hints(server.client(), registry.events_channel())
+        .build()
+        .unwrap();
     let mut service = balanced(discovery);
     let deadline = Instant::now() + Duration::from_secs(5);
     while whoami(&mut service).await.is_err() {
@@ -87,7 +84,8 @@ async fn a_new_instance_gets_its_first_request_within_200_ms_of_registering() {
     }
     let port = serve_port().await;
     let registered = Instant::now();
-    let second = Registration::start(registry.clone(), Instance::new("api", "127.0.0.1", port));
+    let second =
+        Registration::start(registry.clone(), Instance::new("api", "127.0.0.1", port)).unwrap();
     second.ready();
     loop {
         if whoami(&mut service).await.unwrap() == port {
@@ -111,24 +109,24 @@ async fn a_graceful_deregistration_fails_no_request() {
     let staying = Registration::start(
         registry.clone(),
         Instance::new("api", "127.0.0.1", serve_port().await),
-    );
+    )
+    .unwrap();
     let leaving = Registration::start(
         registry.clone(),
         Instance::new("api", "127.0.0.1", serve_port().await),
-    );
+    )
+    .unwrap();
     staying.ready();
     leaving.ready();
-    let options = WatchOptions {
-        interval: Duration::from_millis(100),
-        ..WatchOptions::default()
-    };
-    let service = balanced(Discovery::watch_with_hints(
-        registry.clone(),
-        "api",
-        options,
-        server.client(),
-        registry.events_channel(),
-    ));
+    let options = Discovery::builder().interval(Duration::from_millis(100));
+    let service = balanced(
+        options
+            .registry(registry.clone())
+            .service("api")
+            .hints(server.client(), registry.events_channel())
+            .build()
+            .unwrap(),
+    );
     // Wait until both instances take traffic.
     let mut probe = service.clone();
     let mut seen = std::collections::HashSet::new();
@@ -185,13 +183,17 @@ async fn the_registry_load_is_one_read_per_interval_whatever_the_request_rate() 
     let registration = Registration::start(
         registry.clone(),
         Instance::new("api", "127.0.0.1", serve_port().await),
-    );
+    )
+    .unwrap();
     registration.ready();
-    let options = WatchOptions {
-        interval: Duration::from_millis(100),
-        ..WatchOptions::default()
-    };
-    let mut service = balanced(Discovery::watch(registry.clone(), "api", options));
+    let options = Discovery::builder().interval(Duration::from_millis(100));
+    let mut service = balanced(
+        options
+            .registry(registry.clone())
+            .service("api")
+            .build()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while whoami(&mut service).await.is_err() {
         assert!(Instant::now() < deadline);
@@ -272,18 +274,20 @@ async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_r
         .iter()
         .map(|s| {
             let registration =
-                Registration::start(registry.clone(), Instance::new("api", "127.0.0.1", s.port));
+                Registration::start(registry.clone(), Instance::new("api", "127.0.0.1", s.port))
+                    .unwrap();
             registration.ready();
             registration
         })
         .collect();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-    let options = WatchOptions {
-        interval: Duration::from_millis(200),
-        ..WatchOptions::default()
-    };
+    let options = Discovery::builder().interval(Duration::from_millis(200));
     let service: Balanced<http::Request<Empty<bytes::Bytes>>, Response> = balance(
-        Discovery::watch(registry.clone(), "api", options),
+        options
+            .registry(registry.clone())
+            .service("api")
+            .build()
+            .unwrap(),
         move |instance: &Instance| {
             Ejecting::new(
                 HttpEndpoint::new(client.clone(), instance),
@@ -371,19 +375,18 @@ async fn redis_down_longer_than_the_ttl_keeps_the_last_set_and_registrations_com
         .iter()
         .map(|port| {
             let registration =
-                Registration::start(registry.clone(), Instance::new("svc", "127.0.0.1", *port));
+                Registration::start(registry.clone(), Instance::new("svc", "127.0.0.1", *port))
+                    .unwrap();
             registration.ready();
             registration
         })
         .collect();
-    let discovery = Discovery::watch(
-        registry.clone(),
-        "svc",
-        WatchOptions {
-            interval: Duration::from_millis(50),
-            ..WatchOptions::default()
-        },
-    );
+    let discovery = Discovery::builder()
+        .interval(Duration::from_millis(50))
+        .registry(registry.clone())
+        .service("svc")
+        .build()
+        .unwrap();
     let watch = discovery.handle();
     let mut service = balanced(discovery);
     let deadline = Instant::now() + Duration::from_secs(5);

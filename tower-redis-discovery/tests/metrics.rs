@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use tower_redis_discovery::{Discovery, Instance, MemoryRegistry, Registration, WatchOptions};
+use tower_redis_discovery::{Discovery, Instance, MemoryRegistry, Registration};
 
 #[tokio::test]
 async fn watches_and_heartbeats_are_exported() {
@@ -18,16 +18,15 @@ async fn watches_and_heartbeats_are_exported() {
     let registration = Registration::start(
         registry.clone(),
         Instance::new("metered", "127.0.0.1", 4000),
-    );
+    )
+    .unwrap();
     registration.ready();
-    let discovery = Discovery::watch(
-        registry,
-        "metered",
-        WatchOptions {
-            interval: Duration::from_millis(20),
-            ..WatchOptions::default()
-        },
-    );
+    let discovery = Discovery::builder()
+        .interval(Duration::from_millis(20))
+        .registry(registry)
+        .service("metered")
+        .build()
+        .unwrap();
     let watch = discovery.handle();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while watch.stats().instances < 1 {

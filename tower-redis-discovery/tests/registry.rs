@@ -190,7 +190,8 @@ async fn a_registration_reports_up_only_once_ready_and_drains_before_leaving() {
         .ttl(Duration::from_secs(3))
         .build()
         .unwrap();
-    let registration = Registration::start(registry.clone(), instance("user-service", 3101));
+    let registration =
+        Registration::start(registry.clone(), instance("user-service", 3101)).unwrap();
     let status = || async {
         registry
             .instances("user-service")
@@ -231,7 +232,7 @@ async fn a_registration_survives_a_redis_outage_and_comes_back_by_itself() {
         .redis_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    let registration = Registration::start(registry.clone(), instance("search", 4000));
+    let registration = Registration::start(registry.clone(), instance("search", 4000)).unwrap();
     registration.ready();
     wait_until("up", || async {
         registry

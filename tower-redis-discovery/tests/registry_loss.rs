@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis_fixtures::RedisServer;
 use tower::discover::Change;
-use tower_redis_discovery::{
-    Discovery, Instance, RedisRegistry, Registration, Registry, WatchOptions,
-};
+use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration, Registry};
 
 async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -55,16 +53,18 @@ async fn a_flushall_removes_nothing_from_discovery_and_the_heartbeats_restore_th
     let registrations: Vec<_> = (4101..=4103)
         .map(|port| {
             let registration =
-                Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", port));
+                Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", port))
+                    .unwrap();
             registration.ready();
             registration
         })
         .collect();
-    let options = WatchOptions {
-        interval: Duration::from_millis(50),
-        ..WatchOptions::default()
-    };
-    let mut discovery = Discovery::watch(registry.clone(), "users", options);
+    let options = Discovery::builder().interval(Duration::from_millis(50));
+    let mut discovery = options
+        .registry(registry.clone())
+        .service("users")
+        .build()
+        .unwrap();
     let watch = discovery.handle();
     wait_until("all three are discovered", Duration::from_secs(10), || {
         let instances = watch.stats().instances;
@@ -123,7 +123,7 @@ async fn after_a_flushall_a_registration_is_back_in_the_registry_within_one_hear
         .build()
         .unwrap();
     let registration =
-        Registration::start(registry.clone(), Instance::new("orders", "127.0.0.1", 4201));
+        Registration::start(registry.clone(), Instance::new("orders", "127.0.0.1", 4201)).unwrap();
     registration.ready();
     let id = registration.instance().id.clone();
     let listed = |registry: RedisRegistry<_>, id: String| async move {

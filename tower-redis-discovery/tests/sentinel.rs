@@ -18,7 +18,7 @@ use tower::{Service, ServiceExt};
 use tower_redis_discovery::sentinel::{SentinelConfig, SentinelConnection};
 use tower_redis_discovery::{
     BalanceOptions, Discovery, HttpEndpoint, Instance, RedisRegistry, Registration, Registry,
-    Status, WatchOptions, balance,
+    Status, balance,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,19 +132,18 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
         .iter()
         .map(|&port| {
             let registration =
-                Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", port));
+                Registration::start(registry.clone(), Instance::new("users", "127.0.0.1", port))
+                    .unwrap();
             registration.ready();
             registration
         })
         .collect();
-    let discovery = Discovery::watch(
-        registry.clone(),
-        "users",
-        WatchOptions {
-            interval: Duration::from_millis(100),
-            ..WatchOptions::default()
-        },
-    );
+    let discovery = Discovery::builder()
+        .interval(Duration::from_millis(100))
+        .registry(registry.clone())
+        .service("users")
+        .build()
+        .unwrap();
     let watch = discovery.handle();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let balanced = balance(
@@ -225,7 +224,8 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
     let third = Registration::start(
         registry.clone(),
         Instance::new("users", "127.0.0.1", ports[2]),
-    );
+    )
+    .unwrap();
     third.ready();
     wait_until(
         Duration::from_secs(10),

@@ -15,15 +15,12 @@ use redis_fixtures::RedisServer;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 use tower_redis_discovery::{
-    BalanceOptions, Balanced, Discovery, HttpEndpoint, Instance, MemoryRegistry, NoEndpoints,
-    RedisRegistry, Registry, Status, Strategy, WatchOptions, balance_with,
+    BalanceOptions, Balanced, Discovery, DiscoveryBuilder, HttpEndpoint, Instance, MemoryRegistry,
+    NoEndpoints, RedisRegistry, Registry, Status, Strategy, balance_with,
 };
 
-fn fast_watch() -> WatchOptions {
-    WatchOptions {
-        interval: Duration::from_millis(20),
-        ..WatchOptions::default()
-    }
+fn fast_watch() -> DiscoveryBuilder<()> {
+    Discovery::builder().interval(Duration::from_millis(20))
 }
 
 fn instance(port: u16, zone: Option<&str>, weight: Option<f64>) -> Instance {
@@ -57,7 +54,11 @@ async fn balanced(
         registry.register(instance).await.unwrap();
     }
     let service = balance_with(
-        Discovery::watch(registry, "svc", fast_watch()),
+        fast_watch()
+            .registry(registry)
+            .service("svc")
+            .build()
+            .unwrap(),
         move |instance: &Instance| endpoint(instance, delay),
         strategy,
         BalanceOptions::default(),
@@ -159,7 +160,11 @@ async fn hashing_keeps_a_key_on_one_instance_and_moves_only_the_departed_instanc
         registry.register(instance).await.unwrap();
     }
     let service = balance_with(
-        Discovery::watch(registry.clone(), "svc", fast_watch()),
+        fast_watch()
+            .registry(registry.clone())
+            .service("svc")
+            .build()
+            .unwrap(),
         |instance: &Instance| endpoint(instance, Duration::ZERO),
         Strategy::hash_by(|key: &u64| Some(*key)),
         BalanceOptions::default(),
@@ -208,7 +213,11 @@ async fn least_connections_avoids_the_busy_instance() {
     }
     // Instance 1 takes 300 ms per request, instance 2 answers at once.
     let service = balance_with(
-        Discovery::watch(registry, "svc", fast_watch()),
+        fast_watch()
+            .registry(registry)
+            .service("svc")
+            .build()
+            .unwrap(),
         |instance: &Instance| {
             let delay = if instance.port == 1 {
                 Duration::from_millis(300)
@@ -250,7 +259,11 @@ async fn zone_preference_stays_in_the_zone_and_falls_back_when_it_is_empty() {
         registry.register(instance).await.unwrap();
     }
     let service = balance_with(
-        Discovery::watch(registry.clone(), "svc", fast_watch()),
+        fast_watch()
+            .registry(registry.clone())
+            .service("svc")
+            .build()
+            .unwrap(),
         |instance: &Instance| endpoint(instance, Duration::ZERO),
         Strategy::zone_preference("eu-west-1a", Strategy::RoundRobin),
         BalanceOptions::default(),
@@ -298,7 +311,11 @@ async fn zone_preference_stays_in_the_zone_and_falls_back_when_it_is_empty() {
 async fn no_instance_fails_at_once_with_no_endpoints() {
     let registry = MemoryRegistry::new(Duration::from_secs(60));
     let service = balance_with(
-        Discovery::watch(registry, "svc", fast_watch()),
+        fast_watch()
+            .registry(registry)
+            .service("svc")
+            .build()
+            .unwrap(),
         |instance: &Instance| endpoint(instance, Duration::ZERO),
         Strategy::RoundRobin,
         BalanceOptions::default(),
@@ -331,7 +348,11 @@ async fn weighted_http_balancing_over_real_servers_registered_in_redis() {
     }
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let mut service = balance_with(
-        Discovery::watch(registry, "web", fast_watch()),
+        fast_watch()
+            .registry(registry)
+            .service("web")
+            .build()
+            .unwrap(),
         move |instance: &Instance| HttpEndpoint::new(client.clone(), instance),
         Strategy::Weighted,
         BalanceOptions::default(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 /// Which path made a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DecisionSource {
     /// The Redis script (one round trip).
     Redis,
@@ -67,6 +68,7 @@ impl DecisionSource {
 
 /// One policy's state after a decision, for the `RateLimit` headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PolicyState {
     /// The policy's name.
     pub name: Arc<str>,
@@ -82,6 +84,7 @@ pub struct PolicyState {
 
 /// A rate-limit decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Decision {
     /// Whether the request may go through.
     pub allowed: bool,

@@ -10,6 +10,7 @@ use crate::decision::{Decision, PolicyState};
 /// Which rate-limit fields to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::struct_excessive_bools)] // independent switches, one per header family
+#[non_exhaustive]
 pub struct HeaderStyle {
     /// `RateLimit` and `RateLimit-Policy` (IETF draft 10+). Default on.
     pub ietf: bool,
@@ -19,6 +20,36 @@ pub struct HeaderStyle {
     pub x_ratelimit: bool,
     /// Also on allowed responses, not only on 429s. Default off.
     pub on_allowed: bool,
+}
+
+impl HeaderStyle {
+    /// Sends (or not) `RateLimit` and `RateLimit-Policy` (IETF draft 10+).
+    #[must_use]
+    pub fn ietf(mut self, on: bool) -> Self {
+        self.ietf = on;
+        self
+    }
+
+    /// Sends (or not) `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (IETF draft 6 and earlier).
+    #[must_use]
+    pub fn legacy(mut self, on: bool) -> Self {
+        self.legacy = on;
+        self
+    }
+
+    /// Sends (or not) `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    #[must_use]
+    pub fn x_ratelimit(mut self, on: bool) -> Self {
+        self.x_ratelimit = on;
+        self
+    }
+
+    /// Sends the fields on allowed responses too, not only on 429s.
+    #[must_use]
+    pub fn on_allowed(mut self, on: bool) -> Self {
+        self.on_allowed = on;
+        self
+    }
 }
 
 impl Default for HeaderStyle {

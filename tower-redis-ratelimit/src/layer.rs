@@ -14,11 +14,19 @@ use crate::service::RateLimit;
 
 /// What the layer does with a request: which tier (`None` for the default) and what it costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Selection<'a> {
     /// The tier's name, as given to [`crate::RateLimiterBuilder::tier`].
     pub tier: Option<&'a str>,
     /// How many units the request takes (default 1). 0 only reads the state.
     pub cost: u32,
+}
+
+impl<'a> Selection<'a> {
+    /// Tier `tier` (`None`: the default tier), costing `cost` units.
+    pub fn new(tier: Option<&'a str>, cost: u32) -> Self {
+        Self { tier, cost }
+    }
 }
 
 impl Default for Selection<'_> {

@@ -20,6 +20,7 @@ use crate::stats::{LimiterStats, Stats};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum FailurePolicy {
     /// Allow the request (availability first).
     FailOpen,
@@ -315,6 +316,7 @@ impl<C> RateLimiterBuilder<C> {
 
 /// Why an admin call failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum AdminError {
     /// Redis answered with an error.
     Redis(redis::RedisError),

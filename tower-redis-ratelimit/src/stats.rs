@@ -56,6 +56,7 @@ impl Stats {
 
 /// Decisions made by one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct SourceStats {
     /// The path.
     pub source: DecisionSource,
@@ -67,6 +68,7 @@ pub struct SourceStats {
 
 /// A snapshot of a limiter's counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct LimiterStats {
     /// Requests allowed, by any path.
     pub allowed: u64,

@@ -128,12 +128,12 @@ async fn a_route_layer_limits_only_its_route_and_fields_can_go_on_allowed_respon
         .policy(Policy::new("writes", 1, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::new(limiter, api_key()).headers(HeaderStyle {
-        legacy: true,
-        x_ratelimit: true,
-        on_allowed: true,
-        ..HeaderStyle::default()
-    });
+    let layer = RateLimitLayer::new(limiter, api_key()).headers(
+        HeaderStyle::default()
+            .legacy(true)
+            .x_ratelimit(true)
+            .on_allowed(true),
+    );
     let app = Router::new()
         .route("/orders", post(|| async { "created" }).route_layer(layer))
         .route("/orders", get(|| async { "list" }));
@@ -253,15 +253,14 @@ async fn a_selector_chooses_the_tier_and_the_cost_per_request() {
         )
         .build()
         .unwrap();
-    let layer =
-        RateLimitLayer::new(limiter, api_key()).select(|request: &RequestParts<'_>| Selection {
-            tier: request.headers.get("x-plan").map(|_| "pro"),
-            cost: if request.uri.path() == "/export" {
-                40
-            } else {
-                1
-            },
-        });
+    let layer = RateLimitLayer::new(limiter, api_key()).select(|request: &RequestParts<'_>| {
+        let cost = if request.uri.path() == "/export" {
+            40
+        } else {
+            1
+        };
+        Selection::new(request.headers.get("x-plan").map(|_| "pro"), cost)
+    });
     let app = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/export", get(|| async { "export" }))

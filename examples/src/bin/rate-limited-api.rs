@@ -240,10 +240,7 @@ where
     let key = Header::new(API_KEY).or(limits.client_ip.clone());
     let by_tier = RateLimitLayer::new(tiers.clone(), key.clone())
         .select(select_tier)
-        .headers(HeaderStyle {
-            on_allowed: true,
-            ..HeaderStyle::default()
-        })
+        .headers(HeaderStyle::default().on_allowed(true))
         .on_reject(too_many);
     let on_writes = RateLimitLayer::new(writes.clone(), key).on_reject(too_many);
     let state = Arc::new(Api {
@@ -283,7 +280,7 @@ fn select_tier(request: &RequestParts<'_>) -> Selection<'static> {
         Some(_) => Some(FREE),
         None => None,
     };
-    Selection { tier, cost: 1 }
+    Selection::new(tier, 1)
 }
 
 /// A denied request: `429` with a JSON body saying which policies are exhausted (the layer adds `Retry-After` and

@@ -31,7 +31,7 @@ use examples::config::Config;
 use examples::connection::{ConnectError, connect};
 use examples::echo::{API_KEY, SERVED_BY, SERVICE};
 use examples::env::Env;
-use examples::lifecycle::stop_on_signals;
+use examples::lifecycle::{ServeError, stop_on_signals};
 use examples::telemetry;
 use grpc_echo::{EchoClient, EchoRequest};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -178,7 +178,7 @@ async fn main() -> ExitCode {
 
     // Where the servers come from: the shared registry, or the addresses given. The registrations of given
     // addresses live as long as `_static`.
-    let (discovery, _static) = if args.servers.is_empty() {
+    let watched = if args.servers.is_empty() {
         match connect(&config.redis).await {
             Ok(redis) => {
                 tracing::info!(
@@ -186,13 +186,9 @@ async fn main() -> ExitCode {
                     prefix = %config.redis.prefix,
                     "connected to Redis: discovering {SERVICE} instances"
                 );
-                match Env::shared(config, redis, None) {
-                    Ok(env) => (env.discover(SERVICE), Vec::new()),
-                    Err(error) => {
-                        eprintln!("{NAME}: invalid configuration: {error}");
-                        return ExitCode::from(2);
-                    }
-                }
+                Env::shared(config, redis, None)
+                    .and_then(|env| env.discover(SERVICE))
+                    .map(|discovery| (discovery, Vec::new()))
             }
             Err(ConnectError::Config(message)) => {
                 eprintln!("{NAME}: invalid configuration: {message}");
@@ -210,6 +206,13 @@ async fn main() -> ExitCode {
     } else {
         tracing::info!(servers = ?args.servers, "calling the given servers");
         static_servers(config, &args.servers)
+    };
+    let (discovery, _static) = match watched {
+        Ok(watched) => watched,
+        Err(error) => {
+            eprintln!("{NAME}: {error}");
+            return ExitCode::from(2);
+        }
     };
 
     let watch = discovery.handle();
@@ -239,18 +242,18 @@ async fn main() -> ExitCode {
 fn static_servers(
     config: Config,
     urls: &[String],
-) -> (Discovery, Vec<Registration<MemoryRegistry>>) {
+) -> Result<(Discovery, Vec<Registration<MemoryRegistry>>), ServeError> {
     let env = Env::single(config, MemoryRegistry::default(), None);
     let registrations = urls
         .iter()
         .filter_map(|url| instance_for(url).ok())
         .map(|instance| {
-            let registration = Registration::start(env.registry.clone(), instance);
+            let registration = Registration::start(env.registry.clone(), instance)?;
             registration.ready();
-            registration
+            Ok(registration)
         })
-        .collect();
-    (env.discover(SERVICE), registrations)
+        .collect::<Result<_, ServeError>>()?;
+    Ok((env.discover(SERVICE)?, registrations))
 }
 
 /// The channel: breaker, then balancer, then per instance passive health around a lazily connected `Channel`.
@@ -270,20 +273,22 @@ fn echo_client(
     discovery: Discovery,
     timeout: Duration,
 ) -> Result<(EchoClient<Channel>, CircuitBreaker), String> {
-    let ejection = EjectionOptions {
-        consecutive_failures: 2,
-        base: Duration::from_millis(500),
-        max: Duration::from_secs(10),
-    };
+    let ejection = EjectionOptions::builder()
+        .consecutive_failures(2)
+        .base(Duration::from_millis(500))
+        .max(Duration::from_secs(10))
+        .build()
+        .map_err(|error| format!("ejection: {error}"))?;
+    let options = BalanceOptions::builder()
+        .failfast(Duration::from_secs(1))
+        .build()
+        .map_err(|error| format!("balance: {error}"))?;
     let balanced = balance(
         discovery,
         move |instance: &Instance| {
             Ejecting::new(channel_to(instance), instance.id.clone(), ejection)
         },
-        BalanceOptions {
-            failfast: Duration::from_secs(1),
-            ..BalanceOptions::default()
-        },
+        options,
     );
     let breaker = CircuitBreaker::builder()
         .name(SERVICE)

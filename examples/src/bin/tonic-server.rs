@@ -169,7 +169,8 @@ where
         ));
     let echo = EchoServer::new();
 
-    let registration = Registration::start(env.registry.clone(), instance);
+    let registration =
+        Registration::start(env.registry.clone(), instance).map_err(|error| error.to_string())?;
     // The socket is bound, so connections queue from now on: the instance can take calls.
     registration.ready();
     println!("{NAME} listening on http://{local}");

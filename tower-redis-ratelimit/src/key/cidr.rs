@@ -122,6 +122,7 @@ impl fmt::Display for Cidr {
 
 /// Why a [`Cidr`] could not be parsed or built.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CidrParseError {
     input: String,
     kind: ErrorKind,
