@@ -394,9 +394,11 @@ impl BreakerConfig {
 }
 
 /// Durations in configuration files: an integer number of milliseconds, or a string such as `"250ms"`, `"5s"`,
-/// `"2m"`.
+/// `"2m"` or `"1h"`. Every crate of the workspace reads its durations this way: use it on a field with
+/// `#[serde(with = "tower_breaker::duration_serde")]`.
 #[cfg(feature = "serde")]
-pub(crate) mod duration_serde {
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod duration_serde {
     use std::time::Duration;
 
     use serde::de::{self, Deserializer, Visitor};
@@ -443,9 +445,12 @@ pub(crate) mod duration_serde {
         }
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Duration, D::Error> {
+    /// Reads a duration: milliseconds as an integer, or a string with a unit (`ms`, `s`, `m`, `h`).
+    ///
+    /// # Errors
+    ///
+    /// The deserializer's error for a negative number or a string that is not a duration.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         deserializer.deserialize_any(DurationVisitor)
     }
 }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use crate::state::State;
 
 /// Why the breaker changed state.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "kind"))]
 #[non_exhaustive]
 pub enum TransitionReason {
     /// The failure rate over the window reached the threshold.
@@ -43,7 +44,8 @@ pub enum TransitionReason {
 }
 
 /// One state change of a breaker.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Transition {
     /// The breaker's name.

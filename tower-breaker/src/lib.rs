@@ -29,6 +29,8 @@ pub use classifier::{
     HttpClassifier, IntoOutcome, NotSuccess,
 };
 pub use clock::ManualClock;
+#[cfg(feature = "serde")]
+pub use config::duration_serde;
 pub use config::{
     Backoff, BreakerConfig, ConfigError, DroppedBody, MAX_COUNT_WINDOW, MAX_HALF_OPEN_PERMITS,
     MAX_TIME_BUCKETS, OpenDuration, ProbePolicy, Window,

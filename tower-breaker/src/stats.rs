@@ -4,8 +4,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::padded::{Padded, STRIPES, Striped, add_to_stripe, this_thread_stripe};
 use crate::state::State;
 
@@ -148,7 +146,8 @@ impl Latency {
 }
 
 /// A summary of sampled call latencies, in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct LatencySummary {
     /// How many calls were timed (one in `latency_sample_every`, or every call with slow-call detection on).
@@ -166,7 +165,8 @@ pub struct LatencySummary {
 }
 
 /// How often the fallback ran, by its own outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct FallbackStats {
     /// Fallback calls that produced a response.
@@ -176,7 +176,8 @@ pub struct FallbackStats {
 }
 
 /// How many times the breaker entered each state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct TransitionStats {
     /// Into [`State::Closed`].
@@ -196,7 +197,8 @@ pub struct TransitionStats {
 }
 
 /// What the current window holds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct WindowStats {
     /// Calls in the window.
@@ -215,7 +217,8 @@ pub struct WindowStats {
 ///
 /// At rest (no call in flight) `requests == successes + failures + ignored + rejects` holds exactly. `timeouts` are
 /// also counted in `failures`, `cancelled` in `ignored`, and slow calls in `successes` or `failures`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct BreakerStats {
     /// The breaker's name.

@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
 use tower_breaker::State;
 
 /// Where a hit came from.
@@ -283,7 +282,8 @@ impl Stats {
 }
 
 /// A snapshot of a cache's counters since it was built.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CacheStats {
     /// Responses served from the memory tier.

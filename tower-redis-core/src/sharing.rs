@@ -91,7 +91,8 @@ struct Status {
 }
 
 /// A snapshot of the sharing's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
 #[non_exhaustive]
 pub struct SharingStats {
     /// Whether the subscription is up right now.

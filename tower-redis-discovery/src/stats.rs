@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use serde::Serialize;
-
 use crate::instance::Status;
 
 #[derive(Debug, Default)]
@@ -109,7 +107,8 @@ impl WatchHandle {
 }
 
 /// What one watch has seen.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct WatchStats {
     /// The watched service.
@@ -188,7 +187,8 @@ impl RegistrationCounters {
 }
 
 /// How one [`Registration`](crate::Registration) is doing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RegistrationStats {
     /// The instance id.

@@ -38,13 +38,47 @@ impl Algorithm {
 }
 
 /// One limit: at most `limit` requests (or cost units) per `window`, enforced by `algorithm`.
+///
+/// With the `serde` feature a policy deserializes from `{"name": "api", "limit": 600, "window": "1m"}`, with
+/// optional `"algorithm"` (`"sliding_window"`, `"gcra"`, `"fixed_window"`) and `"burst"`; it is validated as
+/// [`Policy::new`] and [`Policy::burst`] validate, and unknown fields are errors.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "PolicySpec"))]
 pub struct Policy {
     name: Arc<str>,
     limit: u64,
     window: Duration,
     algorithm: Algorithm,
     burst: u64,
+}
+
+/// What a policy deserializes from, before validation.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySpec {
+    name: String,
+    limit: u64,
+    #[serde(with = "tower_breaker::duration_serde")]
+    window: Duration,
+    #[serde(default)]
+    algorithm: Algorithm,
+    #[serde(default)]
+    burst: Option<u64>,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<PolicySpec> for Policy {
+    type Error = ConfigError;
+
+    fn try_from(spec: PolicySpec) -> Result<Self, ConfigError> {
+        let policy = Self::new(spec.name, spec.limit, spec.window)?.algorithm(spec.algorithm);
+        match spec.burst {
+            Some(burst) => policy.burst(burst),
+            None => Ok(policy),
+        }
+    }
 }
 
 impl Policy {
@@ -252,6 +286,56 @@ impl From<Policy> for PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_policy_deserializes_validated_and_unknown_fields_are_errors() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"name": "api", "limit": 600, "window": "1m", "algorithm": "gcra", "burst": 10}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            policy,
+            Policy::per_minute("api", 600)
+                .unwrap()
+                .algorithm(Algorithm::Gcra)
+                .burst(10)
+                .unwrap()
+        );
+        let plain: Policy =
+            serde_json::from_str(r#"{"name": "p", "limit": 5, "window": 250}"#).unwrap();
+        assert_eq!(
+            plain,
+            Policy::new("p", 5, Duration::from_millis(250)).unwrap()
+        );
+        for (json, says) in [
+            (
+                r#"{"name": "p", "limit": 0, "window": "1s"}"#,
+                "limit must be between 1",
+            ),
+            (
+                r#"{"name": "", "limit": 1, "window": "1s"}"#,
+                "must be non-empty",
+            ),
+            (
+                r#"{"name": "p", "limit": 5, "window": "1s", "burst": 6}"#,
+                "burst must be between",
+            ),
+            (
+                r#"{"name": "p", "limit": 5, "window": "soon"}"#,
+                "not a duration",
+            ),
+            (
+                r#"{"name": "p", "limit": 5, "window": "1s", "limt": 1}"#,
+                "unknown field",
+            ),
+        ] {
+            let error = serde_json::from_str::<Policy>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{json}: {error}");
+        }
+    }
 
     #[test]
     fn names_limits_windows_and_bursts_are_validated() {

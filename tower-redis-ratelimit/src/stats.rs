@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
 use tower_breaker::State;
 use tower_redis_core::guard::Guard;
 
@@ -55,7 +54,8 @@ impl Stats {
 }
 
 /// Decisions made by one path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct SourceStats {
     /// The path.
@@ -67,7 +67,8 @@ pub struct SourceStats {
 }
 
 /// A snapshot of a limiter's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct LimiterStats {
     /// Requests allowed, by any path.
