@@ -100,7 +100,7 @@ impl Downstream {
             move |instance: &Instance| {
                 Ejecting::new(
                     HttpEndpoint::new(client.clone(), instance),
-                    instance.id.clone(),
+                    instance,
                     ejection,
                 )
             },

@@ -219,7 +219,7 @@ fn the_walkthrough_works_over_three_processes_sharing_one_redis() {
     assert!(metrics.header("content-type").starts_with("text/plain"));
     for name in [
         "tower_breaker_requests_total",
-        "tower_ratelimit_decisions_total",
+        "tower_redis_ratelimit_decisions_total",
         "tower_redis_cache_events_total",
         "demo_gateway_requests_total",
     ] {

@@ -178,6 +178,7 @@ pub struct BreakerBuilder {
     config: BreakerConfig,
     clock: Option<ManualClock>,
     listeners: Vec<Listener>,
+    export_metrics: bool,
 }
 
 impl fmt::Debug for BreakerBuilder {
@@ -301,6 +302,14 @@ impl BreakerBuilder {
         self
     }
 
+    /// Whether this breaker exports `tower_breaker_*` through the `metrics` facade (feature `metrics`; default
+    /// `true`). Turn it off for breakers made per instance or per key (passive health per endpoint, say), whose
+    /// names would make the `breaker` label grow without bound; report them at the level of their group instead.
+    pub fn export_metrics(mut self, export: bool) -> Self {
+        self.export_metrics = export;
+        self
+    }
+
     /// Call `listener` on every state transition, on the thread that makes it. It must not block.
     pub fn on_transition(mut self, listener: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
         self.listeners.push(Arc::new(listener));
@@ -364,7 +373,11 @@ impl BreakerBuilder {
             sample_mask: u64::from(config.latency_sample_every - 1),
             time_every_call: config.slow_call_rate_threshold.is_some(),
             #[cfg(feature = "metrics")]
-            metrics: crate::metrics::Handles::new(&config.name),
+            metrics: if self.export_metrics {
+                crate::metrics::Handles::new(&config.name)
+            } else {
+                crate::metrics::Handles::noop()
+            },
             config,
             clock,
             listeners: self.listeners,
@@ -383,6 +396,7 @@ impl CircuitBreaker {
             config: BreakerConfig::default(),
             clock: None,
             listeners: Vec::new(),
+            export_metrics: true,
         }
     }
 

@@ -54,6 +54,23 @@ impl Handles {
         }
     }
 
+    /// Handles that record nothing (a breaker built with `export_metrics(false)`).
+    pub(crate) fn noop() -> Self {
+        Self {
+            requests: Counter::noop(),
+            successes: Counter::noop(),
+            failures: Counter::noop(),
+            ignored: Counter::noop(),
+            rejects: Counter::noop(),
+            timeouts: Counter::noop(),
+            fallback_successes: Counter::noop(),
+            fallback_failures: Counter::noop(),
+            transitions: std::array::from_fn(|_| Counter::noop()),
+            state: Gauge::noop(),
+            latency: Histogram::noop(),
+        }
+    }
+
     pub(crate) fn outcome(&self, outcome: Outcome) {
         match outcome {
             Outcome::Success => self.successes.increment(1),

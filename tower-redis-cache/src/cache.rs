@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -401,6 +401,13 @@ impl HttpCache {
                 .redis
                 .as_ref()
                 .map(|redis| redis.guard.breaker().state()),
+            &self
+                .inner
+                .redis
+                .iter()
+                .chain(&self.inner.replicas)
+                .map(|tier| tier.guard.stats())
+                .collect::<Vec<_>>(),
             self.inner.owed.len(),
         )
     }
@@ -809,12 +816,8 @@ impl HttpCache {
         redis: &RedisTier,
         call: crate::store::BoxFuture<'_, redis::RedisResult<T>>,
     ) -> Result<T, ()> {
-        let started = Instant::now();
         match redis.guard.call(call).await {
-            Ok(value) => {
-                self.inner.stats.redis_latency(started.elapsed());
-                Ok(value)
-            }
+            Ok(value) => Ok(value),
             Err(GuardError::Open) => {
                 self.inner.stats.bump(Event::RedisSkipped);
                 Err(())

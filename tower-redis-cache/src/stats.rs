@@ -1,9 +1,9 @@
 //! Counters and the [`CacheStats`] snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use tower_breaker::State;
+use tower_redis_core::GuardStats;
 
 /// Where a hit came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,6 @@ struct Handles {
     events: Vec<metrics::Counter>,
     memory_hits: metrics::Counter,
     redis_hits: metrics::Counter,
-    redis_seconds: metrics::Histogram,
 }
 
 #[cfg(feature = "metrics")]
@@ -117,7 +116,6 @@ impl Handles {
                 .collect(),
             memory_hits: counter("memory_hits"),
             redis_hits: counter("redis_hits"),
-            redis_seconds: metrics::histogram!("tower_redis_cache_redis_seconds", "cache" => name.to_owned()),
         }
     }
 }
@@ -150,9 +148,6 @@ pub(crate) struct Stats {
     invalidations_owed: AtomicU64,
     invalidations_replayed: AtomicU64,
     owed_bypasses: AtomicU64,
-    redis_calls: AtomicU64,
-    redis_micros: AtomicU64,
-    redis_max_micros: AtomicU64,
 }
 
 impl Stats {
@@ -214,21 +209,11 @@ impl Stats {
         }
     }
 
-    pub(crate) fn redis_latency(&self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.redis_calls.fetch_add(1, Ordering::Relaxed);
-        self.redis_micros.fetch_add(micros, Ordering::Relaxed);
-        self.redis_max_micros.fetch_max(micros, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        if let Some(handles) = &self.handles {
-            handles.redis_seconds.record(latency.as_secs_f64());
-        }
-    }
-
     pub(crate) fn snapshot(
         &self,
         memory: Option<(u64, u64, u64)>,
         breaker: Option<State>,
+        redis: &[GuardStats],
         owed: usize,
     ) -> CacheStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -239,7 +224,17 @@ impl Stats {
                 hits as f64 / lookups as f64
             }
         };
-        let calls = load(&self.redis_calls);
+        // The latency of the answered Redis calls, over the primary and the replicas: what their guards measured.
+        let calls: u64 = redis.iter().map(|guard| guard.calls).sum();
+        let micros: u64 = redis
+            .iter()
+            .map(|guard| guard.mean_micros.saturating_mul(guard.calls))
+            .fold(0, u64::saturating_add);
+        let max_micros = redis
+            .iter()
+            .map(|guard| guard.max_micros)
+            .max()
+            .unwrap_or(0);
         let (memory_bytes, memory_entries, memory_capacity) = memory.unwrap_or_default();
         CacheStats {
             memory_hits: load(&self.memory_hits),
@@ -267,12 +262,8 @@ impl Stats {
             invalidations_replayed: load(&self.invalidations_replayed),
             owed_bypasses: load(&self.owed_bypasses),
             owed_now: owed as u64,
-            redis_mean_micros: self
-                .redis_micros
-                .load(Ordering::Relaxed)
-                .checked_div(calls)
-                .unwrap_or(0),
-            redis_max_micros: load(&self.redis_max_micros),
+            redis_mean_micros: micros.checked_div(calls).unwrap_or(0),
+            redis_max_micros: max_micros,
             memory_bytes,
             memory_entries,
             memory_capacity,

@@ -94,12 +94,104 @@ struct Counters {
     max_micros: AtomicU64,
 }
 
+/// Counts Redis calls and their latency the one way every crate of the workspace reports them: the counters behind
+/// [`GuardStats`] and, with the `metrics` feature, `tower_redis_calls_total{client, outcome}` (`ok`, `error`,
+/// `timeout`, `rejected`) and `tower_redis_call_duration_seconds{client}`, registered once here. `client` names
+/// the user (a cache, a limiter, a registry): a bounded label. A [`Guard`] has one; code that calls Redis without a
+/// breaker (discovery's registry) uses one directly. Cloning is an `Arc` bump.
+#[derive(Debug, Clone)]
+pub struct CallRecorder {
+    counters: Arc<Counters>,
+    #[cfg(feature = "metrics")]
+    metrics: Arc<crate::metrics::CallMetrics>,
+}
+
+impl CallRecorder {
+    /// A recorder labelled `client = <client>`.
+    pub fn new(client: &str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = client;
+        Self {
+            counters: Arc::default(),
+            #[cfg(feature = "metrics")]
+            metrics: Arc::new(crate::metrics::CallMetrics::new(client)),
+        }
+    }
+
+    /// Runs `call` within `deadline` and records what happened: an answer (with its latency), an error, or a
+    /// deadline passed (`Err`, as `tokio::time::timeout` reports it).
+    ///
+    /// # Errors
+    ///
+    /// `tokio::time::error::Elapsed` when the deadline passed.
+    pub async fn within<T, F>(
+        &self,
+        deadline: Duration,
+        call: F,
+    ) -> Result<redis::RedisResult<T>, tokio::time::error::Elapsed>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let started = Instant::now();
+        let result = tokio::time::timeout(deadline, call).await;
+        match &result {
+            Ok(Ok(_)) => self.answered(started.elapsed()),
+            Ok(Err(_)) => self.error(),
+            Err(_) => self.timeout(),
+        }
+        result
+    }
+
+    fn answered(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let counters = &self.counters;
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters.micros.fetch_add(micros, Ordering::Relaxed);
+        counters.max_micros.fetch_max(micros, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.answered(elapsed);
+    }
+
+    fn error(&self) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.error.increment(1);
+    }
+
+    fn timeout(&self) {
+        self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.timeout.increment(1);
+    }
+
+    /// A call not made because a breaker was open.
+    pub fn rejected(&self) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.rejected.increment(1);
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> GuardStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let calls = load(&self.counters.calls);
+        GuardStats {
+            calls,
+            errors: load(&self.counters.errors),
+            timeouts: load(&self.counters.timeouts),
+            rejected: load(&self.counters.rejected),
+            mean_micros: load(&self.counters.micros).checked_div(calls).unwrap_or(0),
+            max_micros: load(&self.counters.max_micros),
+        }
+    }
+}
+
 /// A breaker and a deadline around Redis calls. Cloning is an `Arc` bump. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Guard {
     breaker: CircuitBreaker,
     timeout: Duration,
-    counters: Arc<Counters>,
+    recorder: CallRecorder,
 }
 
 impl Guard {
@@ -116,10 +208,11 @@ impl Guard {
                 "must be greater than zero: every Redis call would time out",
             ));
         }
+        let recorder = CallRecorder::new(breaker.name());
         Ok(Self {
             breaker,
             timeout,
-            counters: Arc::default(),
+            recorder,
         })
     }
 
@@ -155,29 +248,21 @@ impl Guard {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let counters = &self.counters;
         let Ok(permit) = self.breaker.try_acquire() else {
-            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.recorder.rejected();
             return Err(GuardError::Open);
         };
-        let started = Instant::now();
-        match tokio::time::timeout(deadline, call).await {
+        match self.recorder.within(deadline, call).await {
             Ok(Ok(value)) => {
                 permit.success();
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                counters.calls.fetch_add(1, Ordering::Relaxed);
-                counters.micros.fetch_add(micros, Ordering::Relaxed);
-                counters.max_micros.fetch_max(micros, Ordering::Relaxed);
                 Ok(value)
             }
             Ok(Err(error)) => {
                 permit.failure();
-                counters.errors.fetch_add(1, Ordering::Relaxed);
                 Err(GuardError::Redis(error))
             }
             Err(_) => {
                 permit.timeout();
-                counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(GuardError::Timeout(deadline))
             }
         }
@@ -185,16 +270,7 @@ impl Guard {
 
     /// The counters.
     pub fn stats(&self) -> GuardStats {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let calls = load(&self.counters.calls);
-        GuardStats {
-            calls,
-            errors: load(&self.counters.errors),
-            timeouts: load(&self.counters.timeouts),
-            rejected: load(&self.counters.rejected),
-            mean_micros: load(&self.counters.micros).checked_div(calls).unwrap_or(0),
-            max_micros: load(&self.counters.max_micros),
-        }
+        self.recorder.stats()
     }
 }
 

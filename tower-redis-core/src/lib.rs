@@ -4,6 +4,8 @@
 pub mod guard;
 pub mod healing;
 pub mod key;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod pubsub;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
@@ -12,7 +14,7 @@ pub mod sharing;
 pub mod subscription;
 pub mod tcp;
 
-pub use guard::{Guard, GuardError, GuardStats};
+pub use guard::{CallRecorder, Guard, GuardError, GuardStats};
 pub use healing::{HealingConfig, HealingConnection, HealingStats};
 pub use pubsub::Subscriber;
 pub use subscription::{Subscription, SubscriptionConfig, SubscriptionStats};

@@ -30,7 +30,7 @@ use tower_redis_core::{ConfigError, Subscriber};
 
 use crate::instance::{Instance, Status};
 use crate::registry::Registry;
-use crate::stats::WatchHandle;
+use crate::stats::{WatchCounters, WatchHandle};
 
 /// Which instances discovery keeps (HazelJS's filter semantics): [`Filter::up`] or [`Filter::any`], then the
 /// setters.
@@ -254,8 +254,8 @@ impl<R: Registry> DiscoveryBuilder<R> {
             )
         })?;
         let handle = WatchHandle {
+            counters: Arc::new(WatchCounters::new(&service)),
             service,
-            counters: Arc::default(),
         };
         let (sender, changes) = mpsc::unbounded_channel();
         let hint = Arc::new(Notify::new());
@@ -513,7 +513,7 @@ async fn poll_loop<R: Registry>(
     let mut failing = false;
     loop {
         let read = registry.instances(service).await;
-        watch.counters.poll(service, read.is_ok());
+        watch.counters.poll(read.is_ok());
         match read {
             Ok(instances) => {
                 if failing {
@@ -537,7 +537,7 @@ async fn poll_loop<R: Registry>(
                         grace = ?policy.grace,
                         "the registry lost most of this service's instances at once; keeping them (self-preservation)"
                     );
-                    watch.counters.preservation_entered(service);
+                    watch.counters.preservation_entered();
                 } else if outcome.newly_preserved > 0 {
                     tracing::debug!(%service, missing = outcome.newly_preserved, "more instances preserved");
                 }
@@ -548,14 +548,13 @@ async fn poll_loop<R: Registry>(
                         "self-preservation over: every preserved instance reappeared or its grace ended"
                     );
                 }
-                watch.counters.preserved(service, preserved.len());
+                watch.counters.preserved(preserved.len());
                 let changes = outcome.changes;
                 let inserts = changes
                     .iter()
                     .filter(|change| matches!(change, Change::Insert(..)))
                     .count();
                 watch.counters.changes(
-                    service,
                     inserts as u64,
                     (changes.len() - inserts) as u64,
                     known.len(),

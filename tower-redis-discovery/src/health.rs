@@ -17,6 +17,8 @@ use tower::Service;
 use tower_breaker::{Backoff, CircuitBreaker, Permit, ProbePolicy};
 use tower_redis_core::ConfigError;
 
+use crate::instance::Instance;
+
 /// When to eject an endpoint, and for how long: [`EjectionOptions::default`], or [`EjectionOptions::builder`] to
 /// change a setting.
 #[derive(Debug, Clone, Copy)]
@@ -129,10 +131,27 @@ pub struct Ejecting<S> {
 }
 
 impl<S> Ejecting<S> {
-    /// `inner` with passive health; `name` labels its breaker (logs, stats).
-    pub fn new(inner: S, name: impl Into<String>, options: EjectionOptions) -> Self {
+    /// `inner`, the endpoint of `instance`, with passive health. Its breaker is named after the instance's id (logs,
+    /// stats) and exports no `tower_breaker_*` metrics of its own: a label per instance id would grow without bound
+    /// as instances come and go. Ejections are counted per service instead, in
+    /// `tower_redis_discovery_ejections_total{service}` (feature `metrics`).
+    pub fn new(inner: S, instance: &Instance, options: EjectionOptions) -> Self {
+        #[cfg(feature = "metrics")]
+        let ejections = metrics::counter!(
+            "tower_redis_discovery_ejections_total",
+            "service" => instance.name.clone()
+        );
         let breaker = CircuitBreaker::builder()
-            .name(name.into())
+            .name(instance.id.clone())
+            .export_metrics(false)
+            .on_transition(move |transition| {
+                #[cfg(feature = "metrics")]
+                if transition.to == tower_breaker::State::Open {
+                    ejections.increment(1);
+                }
+                #[cfg(not(feature = "metrics"))]
+                let _ = transition;
+            })
             .no_failure_rate()
             .consecutive_failures(options.consecutive_failures)
             .open_backoff(Backoff {

@@ -96,7 +96,7 @@ impl<R: Registry> Registration<R> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::Starting),
             wake: Notify::new(),
-            counters: RegistrationCounters::default(),
+            counters: RegistrationCounters::new(&instance.name),
         });
         let task = runtime.spawn(heartbeat_loop(
             registry.clone(),
@@ -186,7 +186,7 @@ async fn heartbeat_loop<R: Registry>(registry: R, instance: Instance, shared: Ar
                 .await
                 .map(|()| Heartbeat::Refreshed)
         };
-        shared.counters.heartbeat(&instance.name, result.is_ok());
+        shared.counters.heartbeat(result.is_ok());
         match result {
             Ok(Heartbeat::Recreated) => {
                 tracing::info!(id = %instance.id, "the registry had lost this entry; re-created it");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant as Clock};
 
-use tower_redis_core::ConfigError;
+use tower_redis_core::{CallRecorder, ConfigError, GuardStats};
 
 use crate::instance::{Instance, Status, iso8601};
 
@@ -232,6 +232,8 @@ pub struct RedisRegistry<C> {
     topology: Arc<AtomicU8>,
     max_entry_size: usize,
     warned: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Every Redis call's outcome and latency, counted as the other crates count theirs.
+    calls: CallRecorder,
 }
 
 /// Not asked yet (or the server could not be asked): the single-node way, and ask again on the next call.
@@ -367,12 +369,13 @@ where
         }
         Ok(RedisRegistry {
             connection: self.connection,
-            prefix: Arc::from(self.prefix),
             ttl: self.ttl,
             timeout: self.redis_timeout,
             topology: Arc::new(AtomicU8::new(UNKNOWN)),
             max_entry_size: self.max_entry_size,
             warned: Arc::default(),
+            calls: CallRecorder::new(&format!("registry:{}", self.prefix)),
+            prefix: Arc::from(self.prefix),
         })
     }
 }
@@ -475,13 +478,15 @@ where
             _ => {}
         }
         let mut connection = self.connection.clone();
-        let info = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("INFO")
-                .arg("cluster")
-                .query_async::<String>(&mut connection),
-        )
-        .await;
+        let info = self
+            .calls
+            .within(
+                self.timeout,
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async::<String>(&mut connection),
+            )
+            .await;
         let learnt = match info {
             Ok(Ok(info)) => {
                 if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
@@ -510,6 +515,13 @@ where
         }
     }
 
+    /// Its Redis calls so far: answered, failed, timed out, and the latency of the answered ones. With the
+    /// `metrics` feature they are also `tower_redis_calls_total{client="registry:<prefix>"}` and
+    /// `tower_redis_call_duration_seconds`, as every crate of the workspace reports its Redis calls.
+    pub fn redis_stats(&self) -> GuardStats {
+        self.calls.stats()
+    }
+
     /// The instance TTL.
     pub fn instance_ttl(&self) -> Duration {
         self.ttl
@@ -535,7 +547,8 @@ where
         pipe: redis::Pipeline,
     ) -> Result<T, RegistryError> {
         let mut connection = self.connection.clone();
-        tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut connection))
+        self.calls
+            .within(self.timeout, pipe.query_async::<T>(&mut connection))
             .await
             .map_err(|_| RegistryError::Timeout)?
             .map_err(RegistryError::Redis)
@@ -556,12 +569,13 @@ where
         }
         for command in commands {
             let mut connection = self.connection.clone();
-            tokio::time::timeout(
-                self.timeout,
-                command.query_async::<redis::Value>(&mut connection),
-            )
-            .await
-            .map_err(|_| RegistryError::Timeout)??;
+            self.calls
+                .within(
+                    self.timeout,
+                    command.query_async::<redis::Value>(&mut connection),
+                )
+                .await
+                .map_err(|_| RegistryError::Timeout)??;
         }
         Ok(())
     }
@@ -607,16 +621,18 @@ where
             let reads = keys.into_iter().map(|key| {
                 let mut connection = self.connection.clone();
                 async move {
-                    let read = tokio::time::timeout(
-                        self.timeout,
-                        redis::cmd("GETRANGE")
-                            .arg(key)
-                            .arg(0)
-                            .arg(end)
-                            .query_async::<Vec<u8>>(&mut connection),
-                    )
-                    .await
-                    .map_err(|_| RegistryError::Timeout)?;
+                    let read = self
+                        .calls
+                        .within(
+                            self.timeout,
+                            redis::cmd("GETRANGE")
+                                .arg(key)
+                                .arg(0)
+                                .arg(end)
+                                .query_async::<Vec<u8>>(&mut connection),
+                        )
+                        .await
+                        .map_err(|_| RegistryError::Timeout)?;
                     match read {
                         Err(error) if error.code().is_none() => Err(RegistryError::Redis(error)),
                         read => Ok(read),
@@ -650,8 +666,10 @@ where
             for id in ids {
                 invocation.key(self.instance_key(id)).arg(*id);
             }
-            removed =
-                tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await;
+            removed = self
+                .calls
+                .within(self.timeout, invocation.invoke_async(&mut connection))
+                .await;
             if matches!(&removed, Ok(Err(error)) if error.code() == Some("CROSSSLOT")) {
                 self.learn_cluster();
             }
@@ -662,7 +680,10 @@ where
             // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
             let mut remove = redis::cmd("SREM");
             remove.arg(&set).arg(ids);
-            removed = tokio::time::timeout(self.timeout, remove.query_async(&mut connection)).await;
+            removed = self
+                .calls
+                .within(self.timeout, remove.query_async(&mut connection))
+                .await;
         }
         match removed {
             Ok(Ok(removed)) => {
@@ -763,14 +784,15 @@ where
                 // Two slots: two single-key reads.
                 let mut connection = self.connection.clone();
                 let get = async {
-                    tokio::time::timeout(
-                        self.timeout,
-                        redis::cmd("GET")
-                            .arg(&key)
-                            .query_async::<Option<Vec<u8>>>(&mut connection),
-                    )
-                    .await
-                    .map_err(|_| RegistryError::Timeout)
+                    self.calls
+                        .within(
+                            self.timeout,
+                            redis::cmd("GET")
+                                .arg(&key)
+                                .query_async::<Option<Vec<u8>>>(&mut connection),
+                        )
+                        .await
+                        .map_err(|_| RegistryError::Timeout)
                 };
                 futures_util::future::try_join(get, self.set_pttl(&instance.name)).await?
             } else {
@@ -884,14 +906,16 @@ where
             // SCAN walks one node only; the cluster client sends KEYS to every primary and joins the answers. KEYS
             // walks the whole keyspace, so this is for an occasional listing, not a hot path.
             let mut connection = self.connection.clone();
-            let keys: Vec<String> = tokio::time::timeout(
-                self.timeout,
-                redis::cmd("KEYS")
-                    .arg(&pattern)
-                    .query_async(&mut connection),
-            )
-            .await
-            .map_err(|_| RegistryError::Timeout)??;
+            let keys: Vec<String> = self
+                .calls
+                .within(
+                    self.timeout,
+                    redis::cmd("KEYS")
+                        .arg(&pattern)
+                        .query_async(&mut connection),
+                )
+                .await
+                .map_err(|_| RegistryError::Timeout)??;
             names.extend(
                 keys.iter()
                     .filter_map(|key| key.strip_prefix(&service_prefix).map(str::to_owned)),

@@ -6,7 +6,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::instance::Status;
 
-#[derive(Debug, Default)]
+/// The `metrics` handles of one watch, registered once when it is built (labelled `service`).
+#[cfg(feature = "metrics")]
+struct WatchMetrics {
+    polls_ok: metrics::Counter,
+    polls_error: metrics::Counter,
+    inserts: metrics::Counter,
+    removes: metrics::Counter,
+    instances: metrics::Gauge,
+    preservations: metrics::Counter,
+    preserved: metrics::Gauge,
+}
+
+#[derive(Default)]
 pub(crate) struct WatchCounters {
     polls: AtomicU64,
     poll_failures: AtomicU64,
@@ -17,10 +29,40 @@ pub(crate) struct WatchCounters {
     reachable: AtomicBool,
     preservations: AtomicU64,
     preserved: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: Option<WatchMetrics>,
+}
+
+impl std::fmt::Debug for WatchCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchCounters")
+            .field("polls", &self.polls)
+            .field("poll_failures", &self.poll_failures)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WatchCounters {
-    pub(crate) fn poll(&self, service: &str, ok: bool) {
+    /// Counters for a watch of `service`, with their metric handles.
+    pub(crate) fn new(service: &str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+        Self {
+            #[cfg(feature = "metrics")]
+            metrics: Some(WatchMetrics {
+                polls_ok: metrics::counter!("tower_redis_discovery_polls_total", "service" => service.to_owned(), "outcome" => "ok"),
+                polls_error: metrics::counter!("tower_redis_discovery_polls_total", "service" => service.to_owned(), "outcome" => "error"),
+                inserts: metrics::counter!("tower_redis_discovery_changes_total", "service" => service.to_owned(), "kind" => "insert"),
+                removes: metrics::counter!("tower_redis_discovery_changes_total", "service" => service.to_owned(), "kind" => "remove"),
+                instances: metrics::gauge!("tower_redis_discovery_instances", "service" => service.to_owned()),
+                preservations: metrics::counter!("tower_redis_discovery_preservations_total", "service" => service.to_owned()),
+                preserved: metrics::gauge!("tower_redis_discovery_preserved_instances", "service" => service.to_owned()),
+            }),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn poll(&self, ok: bool) {
         if ok {
             self.polls.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -28,50 +70,42 @@ impl WatchCounters {
         }
         self.reachable.store(ok, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "tower_redis_discovery_polls_total",
-            "service" => service.to_owned(),
-            "outcome" => if ok { "ok" } else { "error" }
-        )
-        .increment(1);
-        #[cfg(not(feature = "metrics"))]
-        let _ = service;
+        if let Some(metrics) = &self.metrics {
+            if ok {
+                &metrics.polls_ok
+            } else {
+                &metrics.polls_error
+            }
+            .increment(1);
+        }
     }
 
-    pub(crate) fn changes(&self, service: &str, inserts: u64, removes: u64, instances: usize) {
+    pub(crate) fn changes(&self, inserts: u64, removes: u64, instances: usize) {
         self.inserts.fetch_add(inserts, Ordering::Relaxed);
         self.removes.fetch_add(removes, Ordering::Relaxed);
         self.instances.store(instances as u64, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        {
-            let service = service.to_owned();
-            metrics::counter!("tower_redis_discovery_changes_total", "service" => service.clone(), "kind" => "insert")
-                .increment(inserts);
-            metrics::counter!("tower_redis_discovery_changes_total", "service" => service.clone(), "kind" => "remove")
-                .increment(removes);
-            metrics::gauge!("tower_redis_discovery_instances", "service" => service)
-                .set(instances as f64);
+        if let Some(metrics) = &self.metrics {
+            metrics.inserts.increment(inserts);
+            metrics.removes.increment(removes);
+            metrics.instances.set(instances as f64);
         }
-        #[cfg(not(feature = "metrics"))]
-        let _ = service;
     }
 
-    pub(crate) fn preservation_entered(&self, service: &str) {
+    pub(crate) fn preservation_entered(&self) {
         self.preservations.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!("tower_redis_discovery_preservations_total", "service" => service.to_owned())
-            .increment(1);
-        #[cfg(not(feature = "metrics"))]
-        let _ = service;
+        if let Some(metrics) = &self.metrics {
+            metrics.preservations.increment(1);
+        }
     }
 
-    pub(crate) fn preserved(&self, service: &str, preserved: usize) {
+    pub(crate) fn preserved(&self, preserved: usize) {
         self.preserved.store(preserved as u64, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::gauge!("tower_redis_discovery_preserved_instances", "service" => service.to_owned())
-            .set(preserved as f64);
-        #[cfg(not(feature = "metrics"))]
-        let _ = service;
+        if let Some(metrics) = &self.metrics {
+            metrics.preserved.set(preserved as f64);
+        }
     }
 
     pub(crate) fn hint(&self) {
@@ -135,17 +169,42 @@ pub struct WatchStats {
     pub preserved: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct RegistrationCounters {
     heartbeats: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU64,
     recreations: AtomicU64,
     heals: AtomicU64,
+    /// `tower_redis_discovery_heartbeats_total{service, outcome}`, registered once.
+    #[cfg(feature = "metrics")]
+    metrics: Option<[metrics::Counter; 2]>,
+}
+
+impl std::fmt::Debug for RegistrationCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrationCounters")
+            .field("heartbeats", &self.heartbeats)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RegistrationCounters {
-    pub(crate) fn heartbeat(&self, service: &str, ok: bool) {
+    /// Counters for a registration in `service`, with their metric handles.
+    pub(crate) fn new(service: &str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = service;
+        Self {
+            #[cfg(feature = "metrics")]
+            metrics: Some(["error", "ok"].map(|outcome| {
+                metrics::counter!("tower_redis_discovery_heartbeats_total", "service" => service.to_owned(), "outcome" => outcome)
+            })),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn heartbeat(&self, ok: bool) {
         if ok {
             self.heartbeats.fetch_add(1, Ordering::Relaxed);
             self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -154,16 +213,10 @@ impl RegistrationCounters {
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         }
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "tower_redis_discovery_heartbeats_total",
-            "service" => service.to_owned(),
-            "outcome" => if ok { "ok" } else { "error" }
-        )
-        .increment(1);
-        #[cfg(not(feature = "metrics"))]
-        let _ = service;
+        if let Some(metrics) = &self.metrics {
+            metrics[usize::from(ok)].increment(1);
+        }
     }
-
     pub(crate) fn recreated(&self) {
         self.recreations.fetch_add(1, Ordering::Relaxed);
     }

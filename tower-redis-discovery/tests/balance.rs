@@ -266,7 +266,7 @@ async fn a_failing_instance_is_ejected_then_re_admitted_after_a_successful_probe
         move |instance: &Instance| {
             Ejecting::new(
                 HttpEndpoint::new(client.clone(), instance),
-                instance.id.clone(),
+                instance,
                 options,
             )
         },

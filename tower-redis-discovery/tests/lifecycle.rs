@@ -291,7 +291,7 @@ async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_r
         move |instance: &Instance| {
             Ejecting::new(
                 HttpEndpoint::new(client.clone(), instance),
-                instance.id.clone(),
+                instance,
                 EjectionOptions::default(),
             )
         },

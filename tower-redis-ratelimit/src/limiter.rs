@@ -587,6 +587,7 @@ where
         self.inner.stats.snapshot(
             self.inner.deny_cache.as_ref().map_or(0, DenyCache::len),
             &self.inner.guard,
+            self.inner.local_only,
         )
     }
 
@@ -694,6 +695,10 @@ mod tests {
         let stats = limiter.stats();
         assert_eq!((stats.allowed, stats.denied), (4, 1));
         assert_eq!((stats.redis_calls, stats.redis_errors), (0, 0));
+        assert_eq!(
+            stats.redis_breaker, None,
+            "no Redis, so no Redis breaker state"
+        );
         assert_eq!(limiter.breaker().stats().requests, 0);
     }
 

@@ -16,7 +16,7 @@ impl Handles {
             .map(|source| {
                 let counter = |outcome: &'static str| {
                     metrics::counter!(
-                        "tower_ratelimit_decisions_total",
+                        "tower_redis_ratelimit_decisions_total",
                         "limiter" => name.to_owned(),
                         "source" => source.as_str(),
                         "outcome" => outcome

@@ -24,7 +24,12 @@ impl Stats {
         self.shadow_denials.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, deny_cache_entries: usize, guard: &Guard) -> LimiterStats {
+    pub(crate) fn snapshot(
+        &self,
+        deny_cache_entries: usize,
+        guard: &Guard,
+        local_only: bool,
+    ) -> LimiterStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let by_source = DecisionSource::ALL
             .iter()
@@ -48,7 +53,7 @@ impl Stats {
             redis_mean_micros: redis.mean_micros,
             redis_max_micros: redis.max_micros,
             deny_cache_entries,
-            redis_breaker: guard.breaker().state(),
+            redis_breaker: (!local_only).then(|| guard.breaker().state()),
         }
     }
 }
@@ -91,8 +96,9 @@ pub struct LimiterStats {
     pub redis_max_micros: u64,
     /// Keys in the deny cache.
     pub deny_cache_entries: usize,
-    /// The state of the breaker guarding Redis.
-    pub redis_breaker: State,
+    /// The state of the breaker guarding Redis; `None` for a local-only limiter, which has no Redis (as the
+    /// cache's `CacheStats::redis_breaker` is `None` without a Redis tier).
+    pub redis_breaker: Option<State>,
 }
 
 impl LimiterStats {

@@ -391,7 +391,7 @@ async fn with_redis_stopped_each_failure_policy_does_what_it_says_within_its_tim
     assert!(open.stats().redis_errors + open.stats().redis_timeouts > 0);
     assert_eq!(
         open.stats().redis_breaker,
-        tower_breaker::State::Open,
+        Some(tower_breaker::State::Open),
         "repeated failures open the breaker"
     );
 

@@ -29,7 +29,7 @@ async fn decisions_are_counted_by_source_and_outcome() {
     let count = |source: &str, outcome: &str| -> Option<String> {
         snapshot.iter().find_map(|(key, _, _, value)| {
             let key = key.key();
-            let matches = key.name() == "tower_ratelimit_decisions_total"
+            let matches = key.name() == "tower_redis_ratelimit_decisions_total"
                 && key
                     .labels()
                     .any(|label| label.key() == "limiter" && label.value() == "api")

@@ -285,9 +285,7 @@ fn echo_client(
         .map_err(|error| format!("balance: {error}"))?;
     let balanced = balance(
         discovery,
-        move |instance: &Instance| {
-            Ejecting::new(channel_to(instance), instance.id.clone(), ejection)
-        },
+        move |instance: &Instance| Ejecting::new(channel_to(instance), instance, ejection),
         options,
     );
     let breaker = CircuitBreaker::builder()
