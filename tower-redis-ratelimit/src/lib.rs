@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod builder;
 mod decision;
 mod error;
 mod headers;
@@ -23,11 +24,12 @@ pub mod sentinel {
     pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
+pub use builder::{DEFAULT_TIER, RateLimiterBuilder};
 pub use decision::{Decision, DecisionSource, PolicyState};
 pub use error::ConfigError;
 pub use headers::HeaderStyle;
 pub use layer::{DefaultRejection, RateLimitLayer, Rejection, Selection};
-pub use limiter::{AdminError, DEFAULT_TIER, FailurePolicy, RateLimiter, RateLimiterBuilder};
+pub use limiter::{AdminError, FailurePolicy, RateLimiter};
 pub use offline::Offline;
 pub use policy::{Algorithm, MAX_LIMIT, Policy, PolicySet};
 pub use service::{RateLimit, ResponseFuture};
