@@ -118,6 +118,51 @@ enum Fetched<B, E> {
     TimedOut,
 }
 
+/// A stored entry a tier can answer a request with, and how.
+struct Answer {
+    entry: Arc<Entry>,
+    tier: Tier,
+    timing: Timing,
+    /// `Fresh`, `StaleAllowed` or `StaleWhileRevalidate`.
+    how: Use,
+}
+
+/// What the lookups found for a request they could not answer.
+#[derive(Default)]
+struct Found {
+    /// A stored entry to revalidate.
+    candidate: Option<Arc<Entry>>,
+    /// The request's own directives asked for revalidation (Redis is then not asked either).
+    by_request: bool,
+    /// Other variants of the URL are stored, none for this request.
+    vary_miss: bool,
+    /// Redis could not be asked.
+    redis_down: bool,
+}
+
+impl Found {
+    /// The `Cache-Status` of the request forwarded to the origin.
+    fn status(&self) -> CacheStatus {
+        let forward = match (&self.candidate, self.by_request) {
+            (Some(_), true) => Forward::Request,
+            (Some(_), false) => Forward::Stale,
+            (None, _) if self.vary_miss => Forward::VaryMiss,
+            (None, _) => Forward::UriMiss,
+        };
+        let mut status = CacheStatus::forward(forward);
+        if self.redis_down {
+            status.detail = Some("redis-unavailable");
+        }
+        status
+    }
+}
+
+/// What the memory lookup found.
+enum Lookup {
+    Answer(Answer),
+    NotAnswered(Found),
+}
+
 impl Call {
     fn stats(&self) -> &crate::stats::Stats {
         &self.cache.inner.stats
@@ -127,6 +172,9 @@ impl Call {
         status.header(&self.cache.inner.name)
     }
 
+    /// The request path, in its steps: which requests the cache handles, lookup in memory, coalesce with the fill
+    /// in flight, lookup in Redis, coalesce across instances, fetch from the origin (revalidating what is stored,
+    /// and storing what may be stored), respond.
     async fn run<S, ReqBody, ResBody>(
         self,
         service: S,
@@ -146,18 +194,7 @@ impl Call {
             return self.forward_method(service, request).await;
         }
         let (parts, body) = request.into_parts();
-        let key = if parts.headers.contains_key(RANGE)
-            || self
-                .route
-                .bypass
-                .as_ref()
-                .is_some_and(|bypass| bypass(&parts))
-        {
-            None
-        } else {
-            self.key(&parts)
-        };
-        let Some(key) = key else {
+        let Some(key) = self.cache_key(&parts) else {
             self.stats().bump(Event::Bypassed);
             return self
                 .pass(
@@ -168,146 +205,41 @@ impl Call {
                 .await;
         };
         let request_cc = CacheControl::parse(&parts.headers, true);
-        let rules = &self.route.rules;
 
-        // 1. The memory tier.
-        let mut candidate: Option<Arc<Entry>> = None;
-        let mut by_request = false;
-        if self.cache.inner.memory.is_some() {
-            self.stats().bump(Event::MemoryLookups);
-        }
-        if let Some(entry) = self.cache.memory_lookup(&key, &parts.headers) {
-            let timing = Timing::of(&entry, rules, now_ms());
-            match policy::evaluate(&entry, timing, &request_cc, rules) {
-                Use::Fresh => return Ok(self.hit(&entry, Tier::Memory, &parts, timing, false)),
-                Use::StaleAllowed => {
-                    return Ok(self.stale(&entry, Tier::Memory, &parts, timing, "max-stale"));
-                }
-                Use::StaleWhileRevalidate => {
-                    let response = self.stale(
-                        &entry,
-                        Tier::Memory,
-                        &parts,
-                        timing,
-                        "stale-while-revalidate",
-                    );
-                    self.refresh(service, parts, body, key, entry, None);
-                    return Ok(response);
-                }
-                Use::Revalidate { by_request: asked } => {
-                    by_request = asked;
-                    candidate = Some(entry);
-                }
+        // 1. Lookup: the memory tier.
+        let mut found = match self.lookup_memory(&key, &parts, &request_cc) {
+            Lookup::Answer(answer) => {
+                return Ok(self.answer(answer, service, parts, body, key, None));
             }
-        }
-        let vary_miss = candidate.is_none() && self.cache.known_vary(&key).is_some();
-
-        // 2. Join the fill in flight for this key, or lead one.
-        let mut guard = None;
-        if self.route.coalesce {
-            match self.cache.flight(&key) {
-                Flight::Lead(lead) => guard = Some(lead),
-                Flight::Wait(receiver) => {
-                    if let Some(response) = self.wait(receiver, &parts, &request_cc).await {
-                        return Ok(response);
-                    }
-                }
-            }
-        }
-
-        // 3. Redis, unless the request insists on the origin anyway.
-        let mut redis_down = false;
-        if !by_request && self.cache.inner.redis.is_some() {
-            self.stats().bump(Event::RedisLookups);
-            match self.cache.redis_lookup(&key, &parts.headers, rules).await {
-                Ok(Some(entry)) => {
-                    let timing = Timing::of(&entry, rules, now_ms());
-                    match policy::evaluate(&entry, timing, &request_cc, rules) {
-                        Use::Fresh => {
-                            publish(guard.as_ref(), &entry);
-                            return Ok(self.hit(&entry, Tier::Redis, &parts, timing, false));
-                        }
-                        Use::StaleAllowed => {
-                            publish(guard.as_ref(), &entry);
-                            return Ok(self.stale(
-                                &entry,
-                                Tier::Redis,
-                                &parts,
-                                timing,
-                                "max-stale",
-                            ));
-                        }
-                        Use::StaleWhileRevalidate => {
-                            publish(guard.as_ref(), &entry);
-                            let response = self.stale(
-                                &entry,
-                                Tier::Redis,
-                                &parts,
-                                timing,
-                                "stale-while-revalidate",
-                            );
-                            self.refresh(service, parts, body, key, entry, guard);
-                            return Ok(response);
-                        }
-                        Use::Revalidate { .. } => {
-                            let newer = candidate
-                                .as_ref()
-                                .is_none_or(|memory| memory.response_time < entry.response_time);
-                            if newer {
-                                candidate = Some(entry);
-                            }
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(()) => redis_down = true,
-            }
-        }
-
-        if request_cc.only_if_cached {
-            let mut status = CacheStatus::forward(if candidate.is_some() {
-                Forward::Stale
-            } else {
-                Forward::UriMiss
-            });
-            status.detail = Some("only-if-cached");
-            let mut response = Response::new(CacheBody::default());
-            *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-            response
-                .headers_mut()
-                .insert(crate::CACHE_STATUS, self.status_header(&status));
-            return Ok(response);
-        }
-
-        // 4. Across instances: wait for another instance's fill instead of calling the origin too.
-        let mut lock = None;
-        if candidate.is_none() && guard.is_some() && self.cache.inner.fill_lock.is_some() {
-            let token = self.cache.token();
-            match self.cache.lock(&key, &token).await {
-                Some(true) => lock = Some(token),
-                Some(false) => {
-                    if let Some(entry) = self
-                        .await_other_instance(&key, &parts.headers, &request_cc)
-                        .await
-                    {
-                        publish(guard.as_ref(), &entry);
-                        let timing = Timing::of(&entry, rules, now_ms());
-                        self.stats().bump(Event::Collapsed);
-                        return Ok(self.hit(&entry, Tier::Redis, &parts, timing, true));
-                    }
-                }
-                None => {}
-            }
-        }
-
-        // 5. The origin.
-        let forward = match (&candidate, by_request) {
-            (Some(_), true) => Forward::Request,
-            (Some(_), false) => Forward::Stale,
-            (None, _) if vary_miss => Forward::VaryMiss,
-            (None, _) => Forward::UriMiss,
+            Lookup::NotAnswered(found) => found,
         };
-        if candidate.is_none() {
+        // 2. Coalesce: join the fill in flight for this key, or lead one.
+        let guard = match self.coalesce(&key, &parts, &request_cc).await {
+            Ok(guard) => guard,
+            Err(response) => return Ok(response),
+        };
+        // 3. Lookup: Redis, unless the request insists on the origin anyway.
+        if let Some(answer) = self
+            .lookup_redis(&key, &parts, &request_cc, &mut found)
+            .await
+        {
+            publish(guard.as_ref(), &answer.entry);
+            return Ok(self.answer(answer, service, parts, body, key, guard));
+        }
+        if request_cc.only_if_cached {
+            return Ok(self.only_if_cached(found.candidate.is_some()));
+        }
+        // 4. Coalesce across instances: wait for another instance's fill instead of calling the origin too.
+        let lock = match self
+            .coalesce_across_instances(&key, &parts, &request_cc, &found, guard.as_ref())
+            .await
+        {
+            Ok(lock) => lock,
+            Err(response) => return Ok(response),
+        };
+        // 5. Fetch (and revalidate, and store): the origin.
+        let status = found.status();
+        if found.candidate.is_none() {
             self.stats().bump(Event::Misses);
         }
         let client = parts.clone();
@@ -317,15 +249,227 @@ impl Call {
                 parts,
                 body,
                 &key,
-                candidate.as_deref(),
+                found.candidate.as_deref(),
                 guard,
                 lock,
             )
             .await;
-        let mut status = CacheStatus::forward(forward);
-        if redis_down {
-            status.detail = Some("redis-unavailable");
+        // 6. Respond.
+        self.respond(
+            fetched,
+            found.candidate.as_deref(),
+            &client,
+            &request_cc,
+            status,
+        )
+    }
+
+    /// The key of a request the cache handles: `None` for a range request or one the route bypasses.
+    fn cache_key(&self, parts: &Parts) -> Option<String> {
+        if parts.headers.contains_key(RANGE)
+            || self
+                .route
+                .bypass
+                .as_ref()
+                .is_some_and(|bypass| bypass(parts))
+        {
+            return None;
         }
+        self.key(parts)
+    }
+
+    /// Step 1: the memory tier answers, or leaves a candidate to revalidate.
+    fn lookup_memory(&self, key: &str, parts: &Parts, request_cc: &CacheControl) -> Lookup {
+        let rules = &self.route.rules;
+        let mut found = Found::default();
+        if self.cache.inner.memory.is_some() {
+            self.stats().bump(Event::MemoryLookups);
+        }
+        if let Some(entry) = self.cache.memory_lookup(key, &parts.headers) {
+            let timing = Timing::of(&entry, rules, now_ms());
+            match policy::evaluate(&entry, timing, request_cc, rules) {
+                Use::Revalidate { by_request } => {
+                    found.by_request = by_request;
+                    found.candidate = Some(entry);
+                }
+                how => {
+                    return Lookup::Answer(Answer {
+                        entry,
+                        tier: Tier::Memory,
+                        timing,
+                        how,
+                    });
+                }
+            }
+        }
+        found.vary_miss = found.candidate.is_none() && self.cache.known_vary(key).is_some();
+        Lookup::NotAnswered(found)
+    }
+
+    /// Step 2: leads the fill of `key` in this process (`Ok(Some)`), or waits for the one in flight, whose entry
+    /// may answer this request too (`Err`); `Ok(None)` when the route does not coalesce or the wait did not help.
+    async fn coalesce<B>(
+        &self,
+        key: &str,
+        parts: &Parts,
+        request_cc: &CacheControl,
+    ) -> Result<Option<FlightGuard>, Response<CacheBody<B>>> {
+        if !self.route.coalesce {
+            return Ok(None);
+        }
+        match self.cache.flight(key) {
+            Flight::Lead(lead) => Ok(Some(lead)),
+            Flight::Wait(receiver) => match self.wait(receiver, parts, request_cc).await {
+                Some(response) => Err(response),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Step 3: Redis answers, or its entry becomes the candidate when newer than memory's (`found` is updated).
+    async fn lookup_redis(
+        &self,
+        key: &str,
+        parts: &Parts,
+        request_cc: &CacheControl,
+        found: &mut Found,
+    ) -> Option<Answer> {
+        if found.by_request || self.cache.inner.redis.is_none() {
+            return None;
+        }
+        let rules = &self.route.rules;
+        self.stats().bump(Event::RedisLookups);
+        match self.cache.redis_lookup(key, &parts.headers, rules).await {
+            Ok(Some(entry)) => {
+                let timing = Timing::of(&entry, rules, now_ms());
+                match policy::evaluate(&entry, timing, request_cc, rules) {
+                    Use::Revalidate { .. } => {
+                        let newer = found
+                            .candidate
+                            .as_ref()
+                            .is_none_or(|memory| memory.response_time < entry.response_time);
+                        if newer {
+                            found.candidate = Some(entry);
+                        }
+                        None
+                    }
+                    how => Some(Answer {
+                        entry,
+                        tier: Tier::Redis,
+                        timing,
+                        how,
+                    }),
+                }
+            }
+            Ok(None) => None,
+            Err(()) => {
+                found.redis_down = true;
+                None
+            }
+        }
+    }
+
+    /// The answer to an `only-if-cached` request nothing stored could answer: 504.
+    fn only_if_cached<B>(&self, stale: bool) -> Response<CacheBody<B>> {
+        let mut status = CacheStatus::forward(if stale {
+            Forward::Stale
+        } else {
+            Forward::UriMiss
+        });
+        status.detail = Some("only-if-cached");
+        let mut response = Response::new(CacheBody::default());
+        *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+        response
+            .headers_mut()
+            .insert(crate::CACHE_STATUS, self.status_header(&status));
+        response
+    }
+
+    /// Step 4: with a fill lock, the leader of a miss takes the lock (`Ok(Some(token))`), or waits for the
+    /// instance holding it, whose entry then answers (`Err`). The lock fails open: `Ok(None)` goes to the origin.
+    async fn coalesce_across_instances<B>(
+        &self,
+        key: &str,
+        parts: &Parts,
+        request_cc: &CacheControl,
+        found: &Found,
+        guard: Option<&FlightGuard>,
+    ) -> Result<Option<String>, Response<CacheBody<B>>> {
+        if found.candidate.is_some() || guard.is_none() || self.cache.inner.fill_lock.is_none() {
+            return Ok(None);
+        }
+        let token = self.cache.token();
+        match self.cache.lock(key, &token).await {
+            Some(true) => Ok(Some(token)),
+            Some(false) => {
+                match self
+                    .await_other_instance(key, &parts.headers, request_cc)
+                    .await
+                {
+                    Some(entry) => {
+                        publish(guard, &entry);
+                        let timing = Timing::of(&entry, &self.route.rules, now_ms());
+                        self.stats().bump(Event::Collapsed);
+                        Err(self.hit(&entry, Tier::Redis, parts, timing, true))
+                    }
+                    None => Ok(None),
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Serves what a tier found: fresh, stale within max-stale, or stale while one refresh runs in the background.
+    fn answer<S, ReqBody, ResBody>(
+        &self,
+        answer: Answer,
+        service: S,
+        parts: Parts,
+        body: ReqBody,
+        key: String,
+        guard: Option<FlightGuard>,
+    ) -> Response<CacheBody<ResBody>>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Buf + Send,
+        ResBody::Error: Send,
+    {
+        let Answer {
+            entry,
+            tier,
+            timing,
+            how,
+        } = answer;
+        match how {
+            Use::StaleAllowed => self.stale(&entry, tier, &parts, timing, "max-stale"),
+            Use::StaleWhileRevalidate => {
+                let response = self.stale(&entry, tier, &parts, timing, "stale-while-revalidate");
+                self.refresh(service, parts, body, key, entry, guard);
+                response
+            }
+            Use::Fresh | Use::Revalidate { .. } => self.hit(&entry, tier, &parts, timing, false),
+        }
+    }
+
+    /// Step 6: the response to the client, from what the origin did (or stale in place of its failure).
+    fn respond<B, E>(
+        &self,
+        fetched: Fetched<B, E>,
+        candidate: Option<&Entry>,
+        client: &Parts,
+        request_cc: &CacheControl,
+        mut status: CacheStatus,
+    ) -> Result<Response<CacheBody<B>>, E>
+    where
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Send,
+    {
+        let rules = &self.route.rules;
         match fetched {
             Fetched::Revalidated {
                 entry,
@@ -339,7 +483,7 @@ impl Call {
                 }
                 let timing = Timing::of(&entry, rules, now_ms());
                 status.ttl = Some(timing.ttl_seconds());
-                Ok(self.respond_from(&entry, &client, timing, status))
+                Ok(self.respond_from(&entry, client, timing, status))
             }
             Fetched::Response {
                 response,
@@ -388,8 +532,7 @@ impl Call {
                 Ok(response)
             }
             Fetched::ServerError(response) => {
-                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
-                {
+                if let Some(stale) = self.stale_on_error(candidate, client, request_cc) {
                     return Ok(stale);
                 }
                 status.fwd_status = Some(response.status().as_u16());
@@ -400,15 +543,13 @@ impl Call {
                 Ok(response)
             }
             Fetched::Failed(error) => {
-                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
-                {
+                if let Some(stale) = self.stale_on_error(candidate, client, request_cc) {
                     return Ok(stale);
                 }
                 Err(error)
             }
             Fetched::TimedOut => {
-                if let Some(stale) = self.stale_on_error(candidate.as_deref(), &client, &request_cc)
-                {
+                if let Some(stale) = self.stale_on_error(candidate, client, request_cc) {
                     return Ok(stale);
                 }
                 status.detail = Some("origin-timeout");
