@@ -40,6 +40,12 @@ impl ManualClock {
         let millis = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         self.millis.fetch_add(millis, Ordering::AcqRel);
     }
+
+    /// How far the clock has been moved since it was made (millisecond resolution). Other crates of the workspace
+    /// (the cache) offset their own time by it.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_millis(self.millis.load(Ordering::Acquire))
+    }
 }
 
 /// The clock a breaker uses.

@@ -18,7 +18,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{CacheBody, Recorder, Sink, drain};
-use crate::cache::{Flight, FlightGuard, HttpCache, now_ms};
+use crate::cache::{Flight, FlightGuard, HttpCache};
 use crate::directives::CacheControl;
 use crate::entry::{Entry, Facts};
 use crate::layer::Route;
@@ -286,7 +286,7 @@ impl Call {
             self.stats().bump(Event::MemoryLookups);
         }
         if let Some(entry) = self.cache.memory_lookup(key, &parts.headers) {
-            let timing = Timing::of(&entry, rules, now_ms());
+            let timing = Timing::of(&entry, rules, self.cache.now_ms());
             match policy::evaluate(&entry, timing, request_cc, rules) {
                 Use::Revalidate { by_request } => {
                     found.by_request = by_request;
@@ -341,7 +341,7 @@ impl Call {
         self.stats().bump(Event::RedisLookups);
         match self.cache.redis_lookup(key, &parts.headers, rules).await {
             Ok(Some(entry)) => {
-                let timing = Timing::of(&entry, rules, now_ms());
+                let timing = Timing::of(&entry, rules, self.cache.now_ms());
                 match policy::evaluate(&entry, timing, request_cc, rules) {
                     Use::Revalidate { .. } => {
                         let newer = found
@@ -408,7 +408,7 @@ impl Call {
                 {
                     Some(entry) => {
                         publish(guard, &entry);
-                        let timing = Timing::of(&entry, &self.route.rules, now_ms());
+                        let timing = Timing::of(&entry, &self.route.rules, self.cache.now_ms());
                         self.stats().bump(Event::Collapsed);
                         Err(self.hit(&entry, Tier::Redis, parts, timing, true))
                     }
@@ -481,7 +481,7 @@ impl Call {
                 if status.detail.is_none() {
                     status.detail = detail;
                 }
-                let timing = Timing::of(&entry, rules, now_ms());
+                let timing = Timing::of(&entry, rules, self.cache.now_ms());
                 status.ttl = Some(timing.ttl_seconds());
                 Ok(self.respond_from(&entry, client, timing, status))
             }
@@ -503,7 +503,7 @@ impl Call {
                             response.status(),
                             &facts,
                             rules,
-                            now_ms(),
+                            self.cache.now_ms(),
                         ),
                     };
                     status.ttl = Some(timing.ttl_seconds());
@@ -572,7 +572,7 @@ impl Call {
     ) -> Option<Response<CacheBody<B>>> {
         let entry = candidate?;
         let rules = &self.route.rules;
-        let timing = Timing::of(entry, rules, now_ms());
+        let timing = Timing::of(entry, rules, self.cache.now_ms());
         policy::stale_if_error(entry, timing, request_cc, rules)
             .then(|| self.stale(entry, Tier::Memory, parts, timing, "stale-if-error"))
     }
@@ -602,7 +602,7 @@ impl Call {
         if !policy::variant_matches(&entry, &parts.headers) {
             return None;
         }
-        let timing = Timing::of(&entry, &self.route.rules, now_ms());
+        let timing = Timing::of(&entry, &self.route.rules, self.cache.now_ms());
         match policy::evaluate(&entry, timing, request_cc, &self.route.rules) {
             Use::Fresh => {
                 self.stats().bump(Event::Collapsed);
@@ -642,7 +642,7 @@ impl Call {
                 .await
             {
                 Ok(Some(entry)) => {
-                    let timing = Timing::of(&entry, &self.route.rules, now_ms());
+                    let timing = Timing::of(&entry, &self.route.rules, self.cache.now_ms());
                     if matches!(
                         policy::evaluate(&entry, timing, request_cc, &self.route.rules),
                         Use::Fresh | Use::StaleAllowed
@@ -701,7 +701,7 @@ impl Call {
             // A HEAD cannot fill the entry; ask for the GET the entry is stored from.
             parts.method = Method::GET;
         }
-        let request_time = now_ms();
+        let request_time = self.cache.now_ms();
         let call = service.call(Request::from_parts(parts, body));
         let result = match self.route.origin_timeout {
             Some(timeout) => match tokio::time::timeout(timeout, call).await {
@@ -720,7 +720,7 @@ impl Call {
                 return Fetched::Failed(error);
             }
         };
-        let response_time = now_ms();
+        let response_time = self.cache.now_ms();
         let status = response.status();
         if status.is_server_error() {
             self.stats().bump(Event::OriginErrors);
@@ -762,7 +762,7 @@ impl Call {
                 };
             }
             let vary = vary_spec(&refreshed.headers);
-            let keep = policy::storage_ttl(&refreshed, rules, now_ms());
+            let keep = policy::storage_ttl(&refreshed, rules, self.cache.now_ms());
             let tags = self.tags(key, &request_headers, &head, &refreshed.headers);
             self.cache.store(key, &vary, &refreshed, keep, tags, lock);
             publish(guard.as_ref(), &refreshed);
@@ -790,7 +790,7 @@ impl Call {
                 &facts,
                 rules,
                 (request_time, response_time),
-                now_ms(),
+                self.cache.now_ms(),
             );
             if keep == 0 {
                 Err("stale-on-arrival")
@@ -1290,7 +1290,7 @@ impl Sink for Fill {
             self.response_time,
             std::mem::take(&mut self.selecting),
         ));
-        let keep = policy::storage_ttl(&entry, &self.rules, now_ms());
+        let keep = policy::storage_ttl(&entry, &self.rules, self.cache.now_ms());
         self.cache.store(
             &self.key,
             &self.vary,

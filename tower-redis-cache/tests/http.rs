@@ -14,12 +14,19 @@ use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend};
 use support::{Calls, eventually, get, origin, send, serve, stored_in_redis};
+use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 async fn redis_cache(server: &RedisServer) -> HttpCache {
+    redis_cache_with(server, ManualClock::new()).await
+}
+
+/// A cache whose time moves only with `clock` (entries go stale without sleeping).
+async fn redis_cache_with(server: &RedisServer, clock: ManualClock) -> HttpCache {
     HttpCache::builder()
         .redis(server.connection_manager().await)
         .prefix("http-test:")
+        .clock(clock)
         .build()
         .unwrap()
 }
@@ -202,7 +209,8 @@ async fn a_stale_entry_is_revalidated_and_a_304_updates_its_headers() {
             }
         }),
     );
-    let cache = redis_cache(&server).await;
+    let clock = ManualClock::new();
+    let cache = redis_cache_with(&server, clock.clone()).await;
     let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     assert_eq!(
         get(address, "/doc").await.header("x-revision").as_deref(),
@@ -215,7 +223,7 @@ async fn a_stale_entry_is_revalidated_and_a_304_updates_its_headers() {
     assert!(conditional.is_hit());
     assert_eq!(calls.get(), 1);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100)); // max-age=1 has passed
     let revalidated = get(address, "/doc").await;
     assert_eq!(revalidated.status, StatusCode::OK);
     assert_eq!(revalidated.body, "document");
@@ -316,10 +324,11 @@ async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
             }
         }),
     );
-    let cache = redis_cache(&server).await;
+    let clock = ManualClock::new();
+    let cache = redis_cache_with(&server, clock.clone()).await;
     let address = serve(app.layer(CacheLayer::new(cache.clone()))).await;
     assert_eq!(get(address, "/flaky").await.body, "good");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100)); // max-age=1 has passed
     let stale = get(address, "/flaky").await;
     assert_eq!(stale.status, StatusCode::OK);
     assert_eq!(stale.body, "good");

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use redis::aio::ConnectionLike;
-use tower_breaker::CircuitBreaker;
+use tower_breaker::{CircuitBreaker, ManualClock};
 use tower_redis_core::Subscriber;
 use tower_redis_core::guard::Guard;
 use tower_redis_core::subscription::{Subscription, SubscriptionConfig};
 
 use super::invalidation::Invalidations;
-use super::{HttpCache, Inner, RedisTier, rand_u64};
+use super::{CacheClock, HttpCache, Inner, RedisTier, rand_u64};
 use crate::error::ConfigError;
 use crate::invalidated::Invalidated;
 use crate::memory::MemoryTier;
@@ -32,6 +32,7 @@ pub struct CacheBuilder {
     subscriber: Option<Subscriber>,
     fill_lock: Option<Duration>,
     name: String,
+    clock: Option<ManualClock>,
 }
 
 impl fmt::Debug for CacheBuilder {
@@ -115,6 +116,14 @@ impl CacheBuilder {
     /// fails open: when Redis errors or the lock outlives `ttl`, the others go to the origin.
     pub fn fill_lock(mut self, ttl: Duration) -> Self {
         self.fill_lock = Some(ttl);
+        self
+    }
+
+    /// Reads the time from `clock` (offset from the wall clock at build time) instead of the system: for tests,
+    /// which move it with `ManualClock::advance` rather than sleep for an entry to go stale. Redis's own key
+    /// expiry still follows Redis's clock.
+    pub fn clock(mut self, clock: ManualClock) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -207,6 +216,7 @@ impl CacheBuilder {
             )
         })?;
         let instance = format!("{:016x}", rand_u64());
+        let clock = self.clock.map_or(CacheClock::System, CacheClock::manual);
         let memory = (self.memory_capacity > 0).then(|| MemoryTier::new(self.memory_capacity));
         let invalidated = Arc::new(Invalidated::default());
         let listener = match self.subscriber {
@@ -216,6 +226,7 @@ impl CacheBuilder {
                     vec![keys.channel()],
                     SubscriptionConfig::default(),
                     Invalidations {
+                        clock: clock.clone(),
                         instance: instance.clone(),
                         memory: memory.clone(),
                         invalidated: invalidated.clone(),
@@ -244,6 +255,7 @@ impl CacheBuilder {
                 owed: Owed::default(),
                 invalidated,
                 runtime,
+                clock,
                 _listener: listener,
             }),
         })
@@ -263,6 +275,7 @@ impl HttpCache {
             subscriber: None,
             fill_lock: None,
             name: "tower-redis-cache".to_owned(),
+            clock: None,
         }
     }
 }

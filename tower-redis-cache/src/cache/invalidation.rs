@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tower_redis_core::subscription::Listener;
 
-use super::{HttpCache, Inner, RedisTier, now_ms};
+use super::{CacheClock, HttpCache, Inner, RedisTier};
 use crate::invalidated::Invalidated;
 use crate::memory::MemoryTier;
 use crate::owed::{self, Owing};
@@ -34,7 +34,7 @@ impl HttpCache {
     /// The Redis error, or a timeout, when Redis could not be reached: the invalidation is owed (above).
     pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
         let owing = Owing::Keys(keys.to_vec());
-        self.inner.invalidated.record(&owing, now_ms());
+        self.inner.invalidated.record(&owing, self.now_ms());
         if let Some(memory) = &self.inner.memory {
             for key in keys {
                 memory.remove(key);
@@ -52,7 +52,7 @@ impl HttpCache {
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed.
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
         let owing = Owing::Prefix(prefix.to_owned());
-        self.inner.invalidated.record(&owing, now_ms());
+        self.inner.invalidated.record(&owing, self.now_ms());
         if let Some(memory) = &self.inner.memory {
             memory.remove_prefix(prefix);
         }
@@ -70,7 +70,7 @@ impl HttpCache {
     /// tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
         let owing = Owing::Tag(tag.to_owned());
-        self.inner.invalidated.record(&owing, now_ms());
+        self.inner.invalidated.record(&owing, self.now_ms());
         self.inner.stats.bump(Event::Invalidations);
         let in_memory = self
             .inner
@@ -280,6 +280,7 @@ fn connection_lost(error: &redis::RedisError) -> bool {
 
 /// What the invalidation subscription does: apply other instances' invalidations to the memory tier.
 pub(super) struct Invalidations {
+    pub(super) clock: CacheClock,
     pub(super) instance: String,
     pub(super) memory: Option<MemoryTier>,
     pub(super) invalidated: Arc<Invalidated>,
@@ -304,21 +305,24 @@ impl Listener for Invalidations {
                 &self.instance,
                 self.memory.as_ref(),
                 &self.invalidated,
+                self.clock.now_ms(),
             );
         }
     }
 }
-pub(super) fn apply(
+
+/// Applies another instance's invalidation message (received at `now`) to this instance's memory tier.
+fn apply(
     text: &str,
     instance: &str,
     memory: Option<&MemoryTier>,
     invalidated: &Invalidated,
+    now: u64,
 ) {
     let mut lines = text.split('\n');
     if lines.next() == Some(instance) {
         return;
     }
-    let now = now_ms();
     match lines.next() {
         Some("k") => {
             let keys: Vec<String> = lines.map(str::to_owned).collect();

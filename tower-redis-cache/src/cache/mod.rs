@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     /// Where background work runs (the Redis writes, refreshes, lock releases, body drains, replays): the
     /// runtime `build` was called in.
     runtime: tokio::runtime::Handle,
+    /// The time entries are stamped and judged with.
+    pub(crate) clock: CacheClock,
     /// Dropping it stops the subscription.
     _listener: Option<Subscription>,
 }
@@ -80,6 +82,11 @@ impl fmt::Debug for HttpCache {
 }
 
 impl HttpCache {
+    /// Milliseconds since the Unix epoch, by the cache's clock (the system's, or a manual one in tests).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
     /// Runs `future` in the background on the runtime the cache was built in.
     pub(crate) fn spawn<F>(&self, future: F)
     where
@@ -145,7 +152,8 @@ fn rand_u64() -> u64 {
     hasher.finish()
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// The wall clock in milliseconds since the Unix epoch.
+fn system_ms() -> u64 {
     u64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -153,4 +161,34 @@ pub(crate) fn now_ms() -> u64 {
             .as_millis(),
     )
     .unwrap_or(u64::MAX)
+}
+
+/// Where the cache reads the time. Entries carry wall-clock times (instances share them through Redis), so a
+/// manual clock is an offset from the wall clock at build time: tests move it with `ManualClock::advance` instead
+/// of sleeping for an entry to go stale.
+#[derive(Debug, Clone)]
+pub(crate) enum CacheClock {
+    System,
+    Manual {
+        base_ms: u64,
+        clock: tower_breaker::ManualClock,
+    },
+}
+
+impl CacheClock {
+    pub(crate) fn manual(clock: tower_breaker::ManualClock) -> Self {
+        Self::Manual {
+            base_ms: system_ms(),
+            clock,
+        }
+    }
+
+    /// Milliseconds since the Unix epoch, by this clock.
+    pub(crate) fn now_ms(&self) -> u64 {
+        match self {
+            Self::System => system_ms(),
+            Self::Manual { base_ms, clock } => base_ms
+                .saturating_add(u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
 }

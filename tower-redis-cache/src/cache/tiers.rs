@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use tower_redis_core::guard::GuardError;
 
-use super::{HttpCache, RedisTier, now_ms};
+use super::{HttpCache, RedisTier};
 use crate::entry::Entry;
 use crate::policy::variant_matches;
 use crate::stats::Event;
@@ -71,7 +71,7 @@ impl HttpCache {
             field: variant_field(&entry.selecting),
             bytes: entry.encode(),
             ttl_ms: keep_ms,
-            now_ms: now_ms(),
+            now_ms: self.now_ms(),
             tags,
         };
         let cache = self.clone();
@@ -154,7 +154,7 @@ impl HttpCache {
         };
         if let Some(memory) = &self.inner.memory {
             // Promote for as long as it stays useful; the Redis TTL already bounds it.
-            let keep = crate::policy::storage_ttl(&entry, rules, now_ms()).max(1);
+            let keep = crate::policy::storage_ttl(&entry, rules, self.now_ms()).max(1);
             // Tags live in Redis for this entry; a tag invalidation reaches it through the keys it resolves to.
             memory.insert(key, &vary, &entry, Duration::from_millis(keep), None);
         }

@@ -9,6 +9,7 @@ use axum::extract::Path;
 use axum::http::{Response, StatusCode};
 use axum::routing::get as get_route;
 use redis::aio::ConnectionLike;
+use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 use super::{Calls, eventually, get, send, serve};
@@ -23,9 +24,15 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub fn cache(&self, prefix: &str, memory: bool) -> HttpCache {
+        self.cache_with(prefix, memory, ManualClock::new())
+    }
+
+    /// A cache whose time moves only with `clock` (entries go stale without sleeping).
+    pub fn cache_with(&self, prefix: &str, memory: bool, clock: ManualClock) -> HttpCache {
         let mut builder = HttpCache::builder()
             .redis(self.connection.clone())
-            .prefix(prefix);
+            .prefix(prefix)
+            .clock(clock);
         if !memory {
             builder = builder.memory_capacity(0);
         }
@@ -90,7 +97,8 @@ pub async fn stale_while_revalidate<C: ConnectionLike + Clone + Send + Sync + 's
     backend: &Backend<C>,
 ) {
     let calls = Calls::default();
-    let cache = backend.cache("swr:", true);
+    let clock = ManualClock::new();
+    let cache = backend.cache_with("swr:", true, clock.clone());
     let origin = slow_origin(
         &calls,
         Duration::from_millis(500),
@@ -99,7 +107,7 @@ pub async fn stale_while_revalidate<C: ConnectionLike + Clone + Send + Sync + 's
     let address = serve(origin.layer(CacheLayer::new(cache.clone()))).await;
     // The first fill takes 500 ms too; then the entry goes stale after 1 s.
     assert_eq!(get(address, "/slow/s").await.body, "s call 1");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100)); // max-age=1 has passed
 
     let replies = futures_util::future::join_all((0..100).map(|_| get(address, "/slow/s"))).await;
     // Any request that had waited for the refresh would have its body ("call 2").
