@@ -9,44 +9,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Request, Response, StatusCode};
+use axum::http::{Response, StatusCode};
 use axum::routing::get;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
+use test_support::serve;
 use tower_breaker::{
     BreakerLayer, BreakerStats, CircuitBreaker, FallbackReason, FallbackRequest, State,
 };
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
-}
-
 /// One request over a fresh HTTP/1.1 connection: (status, retry-after, body).
 async fn get_path(address: SocketAddr, path: &str) -> (StatusCode, Option<String>, String) {
-    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let request = Request::get(path)
-        .header("host", "test")
-        .body(String::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|value| value.to_str().unwrap().to_owned());
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        retry_after,
-        String::from_utf8(body.to_vec()).unwrap(),
-    )
+    let reply = test_support::get(address, path).await;
+    (reply.status, reply.header("retry-after"), reply.body)
 }
 
 fn assert_accounting(stats: &BreakerStats) {

@@ -26,6 +26,35 @@ use crate::policy::{self, Timing, Use};
 use crate::stats::{Event, Tier};
 use crate::status::{CacheStatus, Forward};
 
+/// The origin service as the request path needs it: it answers in the background too (refreshes, drains), so its
+/// future and error are `Send + 'static`. Implemented for every such service.
+pub(crate) trait Origin<ReqBody, ResBody>:
+    Service<
+        Request<ReqBody>,
+        Response = Response<ResBody>,
+        Future: Send + 'static,
+        Error: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<T, ReqBody, ResBody> Origin<ReqBody, ResBody> for T where
+    T: Service<
+            Request<ReqBody>,
+            Response = Response<ResBody>,
+            Future: Send + 'static,
+            Error: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// The origin's response body as the cache needs it: it may be copied into the cache while it streams.
+pub(crate) trait OriginBody: Body<Data: Buf + Send, Error: Send> + Send + 'static {}
+
+impl<T> OriginBody for T where T: Body<Data: Buf + Send, Error: Send> + Send + 'static {}
+
 /// The future of a [`Cache`] call.
 pub type ResponseFuture<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
@@ -59,13 +88,10 @@ impl<S> Cache<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    // Named as well as implied by `Origin`, so that `ResBody` is constrained.
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Origin<ReqBody, ResBody> + Clone,
     ReqBody: Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Send,
+    ResBody: OriginBody,
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = S::Error;
@@ -181,13 +207,9 @@ impl Call {
         request: Request<ReqBody>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
     where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
+        S: Origin<ReqBody, ResBody> + Clone,
         ReqBody: Send + 'static,
-        ResBody: Body + Send + 'static,
-        ResBody::Data: Buf + Send,
-        ResBody::Error: Send,
+        ResBody: OriginBody,
     {
         let method = request.method().clone();
         if method != Method::GET && method != Method::HEAD {
@@ -430,13 +452,9 @@ impl Call {
         guard: Option<FlightGuard>,
     ) -> Response<CacheBody<ResBody>>
     where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
+        S: Origin<ReqBody, ResBody>,
         ReqBody: Send + 'static,
-        ResBody: Body + Send + 'static,
-        ResBody::Data: Buf + Send,
-        ResBody::Error: Send,
+        ResBody: OriginBody,
     {
         let Answer {
             entry,
@@ -896,13 +914,9 @@ impl Call {
         entry: Arc<Entry>,
         guard: Option<FlightGuard>,
     ) where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
+        S: Origin<ReqBody, ResBody>,
         ReqBody: Send + 'static,
-        ResBody: Body + Send + 'static,
-        ResBody::Data: Buf + Send,
-        ResBody::Error: Send,
+        ResBody: OriginBody,
     {
         let Some(guard) = guard.or_else(|| self.cache.try_lead(&key)) else {
             return; // Someone is already refreshing this key.

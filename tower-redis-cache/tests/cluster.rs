@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get as get_route;
 use redis_fixtures::RedisCluster;
 use support::scenarios::{self, Backend};
-use support::{Calls, eventually, get, send, serve, stored_in_redis};
+use support::{Calls, get, holds_within, send, serve, stored_in_redis};
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 fn origin(calls: &Calls) -> Router {
@@ -92,7 +92,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
         for language in ["fr", "en"] {
             let path = format!("/items/{n}");
             assert!(
-                eventually(Duration::from_secs(5), || async {
+                holds_within(Duration::from_secs(5), || async {
                     send(b, "GET", &path, &[("accept-language", language)])
                         .await
                         .is_hit()
@@ -130,7 +130,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     // A miss fills Redis again, so each instance is checked on its own key.
     for (address, path) in [(a, "/items/7"), (b, "/items/8")] {
         assert!(
-            eventually(Duration::from_secs(5), || async {
+            holds_within(Duration::from_secs(5), || async {
                 !send(address, "GET", path, &[("accept-language", "fr")])
                     .await
                     .is_hit()
@@ -142,7 +142,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     // invalidation): ask until each is back in Redis.
     for (address, path) in [(a, "/items/7"), (b, "/items/8")] {
         let redis_key = one.redis_key(&format!("http://test{path}")).unwrap();
-        let refilled = eventually(Duration::from_secs(5), || {
+        let refilled = holds_within(Duration::from_secs(5), || {
             let redis_key = redis_key.clone();
             let mut connection = connection.clone();
             async move {

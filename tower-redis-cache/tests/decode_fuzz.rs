@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use redis_fixtures::RedisServer;
-use support::{Calls, eventually, get, origin, serve};
+use support::{Calls, get, holds_within, origin, serve};
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// The start of an entry in the layout of the crate's `entry` module: magic and version, a 200, both times.
@@ -93,7 +93,7 @@ async fn a_crafted_entry_in_redis_is_a_miss_answered_by_the_origin() {
         assert_eq!(cache.stats().undecodable, round as u64 + 1, "{name}");
 
         // The origin's answer replaces the crafted entry in Redis.
-        let replaced = eventually(Duration::from_secs(5), || {
+        let replaced = holds_within(Duration::from_secs(5), || {
             let mut connection = connection.clone();
             let key = key.clone();
             let crafted = bytes.clone();

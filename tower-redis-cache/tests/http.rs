@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend};
-use support::{Calls, eventually, get, origin, send, serve, stored_in_redis};
+use support::{Calls, get, holds_within, origin, send, serve, stored_in_redis};
 use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
@@ -430,7 +430,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     for path in ["/r/1", "/r/2", "/r/3"] {
         get(a, path).await;
         assert!(
-            eventually(Duration::from_secs(5), || async {
+            holds_within(Duration::from_secs(5), || async {
                 get(b, path).await.is_hit()
             })
             .await,
@@ -443,7 +443,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
         .unwrap();
     assert_eq!(deleted, 1);
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             !get(b, "/r/1").await.is_hit()
         })
         .await
@@ -451,7 +451,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
 
     // Filled again by b's miss; wait for its background write to reach Redis.
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             get(a, "/r/1").await.is_hit()
         })
         .await
@@ -464,7 +464,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
         "the invalidating instance misses at once"
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             !get(a, "/r/3").await.is_hit()
         })
         .await
@@ -473,7 +473,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     // A tag taken from Surrogate-Key removes everything stored with it.
     for (address, path) in [(a, "/r/3"), (b, "/r/2")] {
         assert!(
-            eventually(Duration::from_secs(5), || async {
+            holds_within(Duration::from_secs(5), || async {
                 get(address, path).await.is_hit()
             })
             .await
@@ -483,7 +483,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     assert!(tagged >= 1, "tagged {tagged}");
     assert!(!get(a, "/r/3").await.is_hit());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             !get(b, "/r/2").await.is_hit()
         })
         .await
@@ -617,7 +617,7 @@ async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
         assert_eq!(next.body, "v2", "by tag: {by_tag}: {}", next.cache_status());
         assert!(!next.is_hit());
         // And the new data is stored as usual.
-        let stored = eventually(Duration::from_secs(5), || async {
+        let stored = holds_within(Duration::from_secs(5), || async {
             get(address, "/u/7").await.is_hit()
         })
         .await;

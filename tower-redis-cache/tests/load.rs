@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
 use support::scenarios::{self, Backend, slow_origin};
-use support::{Calls, eventually, get, serve};
+use support::{Calls, get, holds_within, serve};
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 async fn backend(server: &RedisServer) -> Backend<redis::aio::ConnectionManager> {
@@ -89,7 +89,7 @@ async fn with_redis_killed_mid_load_no_request_fails_and_redis_is_used_again_aft
     server.restart();
     let hits_before = cache.stats().redis_hits;
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        holds_within(Duration::from_secs(10), || async {
             get(address, "/slow/back").await;
             cache.stats().redis_hits > hits_before
         })

@@ -16,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::Response;
 use axum::routing::get as get_route;
 use redis_fixtures::RedisServer;
-use support::{eventually, get, serve, stored_in_redis};
+use support::{get, holds_within, serve, stored_in_redis};
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// `/u/{n}`: the record's current version, fresh for a minute and tagged `user-{n}`.
@@ -101,7 +101,7 @@ async fn an_invalidation_made_while_redis_was_down_holds_after_it_returns_from_i
         assert_eq!(reply.body, "user 7 v2", "{how:?}: {}", reply.cache_status());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let paid = eventually(Duration::from_secs(10), || {
+    let paid = holds_within(Duration::from_secs(10), || {
         let cache = cache.clone();
         async move { cache.stats().owed_now == 0 }
     })
@@ -112,7 +112,7 @@ async fn an_invalidation_made_while_redis_was_down_holds_after_it_returns_from_i
 
     // Reading from Redis again: the fresh version is stored and served from there.
     assert_eq!(get(address, "/u/7").await.body, "user 7 v2");
-    let served_from_redis = eventually(Duration::from_secs(5), || async {
+    let served_from_redis = holds_within(Duration::from_secs(5), || async {
         let reply = get(address, "/u/7").await;
         assert_eq!(reply.body, "user 7 v2");
         reply.is_hit()
@@ -170,7 +170,7 @@ async fn an_invalidation_through_a_stalled_redis_is_owed_and_replayed_when_it_fl
         assert_eq!(get(address, "/u/3").await.body, "user 3 v2");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let paid = eventually(Duration::from_secs(10), || {
+    let paid = holds_within(Duration::from_secs(10), || {
         let cache = cache.clone();
         async move { cache.stats().owed_now == 0 }
     })

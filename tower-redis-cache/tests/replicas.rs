@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use redis_fixtures::RedisServer;
 use support::scenarios::slow_origin;
-use support::{Calls, eventually, get, serve, stored_in_redis};
+use support::{Calls, get, holds_within, serve, stored_in_redis};
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// A replica of `primary`, once its replication link is up.
@@ -20,7 +20,7 @@ async fn replica_of(primary: &RedisServer) -> RedisServer {
         .start();
     let mut connection = replica.connection_manager().await;
     assert!(
-        eventually(Duration::from_secs(10), || {
+        holds_within(Duration::from_secs(10), || {
             let mut connection = connection.clone();
             async move {
                 let info: String = redis::cmd("INFO")

@@ -12,18 +12,12 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use redis_fixtures::RedisSentinel;
 use support::scenarios::slow_origin;
-use support::{Calls, eventually, get, serve};
-use tower_redis_cache::sentinel::{SentinelConfig, SentinelConnection};
+use support::{Calls, get, holds_within, serve};
+use tower_redis_cache::sentinel::SentinelConnection;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 async fn sentinel_connection(set: &RedisSentinel) -> SentinelConnection {
-    SentinelConnection::connect(
-        &set.sentinel_urls(),
-        set.master_name(),
-        SentinelConfig::default(),
-    )
-    .await
-    .unwrap()
+    test_support::sentinel_connection(set).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +65,7 @@ async fn a_failover_under_load_fails_no_request_and_the_shared_tier_works_again_
         .collect();
 
     assert!(
-        eventually(Duration::from_secs(10), || {
+        holds_within(Duration::from_secs(10), || {
             let served = served.clone();
             async move { served.load(Ordering::Relaxed) >= 50 }
         })
@@ -82,7 +76,7 @@ async fn a_failover_under_load_fails_no_request_and_the_shared_tier_works_again_
 
     // The shared tier works again: what the first instance stores after the kill, the second reads from Redis.
     let attempt = AtomicUsize::new(0);
-    let shared_again = eventually(Duration::from_secs(40), || {
+    let shared_again = holds_within(Duration::from_secs(40), || {
         let path = format!("/slow/after-{}", attempt.fetch_add(1, Ordering::Relaxed));
         async move {
             let stored = get(first_address, &path).await;
@@ -148,7 +142,7 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     let a = serve(origin.clone().layer(CacheLayer::new(one.clone()))).await;
     let b = serve(origin.layer(CacheLayer::new(two.clone()))).await;
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             subscribers(primary, "fo:invalidate").await == 2
         })
         .await,
@@ -160,7 +154,7 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     // Both subscriptions come back on the promoted replica (a subscription kept on the dead primary's address never
     // would).
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        holds_within(Duration::from_secs(20), || async {
             subscribers(promoted, "fo:invalidate").await == 2
         })
         .await,
@@ -195,7 +189,7 @@ async fn invalidation_subscriptions_follow_a_failover_to_the_promoted_replica() 
     let deleted = one.invalidate(&[key]).await;
     assert!(deleted.is_ok(), "{deleted:?}");
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             get(b, &path).await.body != first.body
         })
         .await,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis_fixtures::{FaultProxy, RedisServer};
+use test_support::wait_for;
 use tower_redis_core::subscription::Listener;
 use tower_redis_core::{HealingConfig, HealingConnection, Subscription, SubscriptionConfig};
 
@@ -221,17 +222,6 @@ impl Listener for Recorder {
     }
 }
 
-async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !condition() {
-        assert!(
-            started.elapsed() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_half_open_subscription_is_noticed_by_its_ping_and_resubscribed() {
     let server = RedisServer::start();
@@ -256,12 +246,12 @@ async fn a_half_open_subscription_is_noticed_by_its_ping_and_resubscribed() {
                 .unwrap()
         }
     };
-    wait_until("subscribed", Duration::from_secs(5), || {
+    wait_for("subscribed", Duration::from_secs(5), || {
         subscription.stats().connected
     })
     .await;
     assert_eq!(publish(&mut publisher, "one").await, 1);
-    wait_until("the first message", Duration::from_secs(5), || {
+    wait_for("the first message", Duration::from_secs(5), || {
         recorder.messages.lock().unwrap().len() == 1
     })
     .await;
@@ -270,13 +260,13 @@ async fn a_half_open_subscription_is_noticed_by_its_ping_and_resubscribed() {
     // Published into the void: the server still counts the old subscriber until it notices.
     publish(&mut publisher, "lost").await;
     let started = Instant::now();
-    wait_until(
+    wait_for(
         "the PING notices the silence",
         Duration::from_secs(5),
         || subscription.stats().silent == 1,
     )
     .await;
-    wait_until("resubscribed", Duration::from_secs(5), || {
+    wait_for("resubscribed", Duration::from_secs(5), || {
         *recorder.subscribed.lock().unwrap() == 2 && subscription.stats().connected
     })
     .await;
@@ -320,17 +310,17 @@ async fn a_subscription_comes_back_after_its_connection_is_reset_and_redis_refus
         recorder.clone(),
     )
     .unwrap();
-    wait_until("subscribed", Duration::from_secs(5), || {
+    wait_for("subscribed", Duration::from_secs(5), || {
         subscription.stats().connected
     })
     .await;
     proxy.refuse();
     proxy.reset_all();
-    wait_until("the loss is seen", Duration::from_secs(5), || {
+    wait_for("the loss is seen", Duration::from_secs(5), || {
         *recorder.lost.lock().unwrap() == 1
     })
     .await;
-    wait_until(
+    wait_for(
         "failed attempts while refused",
         Duration::from_secs(5),
         || subscription.stats().errors >= 3,
@@ -338,7 +328,7 @@ async fn a_subscription_comes_back_after_its_connection_is_reset_and_redis_refus
     .await;
     assert!(!subscription.stats().connected);
     proxy.pass();
-    wait_until("resubscribed", Duration::from_secs(5), || {
+    wait_for("resubscribed", Duration::from_secs(5), || {
         subscription.stats().connected && *recorder.subscribed.lock().unwrap() == 2
     })
     .await;

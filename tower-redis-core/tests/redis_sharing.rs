@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis_fixtures::RedisServer;
+use test_support::wait_for;
 use tower_breaker::{CircuitBreaker, State, TransitionReason};
 use tower_redis_core::sharing::RedisSharing;
 
@@ -40,17 +41,6 @@ async fn share(breaker: &CircuitBreaker, url: &str, prefix: &str) -> RedisSharin
         .unwrap()
 }
 
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// The second process of `an_opening_reaches_a_second_process_within_50_ms`, run by that test as a child.
 #[tokio::test]
 #[ignore = "run as a child process by an_opening_reaches_a_second_process_within_50_ms"]
@@ -70,7 +60,10 @@ async fn peer_process() {
         .build()
         .unwrap();
     let sharing = share(&breaker, &url, "peer-test:").await;
-    wait_until("subscribed", || sharing.stats().connected).await;
+    wait_for("subscribed", Duration::from_secs(10), || {
+        sharing.stats().connected
+    })
+    .await;
     println!("READY");
     for _ in 0..ROUNDS {
         let at = openings.recv().await.unwrap();
@@ -118,7 +111,10 @@ async fn an_opening_reaches_a_second_process_within_50_ms() {
 
     let breaker = breaker("payments");
     let sharing = share(&breaker, &server.url(), "peer-test:").await;
-    wait_until("subscribed", || sharing.stats().connected).await;
+    wait_for("subscribed", Duration::from_secs(10), || {
+        sharing.stats().connected
+    })
+    .await;
     let mut latencies_ms = Vec::new();
     for _ in 0..ROUNDS {
         let opened_at = unix_micros();
@@ -141,9 +137,11 @@ async fn an_opening_reaches_a_second_process_within_50_ms() {
         "an opening took {worst:.2} ms to reach the peer process: {latencies_ms:?}"
     );
     // The peer can see the last opening before the reply to its PUBLISH reaches this process and is counted.
-    wait_until("every opening counted as published", || {
-        sharing.stats().published == ROUNDS as u64
-    })
+    wait_for(
+        "every opening counted as published",
+        Duration::from_secs(10),
+        || sharing.stats().published == ROUNDS as u64,
+    )
     .await;
 }
 
@@ -152,13 +150,22 @@ async fn an_opening_published_while_a_peer_was_away_reaches_it_when_it_connects(
     let server = RedisServer::start();
     let first = breaker("inventory");
     let first_sharing = share(&first, &server.url(), "late:").await;
-    wait_until("subscribed", || first_sharing.stats().connected).await;
+    wait_for("subscribed", Duration::from_secs(10), || {
+        first_sharing.stats().connected
+    })
+    .await;
     first.try_acquire().unwrap().failure();
-    wait_until("published", || first_sharing.stats().published == 1).await;
+    wait_for("published", Duration::from_secs(10), || {
+        first_sharing.stats().published == 1
+    })
+    .await;
 
     let late = breaker("inventory");
     let late_sharing = share(&late, &server.url(), "late:").await;
-    wait_until("the late peer opened", || late.state() == State::Open).await;
+    wait_for("the late peer opened", Duration::from_secs(10), || {
+        late.state() == State::Open
+    })
+    .await;
     let retry_after = late.stats().retry_after_millis.unwrap();
     assert!(
         (25_000..=30_000).contains(&retry_after),
@@ -177,7 +184,10 @@ async fn no_redis_command_runs_on_the_request_path() {
     let server = RedisServer::start();
     let breaker = breaker("catalog");
     let sharing = share(&breaker, &server.url(), "quiet:").await;
-    wait_until("subscribed", || sharing.stats().connected).await;
+    wait_for("subscribed", Duration::from_secs(10), || {
+        sharing.stats().connected
+    })
+    .await;
     let mut admin = server.multiplexed().await;
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -191,7 +201,10 @@ async fn no_redis_command_runs_on_the_request_path() {
     for _ in 0..10_000 {
         assert!(breaker.try_acquire().is_err());
     }
-    wait_until("published", || sharing.stats().published == 1).await;
+    wait_for("published", Duration::from_secs(10), || {
+        sharing.stats().published == 1
+    })
+    .await;
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut admin)
@@ -227,13 +240,13 @@ async fn killing_redis_fails_no_call_and_sharing_resumes_when_it_returns() {
     let peer = breaker("search");
     let local_sharing = share(&local, &url, "outage:").await;
     let peer_sharing = share(&peer, &url, "outage:").await;
-    wait_until("both subscribed", || {
+    wait_for("both subscribed", Duration::from_secs(10), || {
         local_sharing.stats().connected && peer_sharing.stats().connected
     })
     .await;
 
     server.kill();
-    wait_until("the subscription noticed", || {
+    wait_for("the subscription noticed", Duration::from_secs(10), || {
         !local_sharing.stats().connected
     })
     .await;
@@ -244,9 +257,11 @@ async fn killing_redis_fails_no_call_and_sharing_resumes_when_it_returns() {
     local.try_acquire().unwrap().failure();
     assert_eq!(local.state(), State::Open);
     assert!(local.try_acquire().is_err());
-    wait_until("the failed publish was counted", || {
-        local_sharing.stats().errors > 0
-    })
+    wait_for(
+        "the failed publish was counted",
+        Duration::from_secs(10),
+        || local_sharing.stats().errors > 0,
+    )
     .await;
     assert_eq!(
         peer.state(),
@@ -255,15 +270,17 @@ async fn killing_redis_fails_no_call_and_sharing_resumes_when_it_returns() {
     );
 
     server.restart();
-    wait_until("both re-subscribed", || {
+    wait_for("both re-subscribed", Duration::from_secs(10), || {
         local_sharing.stats().connected && peer_sharing.stats().connected
     })
     .await;
     local.reset();
     local.try_acquire().unwrap().failure();
-    wait_until("the peer opened after recovery", || {
-        peer.state() == State::Open
-    })
+    wait_for(
+        "the peer opened after recovery",
+        Duration::from_secs(10),
+        || peer.state() == State::Open,
+    )
     .await;
 }
 
@@ -280,7 +297,10 @@ async fn a_crafted_opening_is_cut_to_max_open_and_garbage_is_ignored() {
         .max_open(Duration::from_secs(10))
         .build()
         .unwrap();
-    wait_until("subscribed", || sharing.stats().connected).await;
+    wait_for("subscribed", Duration::from_secs(10), || {
+        sharing.stats().connected
+    })
+    .await;
     let mut connection = server.connection_manager().await;
     let long = format!(r#"{{"origin":"{}","open_for_ms":1}}"#, "x".repeat(2048));
     for payload in [
@@ -297,9 +317,11 @@ async fn a_crafted_opening_is_cut_to_max_open_and_garbage_is_ignored() {
             .await
             .unwrap();
     }
-    wait_until("the last, valid opening applied", || {
-        peer.state() == State::Open
-    })
+    wait_for(
+        "the last, valid opening applied",
+        Duration::from_secs(10),
+        || peer.state() == State::Open,
+    )
     .await;
     assert_eq!(sharing.stats().received, 1, "only the valid payload counts");
     let retry_after = peer.stats().retry_after_millis.unwrap();
@@ -362,7 +384,7 @@ async fn a_half_open_subscription_is_replaced_and_catches_up_on_the_opening_it_m
         .prefix("half-open:")
         .build()
         .unwrap();
-    wait_until("both subscribed", || {
+    wait_for("both subscribed", Duration::from_secs(10), || {
         local_sharing.stats().connected && peer_sharing.stats().connected
     })
     .await;
@@ -371,7 +393,10 @@ async fn a_half_open_subscription_is_replaced_and_catches_up_on_the_opening_it_m
     // channel; the PING (every 5 s, 2 s to answer) notices, and the new subscription reads the key.
     proxy.half_open();
     local.try_acquire().unwrap().failure();
-    wait_until("published", || local_sharing.stats().published == 1).await;
+    wait_for("published", Duration::from_secs(10), || {
+        local_sharing.stats().published == 1
+    })
+    .await;
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
     while peer.state() != State::Open {

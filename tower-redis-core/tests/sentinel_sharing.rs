@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use redis_fixtures::RedisSentinel;
+use test_support::holds_within;
 use tower_breaker::{CircuitBreaker, State};
-use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 use tower_redis_core::sharing::RedisSharing;
 
 fn breaker() -> CircuitBreaker {
@@ -21,13 +21,7 @@ fn breaker() -> CircuitBreaker {
 }
 
 async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> RedisSharing {
-    let connection = SentinelConnection::connect(
-        &set.sentinel_urls(),
-        set.master_name(),
-        SentinelConfig::default(),
-    )
-    .await
-    .unwrap();
+    let connection = test_support::sentinel_connection(set).await;
     RedisSharing::builder()
         .breaker(breaker)
         .redis(connection.clone())
@@ -38,18 +32,6 @@ async fn share(set: &RedisSentinel, breaker: &CircuitBreaker) -> RedisSharing {
         .unwrap()
 }
 
-/// Polls `condition` every 10 ms for up to `within`.
-async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    condition()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openings_reach_the_peer_through_the_promoted_replica_after_a_failover() {
     let mut set = RedisSentinel::start();
@@ -58,14 +40,14 @@ async fn openings_reach_the_peer_through_the_promoted_replica_after_a_failover()
     let sharing_one = share(&set, &one).await;
     let sharing_two = share(&set, &two).await;
     assert!(
-        eventually(Duration::from_secs(10), || {
+        holds_within(Duration::from_secs(10), async || {
             sharing_one.stats().connected && sharing_two.stats().connected
         })
         .await
     );
     // Before: an opening on one reaches two.
     one.try_acquire().unwrap().failure();
-    assert!(eventually(Duration::from_secs(5), || two.state() == State::Open).await);
+    assert!(holds_within(Duration::from_secs(5), async || two.state() == State::Open).await);
     one.reset();
     two.reset();
 
@@ -76,7 +58,7 @@ async fn openings_reach_the_peer_through_the_promoted_replica_after_a_failover()
     );
     // After: the subscription comes back on the promoted replica and publishing goes there. The first opening may
     // meet the broken connection (it is not replayed), so each attempt opens and resets again until one arrives.
-    let reached = eventually(Duration::from_secs(20), || {
+    let reached = holds_within(Duration::from_secs(20), async || {
         if two.state() == State::Open {
             return true;
         }

@@ -8,18 +8,8 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_fixtures::{AclUser, RedisServer};
+use test_support::wait_until;
 use tower_redis_discovery::{Heartbeat, Instance, RedisRegistry, Registration, Registry, Status};
-
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut condition: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn up(name: &str, port: u16) -> Instance {
     let mut instance = Instance::new(name, "127.0.0.1", port);
@@ -120,7 +110,7 @@ async fn a_heartbeat_rewrites_an_entry_whose_address_was_overwritten() {
             .first()
             .map(|instance| (instance.host.clone(), instance.port, instance.status))
     };
-    wait_until("registered and UP", || {
+    wait_until("registered and UP", Duration::from_secs(10), || {
         let registry = registry.clone();
         async move { host_of(registry).await == Some(("127.0.0.1".to_owned(), 4331, Status::Up)) }
     })
@@ -146,7 +136,7 @@ async fn a_heartbeat_rewrites_an_entry_whose_address_was_overwritten() {
     );
     let forged_at = Instant::now();
 
-    wait_until("the heartbeat restores the address", || {
+    wait_until("the heartbeat restores the address", Duration::from_secs(10), || {
         let registry = registry.clone();
         async move { host_of(registry).await == Some(("127.0.0.1".to_owned(), 4331, Status::Up)) }
     })

@@ -28,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use redis::AsyncCommands;
 use redis_fixtures::RedisServer;
 use serde_json::{Value, json};
+use test_support::eventually;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tower::{Service, ServiceExt};
 use tower_redis_discovery::{
@@ -296,25 +297,6 @@ async fn key_ttl(server: &RedisServer, key: &str) -> i64 {
     connection.ttl(key).await.unwrap()
 }
 
-/// Polls `check` every 50 ms until it returns `Some`, failing after `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `YYYY-MM-DDTHH:MM:SS.sssZ`, what JavaScript's `Date.toISOString()` writes.
 fn is_iso_millis(text: &str) -> bool {
     let bytes = text.as_bytes();
@@ -447,7 +429,7 @@ async fn hazeljs_finds_and_calls_a_rust_registered_service_across_three_ttls() {
     let started = Instant::now();
     let registration = Registration::start(registry.clone(), instance.clone()).unwrap();
     let key = registry.instance_key(&instance.id);
-    eventually(Duration::from_secs(3), "our entry is written", || {
+    eventually("our entry is written", Duration::from_secs(3), || {
         stored(&server, &key)
     })
     .await;
@@ -459,7 +441,7 @@ async fn hazeljs_finds_and_calls_a_rust_registered_service_across_three_ttls() {
     assert_eq!(found["chosen"], Value::Null, "{found}");
 
     registration.ready();
-    eventually(Duration::from_secs(3), "our entry turns UP", || async {
+    eventually("our entry turns UP", Duration::from_secs(3), || async {
         let value = stored(&server, &key).await?;
         (value["status"] == json!("UP")).then_some(())
     })
@@ -490,8 +472,8 @@ async fn hazeljs_finds_and_calls_a_rust_registered_service_across_three_ttls() {
     zoned_registration.ready();
     let zoned_key = registry.instance_key(&zoned.id);
     eventually(
-        Duration::from_secs(3),
         "the zoned entry turns UP",
+        Duration::from_secs(3),
         || async {
             let value = stored(&server, &zoned_key).await?;
             (value["status"] == json!("UP")).then_some(())
@@ -678,8 +660,8 @@ async fn rust_routes_to_a_hazeljs_registered_service_and_stops_after_it_dies() {
     );
     let expected = format!("hazel:hazel-api:{}", hazel.port);
     let first = eventually(
-        Duration::from_secs(3),
         "a request reaches the HazelJS service",
+        Duration::from_secs(3),
         || {
             let mut service = service.clone();
             async move {
@@ -753,7 +735,7 @@ async fn a_field_hazeljs_adds_survives_our_heartbeats() {
     let registration = Registration::start(registry.clone(), instance.clone()).unwrap();
     registration.ready();
     let key = registry.instance_key(&instance.id);
-    eventually(Duration::from_secs(3), "our entry turns UP", || async {
+    eventually("our entry turns UP", Duration::from_secs(3), || async {
         let value = stored(&server, &key).await?;
         (value["status"] == json!("UP")).then_some(())
     })
@@ -784,7 +766,7 @@ async fn a_field_hazeljs_adds_survives_our_heartbeats() {
         assert!(is_iso_millis(annotated["lastHeartbeat"].as_str().unwrap()));
         // Two of our heartbeats later (a heartbeat is about ttl/3).
         let before = registration.stats().heartbeats;
-        eventually(Duration::from_secs(3), "two more heartbeats", || async {
+        eventually("two more heartbeats", Duration::from_secs(3), || async {
             (registration.stats().heartbeats >= before + 2).then_some(())
         })
         .await;
@@ -935,7 +917,7 @@ async fn a_short_ttl_rust_instance_does_not_make_hazeljs_instances_vanish() {
     let registration = Registration::start(registry.clone(), rust.clone()).unwrap();
     registration.ready();
     let before = registration.stats().heartbeats;
-    eventually(Duration::from_secs(3), "three heartbeats", || async {
+    eventually("three heartbeats", Duration::from_secs(3), || async {
         (registration.stats().heartbeats >= before + 3).then_some(())
     })
     .await;
@@ -958,7 +940,7 @@ async fn a_short_ttl_rust_instance_does_not_make_hazeljs_instances_vanish() {
     // finds its own running instance.
     drop(registration);
     let stopped = Instant::now();
-    eventually(Duration::from_secs(3), "the Rust entry expires", || async {
+    eventually("the Rust entry expires", Duration::from_secs(3), || async {
         stored(&server, &registry.instance_key(&rust.id))
             .await
             .is_none()

@@ -3,24 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis_fixtures::{RedisCluster, RedisServer};
+use test_support::wait_until;
 use tower_redis_discovery::{
     Heartbeat, Instance, MemoryRegistry, RedisRegistry, Registration, Registry, Status,
 };
-
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut condition: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn instance(name: &str, port: u16) -> Instance {
     let mut instance = Instance::new(name, "127.0.0.1", port);
@@ -200,24 +190,31 @@ async fn a_registration_reports_up_only_once_ready_and_drains_before_leaving() {
             .first()
             .map(|i| i.status)
     };
-    wait_until("registered", || async {
+    wait_until("registered", Duration::from_secs(10), || async {
         status().await == Some(Status::Starting)
     })
     .await;
     registration.ready();
-    wait_until("up", || async { status().await == Some(Status::Up) }).await;
+    wait_until("up", Duration::from_secs(10), || async {
+        status().await == Some(Status::Up)
+    })
+    .await;
 
     let registry_view = registry.clone();
     let leaving = tokio::spawn(registration.deregister(Some(Duration::from_millis(500))));
-    wait_until("out of service while draining", || async {
-        registry_view
-            .instances("user-service")
-            .await
-            .unwrap()
-            .first()
-            .map(|i| i.status)
-            == Some(Status::OutOfService)
-    })
+    wait_until(
+        "out of service while draining",
+        Duration::from_secs(10),
+        || async {
+            registry_view
+                .instances("user-service")
+                .await
+                .unwrap()
+                .first()
+                .map(|i| i.status)
+                == Some(Status::OutOfService)
+        },
+    )
     .await;
     leaving.await.unwrap().unwrap();
     assert!(registry.instances("user-service").await.unwrap().is_empty());
@@ -234,7 +231,7 @@ async fn a_registration_survives_a_redis_outage_and_comes_back_by_itself() {
         .unwrap();
     let registration = Registration::start(registry.clone(), instance("search", 4000)).unwrap();
     registration.ready();
-    wait_until("up", || async {
+    wait_until("up", Duration::from_secs(10), || async {
         registry
             .instances("search")
             .await
@@ -248,14 +245,18 @@ async fn a_registration_survives_a_redis_outage_and_comes_back_by_itself() {
     assert!(registry.instances("search").await.is_err(), "Redis is gone");
     // Redis comes back empty: the next heartbeat re-creates the entry (HazelJS's never would).
     server.restart();
-    wait_until("re-registered after the outage", || async {
-        registry
-            .instances("search")
-            .await
-            .map(|found| found.len())
-            .unwrap_or(0)
-            == 1
-    })
+    wait_until(
+        "re-registered after the outage",
+        Duration::from_secs(10),
+        || async {
+            registry
+                .instances("search")
+                .await
+                .map(|found| found.len())
+                .unwrap_or(0)
+                == 1
+        },
+    )
     .await;
     assert_eq!(
         registry.instances("search").await.unwrap()[0].status,

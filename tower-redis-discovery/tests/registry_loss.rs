@@ -8,20 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis_fixtures::RedisServer;
+use test_support::wait_until;
 use tower::discover::Change;
 use tower_redis_discovery::{Discovery, Instance, RedisRegistry, Registration, Registry};
-
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    deadline: Duration,
-    mut condition: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + deadline;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn flushall(server: &RedisServer) {
     let mut con = server.multiplexed().await;

@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis_fixtures::RedisSentinel;
+use test_support::wait_until;
 use tower::{Service, ServiceExt};
-use tower_redis_discovery::sentinel::{SentinelConfig, SentinelConnection};
 use tower_redis_discovery::{
     BalanceOptions, Discovery, HttpEndpoint, Instance, RedisRegistry, Registration, Registry,
     Status, balance,
@@ -25,13 +25,7 @@ use tower_redis_discovery::{
 async fn registrations_survive_a_failover_and_new_ones_reach_the_promoted_replica() {
     let mut set = RedisSentinel::start();
     let promoted = set.replica_port();
-    let connection = SentinelConnection::connect(
-        &set.sentinel_urls(),
-        set.master_name(),
-        SentinelConfig::default(),
-    )
-    .await
-    .unwrap();
+    let connection = test_support::sentinel_connection(&set).await;
     let registry = RedisRegistry::builder()
         .redis(connection)
         .prefix("sentinel-test:")
@@ -95,27 +89,12 @@ async fn backend(served: Arc<AtomicUsize>) -> u16 {
     port
 }
 
-/// Polls `condition` every 20 ms until it holds; panics with `what` after `limit`.
-async fn wait_until(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_after_it() {
     let started = Instant::now();
     let mut set = RedisSentinel::start();
     let promoted = set.replica_port();
-    let connection = SentinelConnection::connect(
-        &set.sentinel_urls(),
-        set.master_name(),
-        SentinelConfig::default(),
-    )
-    .await
-    .unwrap();
+    let connection = test_support::sentinel_connection(&set).await;
     // A TTL longer than a failover takes: the replicated entries must outlive the primary.
     let registry = RedisRegistry::builder()
         .redis(connection)
@@ -152,8 +131,8 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
         BalanceOptions::default(),
     );
     wait_until(
-        Duration::from_secs(10),
         "both instances are discovered",
+        Duration::from_secs(10),
         async || watch.stats().instances == 2,
     )
     .await;
@@ -163,8 +142,8 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
     for registration in &registrations {
         let key = registry.instance_key(&registration.instance().id);
         wait_until(
-            Duration::from_secs(10),
             "the registrations replicate",
+            Duration::from_secs(10),
             async || {
                 let json: Option<String> = redis::cmd("GET")
                     .arg(&key)
@@ -228,15 +207,15 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
     .unwrap();
     third.ready();
     wait_until(
-        Duration::from_secs(10),
         "the third instance gets traffic",
+        Duration::from_secs(10),
         async || served[2].load(Ordering::Relaxed) > 0,
     )
     .await;
     // The first two keep heartbeating, now to the promoted replica.
     wait_until(
-        Duration::from_secs(10),
         "the first instances heartbeat after the failover",
+        Duration::from_secs(10),
         async || {
             registrations
                 .iter()

@@ -7,23 +7,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, Response, StatusCode};
+use axum::http::{HeaderMap, Response, StatusCode};
 use axum::routing::{get, post};
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use redis::aio::ConnectionManager;
 use redis_fixtures::RedisServer;
+use test_support::serve;
 use tower_redis_ratelimit::key::{Header, RequestParts};
 use tower_redis_ratelimit::{
     DecisionSource, HeaderStyle, Policy, RateLimitLayer, RateLimiter, RateLimiterBuilder, Selection,
 };
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
-}
 
 async fn send(
     address: SocketAddr,
@@ -41,29 +33,8 @@ async fn send_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, HeaderMap, String) {
-    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "test");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = sender
-        .send_request(request.body(String::new()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8(body.to_vec()).unwrap(),
-    )
+    let reply = test_support::send(address, method, path, headers).await;
+    (reply.status, reply.headers, reply.body)
 }
 
 async fn builder(server: &RedisServer) -> RateLimiterBuilder<ConnectionManager> {

@@ -10,38 +10,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use redis_fixtures::RedisSentinel;
+use test_support::serve;
 use tower_redis_ratelimit::key::Header;
 use tower_redis_ratelimit::sentinel::{SentinelConfig, SentinelConnection};
 use tower_redis_ratelimit::{DecisionSource, FailurePolicy, Policy, RateLimitLayer, RateLimiter};
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
-}
-
 async fn send(address: SocketAddr, api_key: &str) -> (StatusCode, String) {
-    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .uri("/")
-        .header("host", "test")
-        .header("x-api-key", api_key)
-        .body(String::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let reply = test_support::send(address, "GET", "/", &[("x-api-key", api_key)]).await;
+    (reply.status, reply.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

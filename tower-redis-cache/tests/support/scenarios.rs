@@ -12,7 +12,7 @@ use redis::aio::ConnectionLike;
 use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
-use super::{Calls, eventually, get, send, serve};
+use super::{Calls, get, holds_within, send, serve};
 
 /// A Redis connection (one node or a Cluster) that caches are built on.
 pub struct Backend<C> {
@@ -121,7 +121,7 @@ pub async fn stale_while_revalidate<C: ConnectionLike + Clone + Send + Sync + 's
             .contains("detail=stale-while-revalidate")
     }));
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        holds_within(Duration::from_secs(5), || async {
             get(address, "/slow/s").await.body == "s call 2"
         })
         .await
@@ -217,7 +217,7 @@ pub async fn garbage_is_a_miss<C: ConnectionLike + Clone + Send + Sync + 'static
     assert!(first.cache_status().contains("fwd=uri-miss"));
     // Stored over it, as a hash; then the right type but bytes that are no entry.
     assert!(
-        eventually(Duration::from_secs(5), || {
+        holds_within(Duration::from_secs(5), || {
             let mut connection = connection.clone();
             let redis_key = redis_key.clone();
             async move {
