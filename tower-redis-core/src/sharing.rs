@@ -60,8 +60,13 @@ struct Opening {
 /// settings. See the [module docs](self).
 #[must_use]
 pub struct SharingBuilder<C> {
-    breaker: Option<CircuitBreaker>,
     connection: C,
+    settings: SharingSettings,
+}
+
+/// Everything but the connection, carried over as is when [`SharingBuilder::redis`] changes its type.
+struct SharingSettings {
+    breaker: Option<CircuitBreaker>,
     subscriber: Option<Subscriber>,
     prefix: String,
     redis_timeout: Duration,
@@ -72,11 +77,14 @@ pub struct SharingBuilder<C> {
 impl<C> std::fmt::Debug for SharingBuilder<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharingBuilder")
-            .field("breaker", &self.breaker.as_ref().map(CircuitBreaker::name))
-            .field("prefix", &self.prefix)
-            .field("redis_timeout", &self.redis_timeout)
-            .field("max_reconnect_delay", &self.max_reconnect_delay)
-            .field("max_open", &self.max_open)
+            .field(
+                "breaker",
+                &self.settings.breaker.as_ref().map(CircuitBreaker::name),
+            )
+            .field("prefix", &self.settings.prefix)
+            .field("redis_timeout", &self.settings.redis_timeout)
+            .field("max_reconnect_delay", &self.settings.max_reconnect_delay)
+            .field("max_open", &self.settings.max_open)
             .finish_non_exhaustive()
     }
 }
@@ -121,13 +129,15 @@ impl RedisSharing {
     /// connection ([`redis`](SharingBuilder::redis)) and a subscriber ([`subscribe`](SharingBuilder::subscribe)).
     pub fn builder() -> SharingBuilder<()> {
         SharingBuilder {
-            breaker: None,
             connection: (),
-            subscriber: None,
-            prefix: "tower-breaker:".to_owned(),
-            redis_timeout: Duration::from_millis(250),
-            max_reconnect_delay: Duration::from_secs(2),
-            max_open: Duration::from_secs(3600),
+            settings: SharingSettings {
+                breaker: None,
+                subscriber: None,
+                prefix: "tower-breaker:".to_owned(),
+                redis_timeout: Duration::from_millis(250),
+                max_reconnect_delay: Duration::from_secs(2),
+                max_open: Duration::from_secs(3600),
+            },
         }
     }
 
@@ -163,7 +173,7 @@ fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError 
 impl<C> SharingBuilder<C> {
     /// The breaker whose openings are shared (its name names the key and the channel).
     pub fn breaker(mut self, breaker: &CircuitBreaker) -> Self {
-        self.breaker = Some(breaker.clone());
+        self.settings.breaker = Some(breaker.clone());
         self
     }
 
@@ -174,13 +184,8 @@ impl<C> SharingBuilder<C> {
         C2: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
     {
         SharingBuilder {
-            breaker: self.breaker,
             connection,
-            subscriber: self.subscriber,
-            prefix: self.prefix,
-            redis_timeout: self.redis_timeout,
-            max_reconnect_delay: self.max_reconnect_delay,
-            max_open: self.max_open,
+            settings: self.settings,
         }
     }
 
@@ -189,32 +194,32 @@ impl<C> SharingBuilder<C> {
     /// [`Subscription`]: resubscribed with backoff and jitter, and checked with a `PING` so that a silent
     /// (half-open) one is replaced.
     pub fn subscribe(mut self, subscriber: impl Into<Subscriber>) -> Self {
-        self.subscriber = Some(subscriber.into());
+        self.settings.subscriber = Some(subscriber.into());
         self
     }
 
     /// The key and channel prefix (namespace), for example `orders:breaker:`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
     /// The deadline of each Redis command (publishing, reading the key, subscribing); default 250 ms.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
-        self.redis_timeout = timeout;
+        self.settings.redis_timeout = timeout;
         self
     }
 
     /// The longest wait between two attempts to re-subscribe after Redis went away.
     pub fn max_reconnect_delay(mut self, delay: Duration) -> Self {
-        self.max_reconnect_delay = delay;
+        self.settings.max_reconnect_delay = delay;
         self
     }
 
     /// The longest a remote opening may keep this breaker open (default 1 h); a longer one, from a peer's long
     /// backoff or from a payload written by hand, is cut to this.
     pub fn max_open(mut self, max: Duration) -> Self {
-        self.max_open = max;
+        self.settings.max_open = max;
         self
     }
 }
@@ -230,13 +235,13 @@ where
     /// [`ConfigError`] when the breaker or the subscriber is missing, a duration is zero, or there is no Tokio
     /// runtime to run on.
     pub fn build(self) -> Result<RedisSharing, ConfigError> {
-        let Some(breaker) = self.breaker else {
+        let Some(breaker) = self.settings.breaker else {
             return Err(config_error(
                 "breaker",
                 "give the breaker whose openings to share: `.breaker(&breaker)`",
             ));
         };
-        let Some(subscriber) = self.subscriber else {
+        let Some(subscriber) = self.settings.subscriber else {
             return Err(config_error(
                 "subscribe",
                 "give where openings are received from: `.subscribe(client)` (a redis::Client or a \
@@ -244,9 +249,9 @@ where
             ));
         };
         for (field, value) in [
-            ("redis_timeout", self.redis_timeout),
-            ("max_reconnect_delay", self.max_reconnect_delay),
-            ("max_open", self.max_open),
+            ("redis_timeout", self.settings.redis_timeout),
+            ("max_reconnect_delay", self.settings.max_reconnect_delay),
+            ("max_open", self.settings.max_open),
         ] {
             if value.is_zero() {
                 return Err(config_error(field, "must be greater than zero"));
@@ -261,21 +266,21 @@ where
         let status = Arc::new(Status::default());
         let origin = origin_id();
         let name = breaker.name().to_owned();
-        let channel = format!("{}{name}:openings", self.prefix);
-        let key = format!("{}{name}:open", self.prefix);
-        let min_backoff = Duration::from_millis(50).min(self.max_reconnect_delay);
+        let channel = format!("{}{name}:openings", self.settings.prefix);
+        let key = format!("{}{name}:open", self.settings.prefix);
+        let min_backoff = Duration::from_millis(50).min(self.settings.max_reconnect_delay);
         let subscription = Subscription::spawn(
             subscriber,
             vec![channel.clone()],
             SubscriptionConfig::default()
-                .connect_timeout(self.redis_timeout * 4)
-                .backoff(min_backoff, self.max_reconnect_delay),
+                .connect_timeout(self.settings.redis_timeout * 4)
+                .backoff(min_backoff, self.settings.max_reconnect_delay),
             Follower {
                 breaker: breaker.clone(),
                 key: key.clone(),
                 origin: origin.clone(),
-                timeout: self.redis_timeout,
-                max_open: self.max_open,
+                timeout: self.settings.redis_timeout,
+                max_open: self.settings.max_open,
                 status: status.clone(),
                 warned_undecodable: false,
             },
@@ -292,7 +297,7 @@ where
                 channel,
                 key,
                 origin,
-                timeout: self.redis_timeout,
+                timeout: self.settings.redis_timeout,
             },
             status.clone(),
         ));

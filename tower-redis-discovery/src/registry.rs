@@ -245,6 +245,11 @@ const CLUSTER: u8 = 2;
 #[must_use]
 pub struct RedisRegistryBuilder<C> {
     connection: C,
+    settings: RegistrySettings,
+}
+
+/// Everything but the connection, carried over as is when [`RedisRegistryBuilder::redis`] changes its type.
+struct RegistrySettings {
     prefix: String,
     ttl: Duration,
     redis_timeout: Duration,
@@ -254,10 +259,10 @@ pub struct RedisRegistryBuilder<C> {
 impl<C> fmt::Debug for RedisRegistryBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisRegistryBuilder")
-            .field("prefix", &self.prefix)
-            .field("ttl", &self.ttl)
-            .field("redis_timeout", &self.redis_timeout)
-            .field("max_entry_size", &self.max_entry_size)
+            .field("prefix", &self.settings.prefix)
+            .field("ttl", &self.settings.ttl)
+            .field("redis_timeout", &self.settings.redis_timeout)
+            .field("max_entry_size", &self.settings.max_entry_size)
             .finish_non_exhaustive()
     }
 }
@@ -282,10 +287,12 @@ impl RedisRegistry<()> {
     pub fn builder() -> RedisRegistryBuilder<()> {
         RedisRegistryBuilder {
             connection: (),
-            prefix: "hazeljs:discovery:".to_owned(),
-            ttl: Duration::from_secs(90),
-            redis_timeout: Duration::from_secs(1),
-            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            settings: RegistrySettings {
+                prefix: "hazeljs:discovery:".to_owned(),
+                ttl: Duration::from_secs(90),
+                redis_timeout: Duration::from_secs(1),
+                max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            },
         }
     }
 }
@@ -299,29 +306,26 @@ impl<C> RedisRegistryBuilder<C> {
     {
         RedisRegistryBuilder {
             connection,
-            prefix: self.prefix,
-            ttl: self.ttl,
-            redis_timeout: self.redis_timeout,
-            max_entry_size: self.max_entry_size,
+            settings: self.settings,
         }
     }
 
     /// The key prefix, used exactly as given (HazelJS's default is `hazeljs:discovery:`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
     /// The instance TTL (the service set gets twice as long): whole seconds, at least 1 s, since HazelJS's layout
     /// writes it with `EX`. Heartbeats go every third of it.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.settings.ttl = ttl;
         self
     }
 
     /// The deadline of each Redis call (default 1 s).
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
-        self.redis_timeout = timeout;
+        self.settings.redis_timeout = timeout;
         self
     }
 
@@ -329,7 +333,7 @@ impl<C> RedisRegistryBuilder<C> {
     /// skipped (that instance only; at most this many bytes plus one are transferred). HazelJS's entries are well
     /// under 1 KiB.
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
-        self.max_entry_size = bytes;
+        self.settings.max_entry_size = bytes;
         self
     }
 }
@@ -345,23 +349,23 @@ where
     /// [`ConfigError`] when the TTL is under 1 s or not whole seconds, the Redis timeout is zero, or the entry size
     /// cap is zero.
     pub fn build(self) -> Result<RedisRegistry<C>, ConfigError> {
-        if self.ttl < Duration::from_secs(1) || self.ttl.subsec_nanos() != 0 {
+        if self.settings.ttl < Duration::from_secs(1) || self.settings.ttl.subsec_nanos() != 0 {
             return Err(config_error(
                 "ttl",
                 format!(
                     "the registry TTL is written with EX (HazelJS's layout), so it is whole seconds, at least 1 s; \
                      got {:?}",
-                    self.ttl
+                    self.settings.ttl
                 ),
             ));
         }
-        if self.redis_timeout.is_zero() {
+        if self.settings.redis_timeout.is_zero() {
             return Err(config_error(
                 "redis_timeout",
                 "the Redis timeout must be above zero",
             ));
         }
-        if self.max_entry_size == 0 {
+        if self.settings.max_entry_size == 0 {
             return Err(config_error(
                 "max_entry_size",
                 "the entry size cap must be at least 1 byte (HazelJS's entries are well under 1 KiB)",
@@ -369,13 +373,13 @@ where
         }
         Ok(RedisRegistry {
             connection: self.connection,
-            ttl: self.ttl,
-            timeout: self.redis_timeout,
+            ttl: self.settings.ttl,
+            timeout: self.settings.redis_timeout,
             topology: Arc::new(AtomicU8::new(UNKNOWN)),
-            max_entry_size: self.max_entry_size,
+            max_entry_size: self.settings.max_entry_size,
             warned: Arc::default(),
-            calls: CallRecorder::new(&format!("registry:{}", self.prefix)),
-            prefix: Arc::from(self.prefix),
+            calls: CallRecorder::new(&format!("registry:{}", self.settings.prefix)),
+            prefix: Arc::from(self.settings.prefix),
         })
     }
 }
@@ -383,6 +387,21 @@ where
 /// An invalid registry configuration: `field` is the setting to change.
 fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::in_component("registry", field, message)
+}
+
+/// Whether an `INFO cluster` reply says `cluster_enabled:1`: one node's text, or, through a cluster client (which
+/// sends `INFO` to every node), a map of node to text.
+fn says_cluster_enabled(info: &redis::Value) -> bool {
+    let text_says = |text: &str| text.lines().any(|line| line.trim() == "cluster_enabled:1");
+    match info {
+        redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).is_ok_and(text_says),
+        redis::Value::SimpleString(text) | redis::Value::VerbatimString { text, .. } => {
+            text_says(text)
+        }
+        redis::Value::Map(entries) => entries.iter().any(|(_, text)| says_cluster_enabled(text)),
+        redis::Value::Array(values) => values.iter().any(says_cluster_enabled),
+        _ => false,
+    }
 }
 
 /// Whether `error` is a `CROSSSLOT` reply: the keys of one command or transaction are in different Cluster slots.
@@ -468,13 +487,14 @@ impl<C> RedisRegistry<C>
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Whether the server is a Redis Cluster: asked once (`INFO cluster`), or learnt from a `CROSSSLOT` reply. A
-    /// server that cannot be asked now (down, late) is treated as a single node for this call and asked again on
-    /// the next; one that refuses `INFO` (an ACL without it) is a single node until a `CROSSSLOT` says otherwise.
-    async fn is_cluster(&self) -> bool {
+    /// Whether the server is a Redis Cluster: asked once (`INFO cluster`), or learnt from a `CROSSSLOT` reply. One
+    /// that refuses `INFO` (an ACL without it) is a single node until a `CROSSSLOT` says otherwise. A server that
+    /// cannot be asked now (down, late) fails the call at once, as its command would: the call waits one deadline,
+    /// not two, and the question is asked again on the next call.
+    async fn is_cluster(&self) -> Result<bool, RegistryError> {
         match self.topology.load(Ordering::Acquire) {
-            CLUSTER => return true,
-            SINGLE_NODE => return false,
+            CLUSTER => return Ok(true),
+            SINGLE_NODE => return Ok(false),
             _ => {}
         }
         let mut connection = self.connection.clone();
@@ -484,25 +504,26 @@ where
                 self.timeout,
                 redis::cmd("INFO")
                     .arg("cluster")
-                    .query_async::<String>(&mut connection),
+                    .query_async::<redis::Value>(&mut connection),
             )
             .await;
         let learnt = match info {
             Ok(Ok(info)) => {
-                if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+                if says_cluster_enabled(&info) {
                     CLUSTER
                 } else {
                     SINGLE_NODE
                 }
             }
             Ok(Err(error)) if error.code().is_some() => SINGLE_NODE,
-            Ok(Err(_)) | Err(_) => return false,
+            Ok(Err(error)) => return Err(RegistryError::Redis(error)),
+            Err(_) => return Err(RegistryError::Timeout),
         };
         // Never downgrade a CROSSSLOT's verdict.
         let _ =
             self.topology
                 .compare_exchange(UNKNOWN, learnt, Ordering::AcqRel, Ordering::Acquire);
-        self.topology.load(Ordering::Acquire) == CLUSTER
+        Ok(self.topology.load(Ordering::Acquire) == CLUSTER)
     }
 
     /// Learnt from a `CROSSSLOT` reply: the server is a Cluster.
@@ -556,7 +577,7 @@ where
 
     /// Runs write commands: one MULTI/EXEC on a single node, one by one on a cluster.
     async fn write_all(&self, commands: Vec<redis::Cmd>) -> Result<(), RegistryError> {
-        if !self.is_cluster().await {
+        if !self.is_cluster().await? {
             let mut pipe = redis::pipe();
             pipe.atomic();
             for command in &commands {
@@ -617,7 +638,7 @@ where
         keys: Vec<String>,
     ) -> Result<Vec<redis::RedisResult<Vec<u8>>>, RegistryError> {
         let end = self.max_entry_size;
-        if self.is_cluster().await {
+        if self.is_cluster().await? {
             let reads = keys.into_iter().map(|key| {
                 let mut connection = self.connection.clone();
                 async move {
@@ -658,33 +679,37 @@ where
         }
         let mut connection = self.connection.clone();
         let set = self.service_key(service);
-        let cluster = self.is_cluster().await;
-        let mut removed: Result<redis::RedisResult<u64>, _> = Ok(Ok(0));
+        let Ok(cluster) = self.is_cluster().await else {
+            tracing::debug!(%service, "not removing expired ids: Redis did not answer");
+            return;
+        };
+        let mut removed = None;
         if !cluster {
             let script = redis::Script::new(PRUNE_SCRIPT);
             let mut invocation = script.key(&set);
             for id in ids {
                 invocation.key(self.instance_key(id)).arg(*id);
             }
-            removed = self
+            let checked = self
                 .calls
                 .within(self.timeout, invocation.invoke_async(&mut connection))
                 .await;
-            if matches!(&removed, Ok(Err(error)) if error.code() == Some("CROSSSLOT")) {
-                self.learn_cluster();
+            match checked {
+                Ok(Err(error)) if error.code() == Some("CROSSSLOT") => self.learn_cluster(),
+                checked => removed = Some(checked),
             }
         }
-        if cluster
-            || (self.topology.load(Ordering::Acquire) == CLUSTER && !matches!(removed, Ok(Ok(_))))
-        {
-            // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
-            let mut remove = redis::cmd("SREM");
-            remove.arg(&set).arg(ids);
-            removed = self
-                .calls
-                .within(self.timeout, remove.query_async(&mut connection))
-                .await;
-        }
+        let removed: Result<redis::RedisResult<u64>, _> = match removed {
+            Some(removed) => removed,
+            None => {
+                // The set and the instance keys are in different slots: a plain SREM (a heartbeat re-adds its id).
+                let mut remove = redis::cmd("SREM");
+                remove.arg(&set).arg(ids);
+                self.calls
+                    .within(self.timeout, remove.query_async(&mut connection))
+                    .await
+            }
+        };
         match removed {
             Ok(Ok(removed)) => {
                 tracing::debug!(%service, removed, "removed expired ids from the service set");
@@ -780,7 +805,7 @@ where
         // and rewrite it from our own copy if someone changed where it routes to (or broke it).
         let key = self.instance_key(&instance.id);
         let (stored, set_pttl): (redis::RedisResult<Option<Vec<u8>>>, i64) =
-            if self.is_cluster().await {
+            if self.is_cluster().await? {
                 // Two slots: two single-key reads.
                 let mut connection = self.connection.clone();
                 let get = async {
@@ -902,7 +927,7 @@ where
         let service_prefix = format!("{}service:", self.prefix);
         let pattern = format!("{service_prefix}*");
         let mut names = BTreeSet::new();
-        if self.is_cluster().await {
+        if self.is_cluster().await? {
             // SCAN walks one node only; the cluster client sends KEYS to every primary and joins the answers. KEYS
             // walks the whole keyspace, so this is for an occasional listing, not a hot path.
             let mut connection = self.connection.clone();
@@ -947,7 +972,23 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{decode_entry, extends_set_ttl, same_registration};
+    use super::{decode_entry, extends_set_ttl, same_registration, says_cluster_enabled};
+
+    #[test]
+    fn info_cluster_is_read_from_one_node_or_from_every_node_of_a_cluster() {
+        use redis::Value;
+        let text = |enabled: u8| {
+            Value::BulkString(format!("# Cluster\r\ncluster_enabled:{enabled}\r\n").into_bytes())
+        };
+        assert!(says_cluster_enabled(&text(1)));
+        assert!(!says_cluster_enabled(&text(0)));
+        let nodes = Value::Map(vec![
+            (Value::BulkString(b"127.0.0.1:7000".to_vec()), text(1)),
+            (Value::BulkString(b"127.0.0.1:7001".to_vec()), text(1)),
+        ]);
+        assert!(says_cluster_enabled(&nodes));
+        assert!(!says_cluster_enabled(&Value::Nil));
+    }
     use crate::instance::Instance;
     use proptest::prelude::*;
 

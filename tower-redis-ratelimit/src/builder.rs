@@ -19,6 +19,13 @@ use crate::stats::Stats;
 #[must_use]
 pub struct RateLimiterBuilder<C> {
     connection: C,
+    /// No `.redis(..)` yet: decide in process.
+    local_only: bool,
+    settings: Settings,
+}
+
+/// Everything but the connection, carried over as is when [`RateLimiterBuilder::redis`] changes its type.
+struct Settings {
     prefix: String,
     tiers: Vec<(String, Vec<Policy>)>,
     redis_timeout: Duration,
@@ -27,16 +34,15 @@ pub struct RateLimiterBuilder<C> {
     pre_limiter: Option<(u64, Duration)>,
     breaker: Option<CircuitBreaker>,
     name: Cow<'static, str>,
-    local_only: bool,
 }
 
 impl<C> fmt::Debug for RateLimiterBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimiterBuilder")
-            .field("prefix", &self.prefix)
-            .field("tiers", &self.tiers)
-            .field("redis_timeout", &self.redis_timeout)
-            .field("failure", &self.failure)
+            .field("prefix", &self.settings.prefix)
+            .field("tiers", &self.settings.tiers)
+            .field("redis_timeout", &self.settings.redis_timeout)
+            .field("failure", &self.settings.failure)
             .field("local_only", &self.local_only)
             .finish_non_exhaustive()
     }
@@ -48,21 +54,27 @@ pub const DEFAULT_TIER: &str = "default";
 impl<C> RateLimiterBuilder<C> {
     /// A name for logs, stats and metric labels (default `ratelimit`).
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+        self.settings.name = name.into();
         self
     }
 
     /// The key prefix (namespace) of every Redis key, for example `auth:rl:` (default `rl:`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
     /// Adds a policy to the default tier (several policies are checked together: say 10/s and 1000/h).
     pub fn policy(mut self, policy: Policy) -> Self {
-        match self.tiers.iter_mut().find(|(name, _)| name == DEFAULT_TIER) {
+        match self
+            .settings
+            .tiers
+            .iter_mut()
+            .find(|(name, _)| name == DEFAULT_TIER)
+        {
             Some((_, policies)) => policies.push(policy),
             None => self
+                .settings
                 .tiers
                 .insert(0, (DEFAULT_TIER.to_owned(), vec![policy])),
         }
@@ -75,21 +87,22 @@ impl<C> RateLimiterBuilder<C> {
         name: impl Into<String>,
         policies: impl IntoIterator<Item = Policy>,
     ) -> Self {
-        self.tiers
+        self.settings
+            .tiers
             .push((name.into(), policies.into_iter().collect()));
         self
     }
 
     /// The deadline of each Redis call (default 50 ms). Past it, the failure policy decides.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
-        self.redis_timeout = timeout;
+        self.settings.redis_timeout = timeout;
         self
     }
 
     /// What to do when Redis fails (default [`FailurePolicy::FailOpen`]; a local-only limiter, built without
     /// [`redis`](Self::redis), decides with `FailurePolicy::Local { share: 1 }` and accepts no other).
     pub fn on_redis_failure(mut self, policy: FailurePolicy) -> Self {
-        self.failure = Some(policy);
+        self.settings.failure = Some(policy);
         self
     }
 
@@ -101,42 +114,35 @@ impl<C> RateLimiterBuilder<C> {
     {
         RateLimiterBuilder {
             connection,
-            prefix: self.prefix,
-            tiers: self.tiers,
-            redis_timeout: self.redis_timeout,
-            failure: self.failure,
-            deny_cache: self.deny_cache,
-            pre_limiter: self.pre_limiter,
-            breaker: self.breaker,
-            name: self.name,
             local_only: false,
+            settings: self.settings,
         }
     }
 
     /// Keeps up to `capacity` denied keys in memory, denying them locally until their retry time (default on,
     /// 100 000 keys).
     pub fn deny_cache(mut self, capacity: usize) -> Self {
-        self.deny_cache = Some(capacity);
+        self.settings.deny_cache = Some(capacity);
         self
     }
 
     /// Turns the deny cache off: every request asks Redis.
     pub fn no_deny_cache(mut self) -> Self {
-        self.deny_cache = None;
+        self.settings.deny_cache = None;
         self
     }
 
     /// A local `governor` shield in front of Redis: at most `limit` per `window` per key in this process; above
     /// it, requests are denied without a Redis call.
     pub fn pre_limiter(mut self, limit: u64, window: Duration) -> Self {
-        self.pre_limiter = Some((limit, window));
+        self.settings.pre_limiter = Some((limit, window));
         self
     }
 
     /// Guards Redis with this breaker instead of the default one (opens after 3 failures in a row, probes after
     /// 500 ms, so the limiter is back on Redis within a second of recovery).
     pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
-        self.breaker = Some(breaker);
+        self.settings.breaker = Some(breaker);
         self
     }
 
@@ -147,24 +153,24 @@ impl<C> RateLimiterBuilder<C> {
     /// [`ConfigError`] when there is no policy, a tier repeats a name or is empty, the timeout is zero, or a
     /// local limiter's quota cannot be built.
     pub fn build(self) -> Result<RateLimiter<C>, ConfigError> {
-        if self.tiers.is_empty() {
+        if self.settings.tiers.is_empty() {
             return Err(crate::error::config_error(
                 "policies",
                 "add at least one policy, e.g. `.policy(Policy::per_minute(\"api\", 600)?)`",
             ));
         }
-        if self.redis_timeout.is_zero() {
+        if self.settings.redis_timeout.is_zero() {
             return Err(crate::error::config_error(
                 "redis_timeout",
                 "the Redis timeout must be above zero",
             ));
         }
-        let failure = match self.failure {
+        let failure = match self.settings.failure {
             Some(failure) => failure,
             None if self.local_only => FailurePolicy::Local { share: 1 },
             None => FailurePolicy::FailOpen,
         };
-        if self.prefix.contains(['{', '}']) {
+        if self.settings.prefix.contains(['{', '}']) {
             return Err(crate::error::config_error(
                 "prefix",
                 "must not contain `{` or `}`: the limiter puts the request key in a Cluster hash tag",
@@ -183,8 +189,8 @@ impl<C> RateLimiterBuilder<C> {
                  so the failure policy must be `FailurePolicy::Local` (or give it a Redis connection)",
             ));
         }
-        let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
-        for (name, policies) in self.tiers {
+        let mut tiers: Vec<Tier> = Vec::with_capacity(self.settings.tiers.len());
+        for (name, policies) in self.settings.tiers {
             if tiers.iter().any(|tier| tier.name == name) {
                 return Err(crate::error::config_error(
                     "tier",
@@ -198,7 +204,7 @@ impl<C> RateLimiterBuilder<C> {
                 }
                 _ => None,
             };
-            let pre_limiter = match self.pre_limiter {
+            let pre_limiter = match self.settings.pre_limiter {
                 Some((limit, window)) => Some(LocalLimiter::for_policies(
                     &[Policy::new("pre", limit, window)?],
                     1,
@@ -212,10 +218,10 @@ impl<C> RateLimiterBuilder<C> {
                 pre_limiter,
             });
         }
-        let breaker = match self.breaker {
+        let breaker = match self.settings.breaker {
             Some(breaker) => breaker,
             None => CircuitBreaker::builder()
-                .name(format!("{}-redis", self.name))
+                .name(format!("{}-redis", self.settings.name))
                 .consecutive_failures(3)
                 .no_failure_rate()
                 .open_for(Duration::from_millis(500))
@@ -227,15 +233,15 @@ impl<C> RateLimiterBuilder<C> {
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 connection: self.connection,
-                prefix: self.prefix,
+                prefix: self.settings.prefix,
                 tiers,
-                guard: Guard::new(breaker, self.redis_timeout)?,
+                guard: Guard::new(breaker, self.settings.redis_timeout)?,
                 failure,
                 local_only: self.local_only,
-                deny_cache: self.deny_cache.map(DenyCache::new),
+                deny_cache: self.settings.deny_cache.map(DenyCache::new),
                 stats: Stats::default(),
                 #[cfg(feature = "metrics")]
-                metrics: crate::metrics::Handles::new(&self.name),
+                metrics: crate::metrics::Handles::new(&self.settings.name),
             }),
         })
     }
@@ -264,15 +270,17 @@ impl RateLimiter<Offline> {
     pub fn builder() -> RateLimiterBuilder<Offline> {
         RateLimiterBuilder {
             connection: Offline,
-            prefix: "rl:".to_owned(),
-            tiers: Vec::new(),
-            redis_timeout: Duration::from_millis(50),
-            failure: None,
-            deny_cache: Some(100_000),
-            pre_limiter: None,
-            breaker: None,
-            name: Cow::Borrowed("ratelimit"),
             local_only: true,
+            settings: Settings {
+                prefix: "rl:".to_owned(),
+                tiers: Vec::new(),
+                redis_timeout: Duration::from_millis(50),
+                failure: None,
+                deny_cache: Some(100_000),
+                pre_limiter: None,
+                breaker: None,
+                name: Cow::Borrowed("ratelimit"),
+            },
         }
     }
 }
