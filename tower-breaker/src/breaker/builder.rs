@@ -19,6 +19,20 @@ use crate::state::{State, Word};
 use crate::stats::{Counters, Latency};
 use crate::window::{CountWindow, TimeWindow};
 
+/// Setters that set one [`BreakerConfig`] field to the value given. Each is documented once, on its field, with its
+/// default, and links there; the setters below it are the ones that set several fields or wrap the value.
+macro_rules! field_setters {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        $(
+            #[doc = concat!("Sets [`BreakerConfig::", stringify!($field), "`].")]
+            pub fn $field(mut self, $field: $ty) -> Self {
+                self.config.$field = $field;
+                self
+            }
+        )*
+    };
+}
+
 /// Builds a [`CircuitBreaker`]; every setting has a default (see [`BreakerConfig`]).
 #[derive(Clone)]
 #[must_use]
@@ -49,6 +63,15 @@ impl BreakerBuilder {
         }
     }
 
+    field_setters! {
+        minimum_calls: u32,
+        half_open_permits: u32,
+        probe_policy: ProbePolicy,
+        half_open_max_wait: Duration,
+        latency_sample_every: u32,
+        dropped_body: DroppedBody,
+    }
+
     /// A name for logs, stats and metric labels.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.config.name = name.into();
@@ -64,12 +87,6 @@ impl BreakerBuilder {
     /// Compute rates over the calls of the last `duration`, in `buckets` buckets.
     pub fn time_window(mut self, duration: Duration, buckets: u32) -> Self {
         self.config.window = Window::Time { duration, buckets };
-        self
-    }
-
-    /// How many calls the window must hold before a rate can trip the breaker.
-    pub fn minimum_calls(mut self, calls: u32) -> Self {
-        self.config.minimum_calls = calls;
         self
     }
 
@@ -110,24 +127,6 @@ impl BreakerBuilder {
         self
     }
 
-    /// Admit `permits` probes per half-open cycle.
-    pub fn half_open_permits(mut self, permits: u32) -> Self {
-        self.config.half_open_permits = permits;
-        self
-    }
-
-    /// How the probes decide between closing and opening again.
-    pub fn probe_policy(mut self, policy: ProbePolicy) -> Self {
-        self.config.probe_policy = policy;
-        self
-    }
-
-    /// Start a fresh half-open cycle when probes have not decided after `wait`.
-    pub fn half_open_max_wait(mut self, wait: Duration) -> Self {
-        self.config.half_open_max_wait = wait;
-        self
-    }
-
     /// Fail calls that take longer than `timeout` (counted as failures and as timeouts). In the Tower layer the
     /// deadline starts when the service first answers "not ready yet" (usually at once, on the first poll), so a
     /// call answered on its first poll never makes a timer; a response that is ready at the deadline wins.
@@ -136,19 +135,8 @@ impl BreakerBuilder {
         self
     }
 
-    /// Time one call in `every` (a power of two) for the latency summary.
-    pub fn latency_sample_every(mut self, every: u32) -> Self {
-        self.config.latency_sample_every = every;
-        self
-    }
-
-    /// What a response body dropped before its end counts as.
-    pub fn dropped_body(mut self, outcome: DroppedBody) -> Self {
-        self.config.dropped_body = outcome;
-        self
-    }
-
-    /// Replaces the whole configuration (names and listeners set on the builder are kept).
+    /// Replaces the whole configuration, name included (the clock, listeners and metrics export set on the builder
+    /// are kept).
     pub fn config(mut self, config: BreakerConfig) -> Self {
         self.config = config;
         self
