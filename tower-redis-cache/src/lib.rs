@@ -12,6 +12,7 @@ mod memory;
 mod owed;
 mod pending;
 mod policy;
+mod route;
 mod service;
 mod stats;
 mod status;
@@ -27,7 +28,8 @@ pub mod sentinel {
 pub use body::CacheBody;
 pub use cache::{CacheBuilder, HttpCache, InvalidateError};
 pub use error::ConfigError;
-pub use layer::{BypassFn, CacheLayer, KeyFn, PurgeFn, TagFn};
+pub use layer::CacheLayer;
+pub use route::{BypassFn, KeyFn, PurgeFn, TagFn};
 pub use service::{Cache, ResponseFuture};
 pub use stats::CacheStats;
 pub use tower_redis_core::Subscriber;

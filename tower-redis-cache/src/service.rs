@@ -21,8 +21,8 @@ use crate::body::{CacheBody, Recorder, Sink, drain};
 use crate::cache::{Flight, FlightGuard, HttpCache};
 use crate::directives::CacheControl;
 use crate::entry::{Entry, Facts};
-use crate::layer::Route;
 use crate::policy::{self, Timing, Use};
+use crate::route::Route;
 use crate::stats::{Event, Tier};
 use crate::status::{CacheStatus, Forward};
 

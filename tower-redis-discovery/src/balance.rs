@@ -1,22 +1,15 @@
-//! Balancing across discovered instances: power of two choices over peak-EWMA latency (as linkerd does), with
-//! fail-fast: no endpoint is an immediate [`NoEndpoints`] error, and no ready endpoint within the fail-fast timeout
-//! (default 3 s) is an [`Unavailable`] error. No request waits forever. The picker itself is in `strategy.rs`.
+//! What a balanced service is and how it fails fast: [`BalanceOptions`], [`Balanced`], and its two errors. No
+//! endpoint is an immediate [`NoEndpoints`] error, and no ready endpoint within the fail-fast timeout (default 3 s)
+//! is an [`Unavailable`] error, so no request waits forever. The picker and the `balance` functions are in
+//! `strategy.rs`, the HTTP endpoint in `endpoint.rs`.
 
 use std::fmt;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use http::uri::{Authority, Scheme};
 use tower::BoxError;
-use tower::Service;
 use tower::util::BoxCloneSyncService;
 
 use tower_redis_core::ConfigError;
-
-use crate::discover::Discovery;
-use crate::instance::Instance;
-use crate::strategy::{Strategy, balance_with};
 
 /// No instance of the service is known: the request was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,78 +142,3 @@ impl Default for BalanceOptions {
 /// A balanced, cloneable service over a discovered set of endpoints. Errors are `BoxError`s you can downcast to
 /// [`NoEndpoints`], [`Unavailable`] or the endpoint's own error.
 pub type Balanced<Req, Res> = BoxCloneSyncService<Req, Res, BoxError>;
-
-/// Balances requests over the instances `discovery` finds, making one endpoint service per instance with `make`:
-/// power of two choices over peak-EWMA latency ([`Strategy::PeakEwma`]), with fail-fast. Every clone shares one
-/// picker and waits for its endpoint on its own task (no buffer task in between). Must be called inside a Tokio
-/// runtime. For the other strategies, see [`balance_with`].
-pub fn balance<Req, S, F>(
-    discovery: Discovery,
-    make: F,
-    options: BalanceOptions,
-) -> Balanced<Req, S::Response>
-where
-    Req: Send + 'static,
-    F: Fn(&Instance) -> S + Send + 'static,
-    S: Service<Req> + Clone + Send + 'static,
-    S::Error: Into<BoxError> + Send + Sync,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-{
-    balance_with(discovery, make, Strategy::PeakEwma, options)
-}
-
-/// An endpoint for one instance: sends each request to the instance by rewriting the URI's scheme and authority
-/// (the path and query are kept), through a shared client such as hyper-util's.
-#[derive(Debug, Clone)]
-pub struct HttpEndpoint<C> {
-    client: C,
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl<C> HttpEndpoint<C> {
-    /// An endpoint for `instance` using `client`. An instance whose host and port make no valid authority gets
-    /// `localhost` instead (its requests then fail like any unreachable endpoint).
-    pub fn new(client: C, instance: &Instance) -> Self {
-        let authority = format!("{}:{}", instance.host, instance.port)
-            .parse()
-            .unwrap_or_else(|_| Authority::from_static("localhost"));
-        let scheme = if instance.protocol.scheme() == "https" {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        };
-        Self {
-            client,
-            scheme,
-            authority,
-        }
-    }
-}
-
-impl<C, B> Service<http::Request<B>> for HttpEndpoint<C>
-where
-    C: Service<http::Request<B>>,
-{
-    type Response = C::Response;
-    type Error = C::Error;
-    type Future = C::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
-        self.client.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let mut parts = request.uri().clone().into_parts();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
-        self.client.call(request)
-    }
-}

@@ -3,6 +3,7 @@
 
 mod balance;
 mod discover;
+mod endpoint;
 mod health;
 mod instance;
 mod listing;
@@ -18,11 +19,9 @@ pub mod sentinel {
     pub use tower_redis_core::sentinel::{SentinelConfig, SentinelConnection};
 }
 
-pub use balance::{
-    BalanceOptions, BalanceOptionsBuilder, Balanced, HttpEndpoint, NoEndpoints, Unavailable,
-    balance,
-};
+pub use balance::{BalanceOptions, BalanceOptionsBuilder, Balanced, NoEndpoints, Unavailable};
 pub use discover::{Discovery, DiscoveryBuilder, Filter};
+pub use endpoint::HttpEndpoint;
 pub use health::{Ejecting, EjectingFuture, EjectionOptions, EjectionOptionsBuilder, HealthSignal};
 pub use instance::{Instance, Protocol, Status, iso8601};
 pub use listing::{ServiceEntry, ServiceListing, list_services};
@@ -32,5 +31,5 @@ pub use registry::{
     Registry, RegistryError,
 };
 pub use stats::{RegistrationStats, WatchHandle, WatchStats};
-pub use strategy::{HashKey, Strategy, balance_with};
+pub use strategy::{HashKey, Strategy, balance, balance_with};
 pub use tower_redis_core::{ConfigError, Subscriber};

@@ -1,6 +1,6 @@
 //! The HazelJS load-balancing strategies (round robin, random, least connections, weighted by
 //! `metadata.weight`, hash of a request key, zone preference) over discovered instances, with the same fail-fast
-//! and readiness handling as [`balance`](crate::balance).
+//! and readiness handling as [`balance`].
 
 use std::fmt;
 use std::future::Future;
@@ -471,9 +471,29 @@ where
     }
 }
 
+/// Balances requests over the instances `discovery` finds, making one endpoint service per instance with `make`:
+/// power of two choices over peak-EWMA latency ([`Strategy::PeakEwma`]), with fail-fast. Every clone shares one
+/// picker and waits for its endpoint on its own task (no buffer task in between). Must be called inside a Tokio
+/// runtime. For the other strategies, see [`balance_with`].
+pub fn balance<Req, S, F>(
+    discovery: Discovery,
+    make: F,
+    options: BalanceOptions,
+) -> Balanced<Req, S::Response>
+where
+    Req: Send + 'static,
+    F: Fn(&Instance) -> S + Send + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Error: Into<BoxError> + Send + Sync,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    balance_with(discovery, make, Strategy::PeakEwma, options)
+}
+
 /// Balances requests over the instances `discovery` finds with `strategy`, making one endpoint service per
 /// instance with `make` (it must be `Clone`, as HTTP clients and tonic channels are). Fail-fast as in
-/// [`balance`](crate::balance): no instance is an immediate [`NoEndpoints`], no ready instance within
+/// [`balance`]: no instance is an immediate [`NoEndpoints`], no ready instance within
 /// `options.failfast` is [`Unavailable`]. Must be called inside a Tokio runtime.
 pub fn balance_with<Req, S, F>(
     discovery: Discovery,

@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::decision::{Decision, DecisionSource};
 use crate::headers;
 use crate::key::{KeyExtractor, RequestParts};
-use crate::layer::{Rejection, Selection, Shared};
+use crate::rules::{Rejection, Selection, Shared};
 
 /// The response future of [`RateLimit`]: boxed, since a decision may wait for Redis.
 pub type ResponseFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
