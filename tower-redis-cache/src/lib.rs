@@ -32,7 +32,7 @@ pub use layer::CacheLayer;
 pub use route::{BypassFn, KeyFn, PurgeFn, TagFn};
 pub use service::{Cache, ResponseFuture};
 pub use stats::CacheStats;
-pub use tower_redis_core::Subscriber;
+pub use tower_redis_core::{Subscriber, SubscriptionStats};
 
 /// The `Cache-Status` header name (RFC 9211).
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tower_breaker::State;
-use tower_redis_core::GuardStats;
+use tower_redis_core::{GuardStats, SubscriptionStats};
 
 /// Where a hit came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +268,7 @@ impl Stats {
             memory_entries,
             memory_capacity,
             redis_breaker: breaker,
+            subscription: None,
         }
     }
 }
@@ -340,4 +341,7 @@ pub struct CacheStats {
     pub memory_capacity: u64,
     /// The state of the breaker guarding Redis (`None` without a Redis tier).
     pub redis_breaker: Option<State>,
+    /// The invalidation subscription's counters (`None` without [`subscribe`](crate::CacheBuilder::subscribe)):
+    /// `connected` says whether other instances' invalidations reach this one now.
+    pub subscription: Option<SubscriptionStats>,
 }

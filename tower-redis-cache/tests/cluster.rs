@@ -60,7 +60,7 @@ async fn the_cache_works_the_same_on_a_three_master_cluster() {
     let two = build().await;
     let a = serve(origin(&calls).layer(CacheLayer::new(one.clone()))).await;
     let b = serve(origin(&calls).layer(CacheLayer::new(two.clone()))).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::subscribed(&[&one, &two]).await;
 
     // Concurrent cold misses on both instances: one origin call in all.
     let replies =

@@ -247,11 +247,21 @@ async fn replicas_serve_the_hits_masters_the_writes_and_a_dead_replica_fails_not
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The load is on, the victim serving its share of it, before the kill.
+    test_support::wait_for(
+        "load on the victim replica",
+        Duration::from_secs(10),
+        || {
+            two.stats().redis_hits - baseline > 20
+                && cluster.command_calls(replicas[victim], "hmget") > 0
+        },
+    )
+    .await;
     let before_kill = two.stats().redis_hits - baseline;
     let replica_reads_before_kill = cluster.command_calls(replicas[victim], "hmget");
     cluster.kill_replica(victim);
     let killed = two.stats().redis_hits;
+    // The load goes on for a while under the fault: every request in this window must succeed.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {

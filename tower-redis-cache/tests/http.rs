@@ -424,8 +424,7 @@ async fn invalidation_by_key_prefix_and_tag_reaches_every_subscribed_instance() 
     let two = build().await;
     let a = serve(origin(&calls, headers).layer(CacheLayer::new(one.clone()))).await;
     let b = serve(origin(&calls, headers).layer(CacheLayer::new(two.clone()))).await;
-    // Let both subscriptions settle before anything is announced.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::subscribed(&[&one, &two]).await;
 
     for path in ["/r/1", "/r/2", "/r/3"] {
         get(a, path).await;
@@ -545,7 +544,7 @@ async fn an_invalidation_waits_for_the_writes_queued_before_it() {
         } else {
             cache.invalidate_tag("user-7").await.unwrap();
         }
-        // Let every queued task run, then look: the entry must not be in Redis.
+        // A window for a queued write to land late (none may): then the entry must not be in Redis.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut check = connection.clone();
         let exists: u64 = redis::cmd("EXISTS")
@@ -576,15 +575,17 @@ async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
             .build()
             .unwrap();
         let version = Arc::new(AtomicUsize::new(1));
+        let reads = Arc::new(AtomicUsize::new(0));
         let origin = {
-            let version = version.clone();
+            let (version, reads) = (version.clone(), reads.clone());
             Router::new().route(
                 "/u/7",
                 get_route(move || {
-                    let version = version.clone();
+                    let (version, reads) = (version.clone(), reads.clone());
                     async move {
                         // Reads the record, then takes a while to answer.
                         let read = version.load(Ordering::SeqCst);
+                        reads.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         Response::builder()
                             .header("cache-control", "max-age=60")
@@ -597,7 +598,12 @@ async fn a_fill_sent_before_an_invalidation_is_not_stored_after_it() {
         };
         let address = serve(origin.layer(CacheLayer::new(cache.clone()))).await;
         let slow = tokio::spawn(async move { get(address, "/u/7").await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        support::wait_for(
+            "the read reaches the origin",
+            Duration::from_secs(5),
+            || reads.load(Ordering::SeqCst) == 1,
+        )
+        .await;
         // The write, and its invalidation, while the read is still at the origin.
         version.store(2, Ordering::SeqCst);
         if by_tag {

@@ -72,7 +72,13 @@ async fn with_redis_killed_mid_load_no_request_fails_and_redis_is_used_again_aft
         }
         statuses
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The load is on Redis before it dies.
+    let baseline = cache.stats().redis_hits;
+    support::wait_for("hits from Redis under load", Duration::from_secs(5), || {
+        cache.stats().redis_hits >= baseline + 10
+    })
+    .await;
+    assert!(!during.is_finished(), "the kill comes mid-load");
     server.kill();
     let during = during.await.unwrap();
     let down = load(3).await;

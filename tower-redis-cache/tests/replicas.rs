@@ -141,7 +141,15 @@ async fn a_replica_killed_mid_load_fails_no_request() {
         }
         replies
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The load is on the replica before it dies.
+    let baseline = cache.stats().replica_hits;
+    support::wait_for(
+        "hits from the replica under load",
+        Duration::from_secs(5),
+        || cache.stats().replica_hits >= baseline + 10,
+    )
+    .await;
+    assert!(!load.is_finished(), "the kill comes mid-load");
     replica.kill();
     let replies = load.await.unwrap();
     assert!(replies.iter().all(|reply| reply.status == StatusCode::OK));

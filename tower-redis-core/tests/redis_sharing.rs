@@ -174,8 +174,15 @@ async fn an_opening_published_while_a_peer_was_away_reaches_it_when_it_connects(
     assert_eq!(late_sharing.stats().received, 1);
     // Another name in the same Redis is not affected.
     let other = breaker("shipping");
-    let _other_sharing = share(&other, &server.url(), "late:").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other_sharing = share(&other, &server.url(), "late:").await;
+    wait_for(
+        "the other name's subscription is up",
+        Duration::from_secs(10),
+        || other_sharing.stats().connected,
+    )
+    .await;
+    // Subscribed, it reads its own key (never written): it stays closed for as long as we look.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(other.state(), State::Closed);
 }
 

@@ -99,12 +99,16 @@ async fn with_no_instance_a_request_fails_at_once_with_no_endpoints() {
         .service("nobody")
         .build()
         .unwrap();
+    let watch = discovery.handle();
     let mut balanced = balance(
         discovery,
         |_: &Instance| tower::service_fn(|_: ()| async { Ok::<_, Infallible>(()) }),
         BalanceOptions::default(),
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    test_support::wait_for("the first poll", Duration::from_secs(5), || {
+        watch.stats().polls >= 1
+    })
+    .await;
     let started = Instant::now();
     let error = balanced.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(error.is::<NoEndpoints>(), "{error}");
@@ -146,8 +150,12 @@ async fn with_no_ready_instance_a_request_fails_after_the_failfast_timeout() {
         .failfast(Duration::from_millis(300))
         .build()
         .unwrap();
+    let watch = discovery.handle();
     let mut balanced = balance(discovery, |_: &Instance| NeverReady, options);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    test_support::wait_for("the instance is discovered", Duration::from_secs(5), || {
+        watch.stats().instances >= 1
+    })
+    .await;
     let started = Instant::now();
     let error = balanced.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(error.is::<Unavailable>(), "{error}");

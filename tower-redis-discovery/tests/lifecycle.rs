@@ -159,11 +159,15 @@ async fn a_graceful_deregistration_fails_no_request() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    test_support::wait_for("the load is on", Duration::from_secs(5), || {
+        sent.load(Ordering::Relaxed) >= 50
+    })
+    .await;
     leaving
         .deregister(Some(Duration::from_millis(300)))
         .await
         .unwrap();
+    // The load goes on after the departure: no request in this window may fail.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -333,9 +337,13 @@ async fn an_instance_killed_under_load_gets_no_traffic_within_a_second_and_few_r
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    test_support::wait_for("the load is on", Duration::from_secs(5), || {
+        sent.load(Ordering::Relaxed) >= 100
+    })
+    .await;
     *killed_at.lock().unwrap() = Some(Instant::now());
     servers[0].kill();
+    // The load goes on for the ejection and two probe backoffs: what fails in this window is counted.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {

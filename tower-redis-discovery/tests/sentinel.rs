@@ -185,7 +185,11 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both first instances take traffic before the kill.
+    test_support::wait_for("both instances serve", Duration::from_secs(10), || {
+        served[..2].iter().all(|n| n.load(Ordering::Relaxed) >= 10)
+    })
+    .await;
     let before_kill: Vec<usize> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     let killed_at = Instant::now();
     set.kill_primary();
@@ -227,6 +231,7 @@ async fn balanced_requests_survive_a_failover_and_reach_an_instance_registered_a
         },
     )
     .await;
+    // The load goes on a while on the promoted primary: no request in this window may fail.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let mut outcomes = Vec::new();

@@ -256,7 +256,7 @@ impl CacheBuilder {
                 invalidated,
                 runtime,
                 clock,
-                _listener: listener,
+                listener,
             }),
         })
     }

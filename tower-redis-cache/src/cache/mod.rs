@@ -62,7 +62,7 @@ pub(crate) struct Inner {
     /// The time entries are stamped and judged with.
     pub(crate) clock: CacheClock,
     /// Dropping it stops the subscription.
-    _listener: Option<Subscription>,
+    listener: Option<Subscription>,
 }
 
 pub(crate) struct RedisTier {
@@ -106,7 +106,7 @@ impl HttpCache {
             let (bytes, entries) = memory.usage();
             (bytes, entries, memory.capacity())
         });
-        self.inner.stats.snapshot(
+        let mut stats = self.inner.stats.snapshot(
             memory,
             self.inner
                 .redis
@@ -120,7 +120,9 @@ impl HttpCache {
                 .map(|tier| tier.guard.stats())
                 .collect::<Vec<_>>(),
             self.inner.owed.len(),
-        )
+        );
+        stats.subscription = self.inner.listener.as_ref().map(Subscription::stats);
+        stats
     }
 
     /// The Redis key an entry for `key` is stored under (for inspection; see the README's key layout).

@@ -14,7 +14,24 @@ use axum::routing::get as get_route;
 
 pub mod scenarios;
 
-pub use test_support::{get, holds_within, send, serve};
+pub use test_support::{get, holds_within, send, serve, wait_for};
+
+/// Waits until every cache's invalidation subscription is up, so that what one announces the others hear.
+pub async fn subscribed(caches: &[&tower_redis_cache::HttpCache]) {
+    wait_for(
+        "every invalidation subscription is up",
+        Duration::from_secs(10),
+        || {
+            caches.iter().all(|cache| {
+                cache
+                    .stats()
+                    .subscription
+                    .is_some_and(|subscription| subscription.connected)
+            })
+        },
+    )
+    .await;
+}
 
 /// Counts origin calls.
 #[derive(Debug, Clone, Default)]
