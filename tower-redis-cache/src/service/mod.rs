@@ -1,4 +1,6 @@
-//! [`Cache`]: the request path.
+//! [`Cache`]: the request path, in its steps: [`lookup`] (the memory tier, the fill in flight here, Redis, another
+//! instance's fill), [`fetch`] from the origin, [`revalidate`] a stored entry, [`store`] what may be stored,
+//! [`respond`]. [`key`] computes a request's key; [`write`](mod@write) handles the methods the cache never answers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::header::HeaderValue;
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -24,6 +26,7 @@ mod fetch;
 mod key;
 mod lookup;
 mod respond;
+mod revalidate;
 mod store;
 mod write;
 
@@ -145,6 +148,16 @@ enum Fetched<B, E> {
     Failed(E),
     /// The origin did not answer within the route's timeout.
     TimedOut,
+}
+
+/// What the cache knows of one exchange with the origin, for its storage decisions.
+struct Exchange {
+    /// The client's request fields (the origin got ours in place of its validators).
+    request_headers: HeaderMap,
+    request_cc: CacheControl,
+    /// When the request went out and the response came back, by the cache's clock (ms since the epoch).
+    request_time: u64,
+    response_time: u64,
 }
 
 /// A stored entry a tier can answer a request with, and how.
