@@ -122,7 +122,7 @@ impl Default for EjectionOptions {
 }
 
 /// Wraps one endpoint with passive health. Build it with [`Ejecting::new`] inside the `make` function given to
-/// [`crate::balance`].
+/// [`balance`](fn@crate::balance).
 #[derive(Debug)]
 pub struct Ejecting<S> {
     inner: S,
