@@ -16,7 +16,7 @@
 //! ```no_run
 //! # async fn demo() -> std::process::ExitCode {
 //! // What the `user-service` binary does:
-//! examples::roles::run_process(examples::roles::Role::Users).await
+//! demo::roles::run_process(demo::roles::Role::Users).await
 //! # }
 //! ```
 

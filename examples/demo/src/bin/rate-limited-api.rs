@@ -30,7 +30,7 @@
 //! | `RATE_LIMIT_WRITES` | `5/1m` | writes per key (else per client address), whatever the tier (one rate) |
 //! | `TRUSTED_PROXIES` | `0` | how to find the client address: a number of proxies in front (`1`), or their networks (`10.0.0.0/8,192.168.0.0/16`) |
 //!
-//! and the Redis variables every example reads (`REDIS_URL`, `REDIS_PREFIX`, ...; see `examples::config`).
+//! and the Redis variables every example reads (`REDIS_URL`, `REDIS_PREFIX`, ...; see `demo::config`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,10 +44,10 @@ use axum::http::{HeaderMap, HeaderName, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use examples::config::{self, Config, ConfigError};
-use examples::connection::{ConnectError, Redis, connect};
-use examples::lifecycle::{Stop, stop_on_signals};
-use examples::telemetry;
+use demo::config::{self, Config, ConfigError};
+use demo::connection::{ConnectError, Redis, connect};
+use demo::lifecycle::{Stop, stop_on_signals};
+use demo::telemetry;
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
@@ -314,7 +314,7 @@ async fn serve(config: &Config, app: Router, stop: Stop) -> Result<(), String> {
     tracing::info!("{NAME} listening on http://{local}");
     // The peer address (`ConnectInfo`) is what anonymous callers are counted by.
     // With a header-read timeout and a connection cap, which `axum::serve` does not set.
-    examples::server::serve(listener, app, stop.wait())
+    demo::server::serve(listener, app, stop.wait())
         .await
         .map_err(|error| format!("server error: {error}"))?;
     tracing::info!("{NAME}: stopped");

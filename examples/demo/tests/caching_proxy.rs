@@ -1,15 +1,14 @@
 //! The `caching-proxy` example as a real process, between a real HTTP client and a real axum origin on loopback:
 //! what it forwards, what it drops, what it caches (standards mode), and how it fails.
 //!
-//! The binary is built once per run with the cargo that runs the tests (`cargo build -p examples --bin
-//! caching-proxy`), and found through cargo's own report of the executable it built.
+//! Cargo builds the binary before this test (`CARGO_BIN_EXE_caching-proxy`).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,48 +35,9 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 // Fixtures
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The proxy's executable, built once for the whole test binary (a failed build fails every test with its errors,
-/// without building again).
+/// The `caching-proxy` binary, which cargo builds before this test.
 fn proxy_binary() -> &'static Path {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BINARY.get_or_init(build_proxy) {
-        Ok(path) => path,
-        Err(error) => panic!("{error}"),
-    }
-}
-
-fn build_proxy() -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("the tests package has no parent directory")?;
-    let output = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "-p",
-            "examples",
-            "--bin",
-            "caching-proxy",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| format!("cannot run cargo to build caching-proxy: {error}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "`cargo build -p examples --bin caching-proxy` failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| {
-            message["reason"] == "compiler-artifact" && message["target"]["name"] == "caching-proxy"
-        })
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .ok_or_else(|| "cargo reported no caching-proxy executable".to_owned())
+    Path::new(env!("CARGO_BIN_EXE_caching-proxy"))
 }
 
 /// A running `caching-proxy` process, listening on a port it picked itself; killed when dropped.

@@ -2,7 +2,7 @@
 //! `redis-server` (or none), driven over HTTP and through `tonic-client`, whose per-call lines and summary are read
 //! from its output.
 //!
-//! The binaries are built once per test run (`cargo build -p examples --bins`, in `support`). Every test starts
+//! Cargo builds the package's binaries before these tests (`CARGO_BIN_EXE_*`). Every test starts
 //! its own Redis and its own processes on free ports with a key prefix of its own, and kills every process it
 //! started when it ends, even on a panic. Limits use one-minute windows, so no test depends on timing.
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves

@@ -1,7 +1,7 @@
 //! The demo end to end: `user-service`, `order-service`, `gateway` and the `demo` launcher run as real processes
 //! against a real `redis-server`, driven over HTTP as the README's walkthrough does.
 //!
-//! The binaries are built once per test run (`cargo build -p examples --bins`, in `support`). Every test starts its own Redis
+//! Cargo builds the package's binaries before these tests (`CARGO_BIN_EXE_*`). Every test starts its own Redis
 //! and its own processes on free ports (`PORT=0`: each process prints the address it listens on) with a key prefix
 //! of its own, and kills every process it started when it ends, even on a panic.
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture or a process that misbehaves

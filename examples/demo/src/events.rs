@@ -31,8 +31,8 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! let (_trigger, stop) = examples::lifecycle::stop_pair();
-//! let events = examples::events::Events::new(None, "demo:", stop);
+//! let (_trigger, stop) = demo::lifecycle::stop_pair();
+//! let events = demo::events::Events::new(None, "demo:", stop);
 //! events.publish("user.created", &serde_json::json!({"id": "1"})).await;
 //! # }
 //! ```

@@ -1,4 +1,4 @@
-//! What the end-to-end tests of the example binaries share: building the binaries once per test run, running them
+//! What the end-to-end tests of the package's binaries share: running them
 //! as child processes that are killed when dropped (even on a panic), polling with a deadline, and a tiny HTTP/1.1
 //! client. Each test binary (`demo.rs`, `examples.rs`) uses a part of it.
 #![allow(dead_code)] // each test binary uses a different part
@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -18,68 +18,20 @@ pub(crate) mod sse;
 // ---------------------------------------------------------------------------------------------------------------
 // Building and running the binaries.
 
-/// The variable through which the dynamic loader finds libraries.
-#[cfg(target_os = "macos")]
-const LIBRARY_PATH: &str = "DYLD_FALLBACK_LIBRARY_PATH";
-#[cfg(windows)]
-const LIBRARY_PATH: &str = "PATH";
-#[cfg(not(any(target_os = "macos", windows)))]
-const LIBRARY_PATH: &str = "LD_LIBRARY_PATH";
-
-/// The directory holding the freshly built example binaries.
-pub(crate) fn binaries() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("the tests package sits in the workspace")
-            .to_path_buf();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .map_or_else(|| root.join("target"), |dir| root.join(dir));
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "-p", "examples", "--bins", "--manifest-path"])
-            .arg(root.join("Cargo.toml"));
-        // `cargo test` gives the tests variables of their own package (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...) and
-        // puts the target directory and the toolchain's libraries on the library path. Build scripts that watch
-        // such variables (ring's, rustls') would see them change and rebuild, here and in every later plain build:
-        // hand the inner cargo the environment the outer one was given.
-        for (name, _) in std::env::vars_os() {
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                ]
-                .contains(&name)
-            {
-                cargo.env_remove(name);
-            }
-        }
-        if let Some(paths) = std::env::var_os(LIBRARY_PATH) {
-            let toolchain = Path::new(env!("CARGO")).parent().and_then(Path::parent);
-            let kept: Vec<PathBuf> = std::env::split_paths(&paths)
-                .filter(|path| {
-                    !path.starts_with(&target)
-                        && !toolchain.is_some_and(|toolchain| path.starts_with(toolchain))
-                })
-                .collect();
-            if kept.is_empty() {
-                cargo.env_remove(LIBRARY_PATH);
-            } else if let Ok(joined) = std::env::join_paths(kept) {
-                cargo.env(LIBRARY_PATH, joined);
-            }
-        }
-        let status = cargo.status().expect("cannot run cargo");
-        assert!(status.success(), "cargo build -p examples --bins failed");
-        target.join("debug")
-    })
+/// The path of the package's binary `name`, which cargo builds before the tests (`CARGO_BIN_EXE_<name>`).
+pub(crate) fn binary(name: &str) -> PathBuf {
+    let path = match name {
+        "caching-proxy" => env!("CARGO_BIN_EXE_caching-proxy"),
+        "demo" => env!("CARGO_BIN_EXE_demo"),
+        "gateway" => env!("CARGO_BIN_EXE_gateway"),
+        "order-service" => env!("CARGO_BIN_EXE_order-service"),
+        "rate-limited-api" => env!("CARGO_BIN_EXE_rate-limited-api"),
+        "tonic-client" => env!("CARGO_BIN_EXE_tonic-client"),
+        "tonic-server" => env!("CARGO_BIN_EXE_tonic-server"),
+        "user-service" => env!("CARGO_BIN_EXE_user-service"),
+        other => panic!("the demo package has no binary {other:?}"),
+    };
+    PathBuf::from(path)
 }
 
 /// A process started by a test; killed (and waited for) when dropped.
@@ -140,7 +92,7 @@ pub(crate) fn start(binary: &str, env: &[(&str, String)]) -> Proc {
 
 /// Like [`start`], with command-line arguments.
 pub(crate) fn start_with_args(binary: &str, args: &[&str], env: &[(&str, String)]) -> Proc {
-    let path = binaries().join(format!("{binary}{}", std::env::consts::EXE_SUFFIX));
+    let path = self::binary(binary);
     let mut command = Command::new(&path);
     for (name, _) in std::env::vars() {
         if name.starts_with("REDIS_")

@@ -17,17 +17,17 @@
 //! heartbeat every 5 s, a 15 s TTL); Ctrl-C or SIGTERM reports `OUT_OF_SERVICE` for a second, removes the entry and
 //! lets the calls in flight finish. Without Redis it runs alone with a local limiter and says so: clients then need
 //! its address (`tonic-client --server http://127.0.0.1:50051`). Configuration: `PORT` (default 50051), `HOST`,
-//! `ADVERTISE_HOST` and the Redis variables every example reads (`examples::config`).
+//! `ADVERTISE_HOST` and the Redis variables every example reads (`demo::config`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use examples::config::{self, Config, ConfigError};
-use examples::connection::{ConnectError, connect};
-use examples::echo::{API_KEY, PORT, SERVED_BY, SERVICE};
-use examples::env::{Env, REGISTRY_TTL};
-use examples::lifecycle::{Stop, stop_on_signals};
-use examples::telemetry;
+use demo::config::{self, Config, ConfigError};
+use demo::connection::{ConnectError, connect};
+use demo::echo::{API_KEY, PORT, SERVED_BY, SERVICE};
+use demo::env::{Env, REGISTRY_TTL};
+use demo::lifecycle::{Stop, stop_on_signals};
+use demo::telemetry;
 use grpc_echo::EchoServer;
 use http::{HeaderName, HeaderValue};
 use redis::aio::ConnectionLike;

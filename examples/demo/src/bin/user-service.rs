@@ -5,10 +5,10 @@
 //! PORT=3001 cargo run -p examples --bin user-service
 //! ```
 //!
-//! Environment: see `examples::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on
+//! Environment: see `demo::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on
 //! in-memory backends and says so.
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    examples::roles::run_process(examples::roles::Role::Users).await
+    demo::roles::run_process(demo::roles::Role::Users).await
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 
 mod support;
 
-use support::{binaries, get, poll, prefix, request, start};
+use support::{binary, get, poll, prefix, request, start};
 
 fn shared_env(redis: &RedisServer, prefix: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -159,8 +159,7 @@ fn the_launcher_exits_with_a_failure_when_a_service_cannot_start() {
     // The gateway's port is taken: the gateway exits at start-up.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let mut command =
-        Command::new(binaries().join(format!("demo{}", std::env::consts::EXE_SUFFIX)));
+    let mut command = Command::new(binary("demo"));
     for (name, _) in std::env::vars() {
         if name.starts_with("REDIS_") || name.ends_with("_PORT") || name == "PORT" {
             command.env_remove(name);

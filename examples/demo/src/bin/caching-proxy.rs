@@ -153,7 +153,7 @@ async fn run(args: Args) -> Result<(), String> {
         args.upstream_text
     );
     // With a header-read timeout and a connection cap, which `axum::serve` does not set.
-    examples::server::serve(listener, app, shutdown())
+    demo::server::serve(listener, app, shutdown())
         .await
         .map_err(|error| format!("server error: {error}"))?;
     tracing::info!(stats = ?cache.stats(), "stopped");

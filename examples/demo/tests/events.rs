@@ -25,7 +25,7 @@ fn shared_env(redis: &RedisServer, prefix: &str) -> Vec<(&'static str, String)> 
     ]
 }
 
-/// How many recent events a client can resume from (`examples::events::WINDOW`).
+/// How many recent events a client can resume from (`demo::events::WINDOW`).
 const WINDOW: usize = 1000;
 
 /// Creates `count` users through `gateways` in turn, from four threads at once (the order of their events is the

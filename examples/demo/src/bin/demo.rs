@@ -11,7 +11,7 @@
 //! from its own executable instead (`demo --serve <name>`), which holds the same code.
 //!
 //! With no Redis reachable it runs the three services in this one process on in-memory backends (single-instance
-//! mode) and says so. Environment: `REDIS_URL` and the other `REDIS_*` variables (see `examples::config`, passed on
+//! mode) and says so. Environment: `REDIS_URL` and the other `REDIS_*` variables (see `demo::config`, passed on
 //! to the children), `USER_SERVICE_PORT`, `ORDER_SERVICE_PORT`, `GATEWAY_PORT` (3001, 3002, 3003).
 
 use std::io::IsTerminal;
@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
-use examples::config::{Config, DemoPorts};
-use examples::connection::{ConnectError, connect};
-use examples::lifecycle::{SUPERVISED_VAR, stop_on_signals};
-use examples::roles::{Role, run_in_one_process, run_process};
-use examples::telemetry;
+use demo::config::{Config, DemoPorts};
+use demo::connection::{ConnectError, connect};
+use demo::lifecycle::{SUPERVISED_VAR, stop_on_signals};
+use demo::roles::{Role, run_in_one_process, run_process};
+use demo::telemetry;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -60,7 +60,7 @@ async fn main() -> ExitCode {
     }
 
     telemetry::init_tracing();
-    let config = match Config::from_env(examples::gateway::PORT) {
+    let config = match Config::from_env(demo::gateway::PORT) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("demo: invalid configuration: {error}");

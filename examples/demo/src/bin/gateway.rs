@@ -6,9 +6,9 @@
 //! PORT=3003 cargo run -p examples --bin gateway
 //! ```
 //!
-//! Environment: see `examples::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, `RATE_LIMIT_WRITES`, ...).
+//! Environment: see `demo::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, `RATE_LIMIT_WRITES`, ...).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    examples::roles::run_process(examples::roles::Role::Gateway).await
+    demo::roles::run_process(demo::roles::Role::Gateway).await
 }

@@ -27,12 +27,12 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use examples::config::Config;
-use examples::connection::{ConnectError, connect};
-use examples::echo::{API_KEY, SERVED_BY, SERVICE};
-use examples::env::Env;
-use examples::lifecycle::{ServeError, stop_on_signals};
-use examples::telemetry;
+use demo::config::Config;
+use demo::connection::{ConnectError, connect};
+use demo::echo::{API_KEY, SERVED_BY, SERVICE};
+use demo::env::Env;
+use demo::lifecycle::{ServeError, stop_on_signals};
+use demo::telemetry;
 use grpc_echo::{EchoClient, EchoRequest};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Status};
