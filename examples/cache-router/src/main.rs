@@ -34,7 +34,9 @@ struct App {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let port: u16 = std::env::var("PORT").map_or(Ok(3100), |port| port.parse())?;
+    let port: u16 = std::env::var("PORT")
+        .map_or(Ok(3100), |port| port.parse())
+        .map_err(|e| format!("PORT must be a port number: {e}"))?;
     let mut cache = HttpCache::builder().prefix("cache-router:");
     if let Ok(url) = std::env::var("REDIS_URL") {
         let client = redis::Client::open(url)?;

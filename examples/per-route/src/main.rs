@@ -77,7 +77,9 @@ where
     let reads = limiters().name("reads").policy(Policy::per_minute("reads", 100)?).build()?;
     let writes = limiters().name("writes").policy(Policy::per_minute("checkout", 5)?).build()?;
     let breaker = CircuitBreaker::builder().name("payments").consecutive_failures(3).build()?;
-    let port: u16 = std::env::var("PORT").map_or(Ok(3300), |port| port.parse())?;
+    let port: u16 = std::env::var("PORT")
+        .map_or(Ok(3300), |port| port.parse())
+        .map_err(|e| format!("PORT must be a port number: {e}"))?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let address = listener.local_addr()?;
     let registration = Registration::start(

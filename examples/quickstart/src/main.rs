@@ -35,7 +35,9 @@ type Greeter = Balanced<Request<Empty<axum::body::Bytes>>, Response<hyper::body:
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let port: u16 = std::env::var("PORT").map_or(Ok(3000), |port| port.parse())?;
+    let port: u16 = std::env::var("PORT")
+        .map_or(Ok(3000), |port| port.parse())
+        .map_err(|e| format!("PORT must be a port number: {e}"))?;
     let policy = Policy::per_minute("per-client", 60)?;
     match redis().await {
         Some(redis) => {

@@ -26,7 +26,9 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let port: u16 = std::env::var("PORT").map_or(Ok(3200), |port| port.parse())?;
+    let port: u16 = std::env::var("PORT")
+        .map_or(Ok(3200), |port| port.parse())
+        .map_err(|e| format!("PORT must be a port number: {e}"))?;
     let redis = match std::env::var("REDIS_URL") {
         Ok(url) => {
             let client = redis::Client::open(url)?;

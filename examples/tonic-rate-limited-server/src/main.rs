@@ -24,7 +24,9 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let port: u16 = std::env::var("PORT").map_or(Ok(50051), |port| port.parse())?;
+    let port: u16 = std::env::var("PORT")
+        .map_or(Ok(50051), |port| port.parse())
+        .map_err(|e| format!("PORT must be a port number: {e}"))?;
     let policy = Policy::new("grpc-10s", 5, Duration::from_secs(10))?;
     let redis = match std::env::var("REDIS_URL") {
         Ok(url) => {
