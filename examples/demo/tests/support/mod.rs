@@ -21,7 +21,6 @@ pub(crate) mod sse;
 /// The path of the package's binary `name`, which cargo builds before the tests (`CARGO_BIN_EXE_<name>`).
 pub(crate) fn binary(name: &str) -> PathBuf {
     let path = match name {
-        "caching-proxy" => env!("CARGO_BIN_EXE_caching-proxy"),
         "demo" => env!("CARGO_BIN_EXE_demo"),
         "gateway" => env!("CARGO_BIN_EXE_gateway"),
         "order-service" => env!("CARGO_BIN_EXE_order-service"),

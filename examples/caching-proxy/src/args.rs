@@ -1,0 +1,160 @@
+//! The command line.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use axum::http::header::HeaderValue;
+use axum::http::uri::{Scheme, Uri};
+
+use crate::forward::Upstream;
+
+pub(crate) const USAGE: &str = "\
+usage: caching-proxy --listen ADDR --upstream URL [options]
+
+  --listen ADDR             address to serve on, e.g. 127.0.0.1:8080 (port 0 picks a free one)
+  --upstream URL            the origin, http://host[:port] (no path)
+  --redis-url URL           Redis for the shared tier, e.g. redis://127.0.0.1:6379 (memory tier alone without it)
+  --prefix PREFIX           prefix of every Redis key and of the invalidation channel (default caching-proxy:)
+  --memory-mb N             size of the in-memory tier in MiB, 0 turns it off (default 100)
+  --connect-timeout-ms N    how long to wait for a connection to the upstream (default 5000)
+  -h, --help                print this help
+
+Logs go to stderr; RUST_LOG sets the level (default info).";
+
+/// The command line.
+pub(crate) struct Args {
+    pub(crate) listen: SocketAddr,
+    pub(crate) upstream: Upstream,
+    pub(crate) upstream_text: String,
+    /// The URL as given (for the logs) and a client for it.
+    pub(crate) redis: Option<(String, redis::Client)>,
+    pub(crate) prefix: String,
+    pub(crate) memory_bytes: u64,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl Args {
+    /// `Ok(None)` when help was asked for; `Err` names the argument that is wrong.
+    pub(crate) fn parse(mut raw: impl Iterator<Item = String>) -> Result<Option<Self>, String> {
+        let mut listen = None;
+        let mut upstream = None;
+        let mut redis = None;
+        let mut prefix = "caching-proxy:".to_owned();
+        let mut memory_mb: u64 = 100;
+        let mut connect_timeout_ms: u64 = 5000;
+        while let Some(arg) = raw.next() {
+            if arg == "-h" || arg == "--help" {
+                return Ok(None);
+            }
+            // Both `--flag value` and `--flag=value`.
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => {
+                    (flag.to_owned(), Some(value.to_owned()))
+                }
+                _ => (arg, None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| raw.next())
+                    .ok_or_else(|| format!("{flag}: a value is required"))
+            };
+            match flag.as_str() {
+                "--listen" => listen = Some(parse_listen(&value()?)?),
+                "--upstream" => {
+                    let text = value()?;
+                    upstream = Some((parse_upstream(&text)?, text));
+                }
+                "--redis-url" => {
+                    let url = value()?;
+                    let client = redis::Client::open(url.as_str()).map_err(|error| {
+                        format!("--redis-url: {url:?} is not a Redis URL ({error})")
+                    })?;
+                    redis = Some((url, client));
+                }
+                "--prefix" => prefix = value()?,
+                "--memory-mb" => {
+                    let text = value()?;
+                    memory_mb = text.parse().map_err(|_| {
+                        format!("--memory-mb: expected a whole number of MiB, got {text:?}")
+                    })?;
+                }
+                "--connect-timeout-ms" => {
+                    let text = value()?;
+                    connect_timeout_ms = text
+                        .parse()
+                        .ok()
+                        .filter(|ms| *ms > 0)
+                        .ok_or_else(|| {
+                            format!(
+                                "--connect-timeout-ms: expected a number of milliseconds above 0, got {text:?}"
+                            )
+                        })?;
+                }
+                other => return Err(format!("{other}: unknown argument")),
+            }
+        }
+        let listen = listen.ok_or("--listen: required (for example --listen 127.0.0.1:8080)")?;
+        let (upstream, upstream_text) = upstream
+            .ok_or("--upstream: required (for example --upstream http://127.0.0.1:3000)")?;
+        let memory_bytes = memory_mb
+            .checked_mul(1024 * 1024)
+            .ok_or_else(|| format!("--memory-mb: {memory_mb} MiB is too large"))?;
+        Ok(Some(Self {
+            listen,
+            upstream,
+            upstream_text,
+            redis,
+            prefix,
+            memory_bytes,
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+        }))
+    }
+}
+
+pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| {
+            format!(
+                "--listen: expected an address with a port such as 127.0.0.1:8080, got {text:?}"
+            )
+        })
+}
+
+pub(crate) fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    let invalid = |why: &str| format!("--upstream: {why}, got {text:?}");
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| invalid("expected a URL such as http://127.0.0.1:3000"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| invalid("expected a URL with a scheme, such as http://127.0.0.1:3000"))?;
+    if scheme != Scheme::HTTP {
+        return Err(invalid("only http:// upstreams are supported"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| invalid("expected a URL with a host"))?;
+    if authority.as_str().contains('@') {
+        return Err(invalid("credentials in the URL are not supported"));
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|path| path.as_str() != "/")
+    {
+        return Err(invalid(
+            "expected no path or query (requests keep their own path)",
+        ));
+    }
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| invalid("the host is not a valid Host header"))?;
+    Ok(Upstream {
+        scheme,
+        authority,
+        host,
+    })
+}
