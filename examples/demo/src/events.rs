@@ -39,6 +39,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::LazyLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,14 +131,19 @@ struct Ring {
 /// Publishes one event, atomically: records the id of the newest entry (`0-0` in a new stream) as the new entry's
 /// `prev`, adds it with approximate trimming, and renews the expiry. Returns the new id. `KEYS[1]` the stream;
 /// `ARGV` the `MAXLEN`, type, data and expiry in ms.
-const PUBLISH: &str = "\
+/// Sent with `EVALSHA` (the text goes out once per connection, on a `NOSCRIPT`).
+static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if top[1] then prev = top[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3], 'prev', prev)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return id
-";
+",
+    )
+});
 
 /// What the stream or the ring held at one instant, for deciding whether a client resumes without a gap.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -257,18 +263,17 @@ impl Events {
                 timeout,
             } => {
                 let mut connection = connection.clone();
-                let mut command = redis::cmd("EVAL");
-                command
-                    .arg(PUBLISH)
-                    .arg(1)
-                    .arg(key)
+                let mut invocation = PUBLISH.key(key);
+                invocation
                     .arg(WINDOW)
                     .arg(kind)
                     .arg(&data)
                     .arg(u64::try_from(STREAM_TTL.as_millis()).unwrap_or(u64::MAX));
-                let written =
-                    tokio::time::timeout(*timeout, command.query_async::<String>(&mut connection))
-                        .await;
+                let written = tokio::time::timeout(
+                    *timeout,
+                    invocation.invoke_async::<String>(&mut connection),
+                )
+                .await;
                 match written {
                     Ok(Ok(id)) => tracing::debug!(%id, kind, "event published"),
                     Ok(Err(error)) => tracing::warn!(%error, kind, "event not published"),
