@@ -302,14 +302,10 @@ async fn update_order<R: Registry>(
         .call(Method::PATCH, &format!("/orders/{id}"), Some(body))
         .await;
     if response.status().is_success() {
-        let keys = [format!("/orders/{id}")];
-        if let Err(error) = state.cache.invalidate(&keys).await {
-            tracing::warn!(%error, "could not invalidate the order in Redis; owed until Redis is back (this instance's copy is gone)");
-        }
-        // Every other cached variant of the order (`/orders/7?x=1`) carries its tag.
-        if let Err(error) = state.cache.invalidate_tag(&format!("order:{id}")).await {
-            tracing::warn!(%error, "could not invalidate the order's variants by tag in Redis; owed until Redis is back");
-        }
+        // Every cached variant of the order (`/orders/7`, `/orders/7?x=1`) carries its tag.
+        state
+            .invalidate_tagged(&format!("order:{id}"), &format!("/orders/{id}"), None)
+            .await;
     }
     relay(state.announce("order.updated", response).await, false)
 }
@@ -443,22 +439,32 @@ impl<R: Registry> Gateway<R> {
         Response::from_parts(parts, Body::from(bytes))
     }
 
-    /// After a user changed: drop the cached user and every cached order that embeds it (by tag through Redis;
-    /// without Redis, tags are not tracked, so every cached order goes).
+    /// After a user changed: drop the cached user and every cached order that embeds it. Every cached answer about
+    /// the user carries its tag (`get_user` and `get_order` tag every response they let be stored), so with Redis
+    /// one tag invalidation does it; without Redis tags are not tracked, so the user's key and every cached order go.
     async fn invalidate_user(&self, id: &str) {
-        let keys = [format!("/users/{id}")];
-        if let Err(error) = self.cache.invalidate(&keys).await {
-            tracing::warn!(%error, "could not invalidate the user in Redis; owed until Redis is back (this instance's copy is gone)");
-        }
-        match self.cache.invalidate_tag(&format!("user:{id}")).await {
+        self.invalidate_tagged(
+            &format!("user:{id}"),
+            &format!("/users/{id}"),
+            Some("/orders/"),
+        )
+        .await;
+    }
+
+    /// Invalidates `tag` (through Redis, on every instance); without Redis, `key` and the keys under `prefix`.
+    async fn invalidate_tagged(&self, tag: &str, key: &str, prefix: Option<&str>) {
+        match self.cache.invalidate_tag(tag).await {
             Ok(_) => {}
             Err(InvalidateError::NoRedis) => {
-                let _ = self.cache.invalidate_prefix("/orders/").await;
+                let _ = self.cache.invalidate(&[key.to_owned()]).await;
+                if let Some(prefix) = prefix {
+                    let _ = self.cache.invalidate_prefix(prefix).await;
+                }
             }
             Err(error) => {
-                // The memory tier dropped the tag already, and the cache owes it to Redis: it reads nothing from
-                // Redis until the tag's entries there are gone.
-                tracing::warn!(%error, "could not invalidate the user's orders by tag in Redis; owed until Redis is back");
+                // The memory tier dropped the tag's entries already, and the cache owes the tag to Redis: it reads
+                // nothing from Redis until the tag's entries there are gone.
+                tracing::warn!(%error, tag, "could not invalidate by tag in Redis; owed until Redis is back");
             }
         }
     }
