@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 mod support;
 
 use support::sse::{SseClient, SseEvent, summary};
-use support::{Proc, closed_port, get, poll, prefix, request, start};
+use support::{Proc, closed_port, get, poll, prefix, request, start, wait_for_discovery};
 
 fn shared_env(redis: &RedisServer, prefix: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -234,13 +234,8 @@ fn without_redis_the_gateway_delivers_its_own_events_and_resumes_from_memory() {
         "{}",
         demo.log()
     );
-    poll(Duration::from_secs(20), || {
-        get(gateway, "/services")
-            .body
-            .contains("\"user-service\"")
-            .then_some(())
-    })
-    .expect("the gateway never saw the user service");
+    // Listed in the registry is not enough: the gateway balances over what its own watch has read.
+    wait_for_discovery(gateway);
 
     let client = SseClient::connect(gateway, None);
     assert_eq!(
@@ -397,13 +392,8 @@ fn without_redis_a_resume_from_beyond_the_memory_ring_is_told_so_and_one_inside_
         ],
     );
     let gateway = demo.address_of("gateway");
-    poll(Duration::from_secs(20), || {
-        get(gateway, "/services")
-            .body
-            .contains("\"user-service\"")
-            .then_some(())
-    })
-    .expect("the gateway never saw the user service");
+    // Listed in the registry is not enough: the gateway balances over what its own watch has read.
+    wait_for_discovery(gateway);
     let watcher = SseClient::connect(gateway, None);
     let total = WINDOW + 20;
     churn(&[gateway], total);
