@@ -13,9 +13,11 @@ pub mod sentinel;
 pub mod sharing;
 pub mod subscription;
 pub mod tcp;
+pub mod topology;
 
 pub use guard::{CallRecorder, Guard, GuardError, GuardStats};
 pub use healing::{HealingConfig, HealingConnection, HealingStats};
 pub use pubsub::Subscriber;
 pub use subscription::{Subscription, SubscriptionConfig, SubscriptionStats};
+pub use topology::Topology;
 pub use tower_breaker::ConfigError;

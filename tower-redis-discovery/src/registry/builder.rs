@@ -2,12 +2,11 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use tower_redis_core::{CallRecorder, ConfigError};
+use tower_redis_core::{CallRecorder, ConfigError, Topology};
 
-use super::redis_registry::{RedisRegistry, UNKNOWN};
+use super::redis_registry::RedisRegistry;
 
 /// Builds a [`RedisRegistry`]: [`RedisRegistry::builder`], then [`redis`](Self::redis) and the settings.
 #[must_use]
@@ -143,7 +142,7 @@ where
             connection: self.connection,
             ttl: self.settings.ttl,
             timeout: self.settings.redis_timeout,
-            topology: Arc::new(AtomicU8::new(UNKNOWN)),
+            topology: Topology::new(),
             max_entry_size: self.settings.max_entry_size,
             warned: Arc::default(),
             calls: CallRecorder::new(&format!("registry:{}", self.settings.prefix)),

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tower_redis_core::topology::{self, Topology};
 use tower_redis_core::{CallRecorder, GuardStats};
 
 use crate::instance::{Instance, Status, iso8601};
@@ -33,36 +33,16 @@ pub struct RedisRegistry<C> {
     pub(super) prefix: Arc<str>,
     pub(super) ttl: Duration,
     pub(super) timeout: Duration,
-    pub(super) topology: Arc<AtomicU8>,
+    pub(super) topology: Topology,
     pub(super) max_entry_size: usize,
     pub(super) warned: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Every Redis call's outcome and latency, counted as the other crates count theirs.
     pub(super) calls: CallRecorder,
 }
 
-/// Not asked yet (or the server could not be asked): the single-node way, and ask again on the next call.
-pub(super) const UNKNOWN: u8 = 0;
-pub(super) const SINGLE_NODE: u8 = 1;
-pub(super) const CLUSTER: u8 = 2;
-
-/// Whether an `INFO cluster` reply says `cluster_enabled:1`: one node's text, or, through a cluster client (which
-/// sends `INFO` to every node), a map of node to text.
-fn says_cluster_enabled(info: &redis::Value) -> bool {
-    let text_says = |text: &str| text.lines().any(|line| line.trim() == "cluster_enabled:1");
-    match info {
-        redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).is_ok_and(text_says),
-        redis::Value::SimpleString(text) | redis::Value::VerbatimString { text, .. } => {
-            text_says(text)
-        }
-        redis::Value::Map(entries) => entries.iter().any(|(_, text)| says_cluster_enabled(text)),
-        redis::Value::Array(values) => values.iter().any(says_cluster_enabled),
-        _ => false,
-    }
-}
-
 /// Whether `error` is a `CROSSSLOT` reply: the keys of one command or transaction are in different Cluster slots.
 fn is_cross_slot(error: &RegistryError) -> bool {
-    matches!(error, RegistryError::Redis(error) if error.code() == Some("CROSSSLOT"))
+    matches!(error, RegistryError::Redis(error) if topology::is_cross_slot(error))
 }
 
 /// At most this many expired ids are removed from a service's set per read.
@@ -86,10 +66,7 @@ impl<C> fmt::Debug for RedisRegistry<C> {
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
-            .field(
-                "cluster",
-                &(self.topology.load(Ordering::Relaxed) == CLUSTER),
-            )
+            .field("cluster", &(self.topology.known() == Some(true)))
             .field("max_entry_size", &self.max_entry_size)
             .finish_non_exhaustive()
     }
@@ -104,43 +81,24 @@ where
     /// cannot be asked now (down, late) fails the call at once, as its command would: the call waits one deadline,
     /// not two, and the question is asked again on the next call.
     async fn is_cluster(&self) -> Result<bool, RegistryError> {
-        match self.topology.load(Ordering::Acquire) {
-            CLUSTER => return Ok(true),
-            SINGLE_NODE => return Ok(false),
-            _ => {}
+        if let Some(known) = self.topology.known() {
+            return Ok(known);
         }
         let mut connection = self.connection.clone();
-        let info = self
+        match self
             .calls
-            .within(
-                self.timeout,
-                redis::cmd("INFO")
-                    .arg("cluster")
-                    .query_async::<redis::Value>(&mut connection),
-            )
-            .await;
-        let learnt = match info {
-            Ok(Ok(info)) => {
-                if says_cluster_enabled(&info) {
-                    CLUSTER
-                } else {
-                    SINGLE_NODE
-                }
-            }
-            Ok(Err(error)) if error.code().is_some() => SINGLE_NODE,
-            Ok(Err(error)) => return Err(RegistryError::Redis(error)),
-            Err(_) => return Err(RegistryError::Timeout),
-        };
-        // Never downgrade a CROSSSLOT's verdict.
-        let _ =
-            self.topology
-                .compare_exchange(UNKNOWN, learnt, Ordering::AcqRel, Ordering::Acquire);
-        Ok(self.topology.load(Ordering::Acquire) == CLUSTER)
+            .within(self.timeout, self.topology.is_cluster(&mut connection))
+            .await
+        {
+            Ok(Ok(cluster)) => Ok(cluster),
+            Ok(Err(error)) => Err(RegistryError::Redis(error)),
+            Err(_) => Err(RegistryError::Timeout),
+        }
     }
 
     /// Learnt from a `CROSSSLOT` reply: the server is a Cluster.
     fn learn_cluster(&self) {
-        if self.topology.swap(CLUSTER, Ordering::AcqRel) != CLUSTER {
+        if self.topology.learn_cluster() {
             tracing::info!(
                 prefix = %self.prefix,
                 "the registry's Redis is a Cluster (CROSSSLOT): sending each command on its own from now on"
@@ -584,23 +542,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{extends_set_ttl, says_cluster_enabled};
-
-    #[test]
-    fn info_cluster_is_read_from_one_node_or_from_every_node_of_a_cluster() {
-        use redis::Value;
-        let text = |enabled: u8| {
-            Value::BulkString(format!("# Cluster\r\ncluster_enabled:{enabled}\r\n").into_bytes())
-        };
-        assert!(says_cluster_enabled(&text(1)));
-        assert!(!says_cluster_enabled(&text(0)));
-        let nodes = Value::Map(vec![
-            (Value::BulkString(b"127.0.0.1:7000".to_vec()), text(1)),
-            (Value::BulkString(b"127.0.0.1:7001".to_vec()), text(1)),
-        ]);
-        assert!(says_cluster_enabled(&nodes));
-        assert!(!says_cluster_enabled(&Value::Nil));
-    }
+    use super::extends_set_ttl;
 
     #[test]
     fn the_service_set_ttl_is_only_ever_lengthened() {
