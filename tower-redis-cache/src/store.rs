@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::LazyLock;
 use tower_redis_core::key::hash_tag;
+use tower_redis_core::topology::{Topology, is_cross_slot};
 
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
@@ -124,10 +125,19 @@ pub(crate) trait Store: Send + Sync + 'static {
         field: &'a str,
     ) -> BoxFuture<'a, RedisResult<Option<Bytes>>>;
     fn write(&self, write: Write) -> BoxFuture<'_, RedisResult<()>>;
-    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, RedisResult<u64>>;
     fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>>;
     fn tagged<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<Vec<String>>>;
     fn forget_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, RedisResult<()>>;
+    /// The Redis half of an invalidation: deletes these entries (and their index members), forgets `tag`'s set,
+    /// then publishes `messages` on the invalidation channel, in that order. Returns how many entries were deleted.
+    /// One round trip on one server (a pipeline); on a Cluster, whose slots a pipeline may not cross, the deletes go
+    /// out together and the messages after them. A message that cannot be published is logged, not an error.
+    fn purge<'a>(
+        &'a self,
+        keys: &'a [String],
+        tag: Option<&'a str>,
+        messages: &'a [String],
+    ) -> BoxFuture<'a, RedisResult<u64>>;
     fn lock<'a>(
         &'a self,
         key: &'a str,
@@ -177,11 +187,122 @@ impl Keys {
 pub(crate) struct RedisStore<C> {
     connection: C,
     keys: Keys,
+    topology: Topology,
 }
 
 impl<C> RedisStore<C> {
     pub(crate) fn new(connection: C, keys: Keys) -> Self {
-        Self { connection, keys }
+        Self {
+            connection,
+            keys,
+            topology: Topology::new(),
+        }
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// [`Store::purge`] on one server: one pipeline, run in order. `None` when a `CROSSSLOT` reply says the server
+    /// is a Cluster after all (nothing was deleted then: Redis refuses a cross-slot command whole).
+    async fn purge_pipelined(
+        &self,
+        keys: &[String],
+        tag: Option<&str>,
+        messages: &[String],
+    ) -> RedisResult<Option<u64>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if !keys.is_empty() {
+            let del = pipe.cmd("DEL");
+            for key in keys {
+                del.arg(self.keys.entry(key));
+            }
+            pipe.cmd("ZREM").arg(self.keys.index()).arg(keys);
+        }
+        if let Some(tag) = tag {
+            pipe.cmd("DEL").arg(self.keys.tag(tag));
+        }
+        for message in messages {
+            pipe.cmd("PUBLISH").arg(self.keys.channel()).arg(message);
+        }
+        if pipe.is_empty() {
+            return Ok(Some(0));
+        }
+        let mut connection = self.connection.clone();
+        let mut replies = pipe
+            .query_async::<Vec<RedisResult<redis::Value>>>(&mut connection)
+            .await?
+            .into_iter();
+        let mut deleted = 0;
+        if !keys.is_empty() {
+            match replies.next() {
+                Some(Ok(reply)) => deleted = redis::from_redis_value(reply)?,
+                Some(Err(error)) if is_cross_slot(&error) => return Ok(None),
+                Some(Err(error)) => return Err(error),
+                None => {}
+            }
+            // A stray index of another type: the entries are gone, which is what counts.
+            replies.next();
+        }
+        if tag.is_some()
+            && let Some(Err(error)) = replies.next()
+        {
+            return Err(error);
+        }
+        for reply in replies {
+            if let Err(error) = reply {
+                tracing::warn!(%error, "could not announce an invalidation to other instances");
+            }
+        }
+        Ok(Some(deleted))
+    }
+
+    /// [`Store::purge`] on a Cluster: the deletes concurrently (a multi-slot `DEL` is split per node by the cluster
+    /// client), then the messages.
+    async fn purge_on_cluster(
+        &self,
+        keys: &[String],
+        tag: Option<&str>,
+        messages: &[String],
+    ) -> RedisResult<u64> {
+        let entries = async {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let mut connection = self.connection.clone();
+            let mut del = redis::cmd("DEL");
+            for key in keys {
+                del.arg(self.keys.entry(key));
+            }
+            del.query_async::<u64>(&mut connection).await
+        };
+        let index = async {
+            if !keys.is_empty() {
+                let mut connection = self.connection.clone();
+                let _: RedisResult<u64> = redis::cmd("ZREM")
+                    .arg(self.keys.index())
+                    .arg(keys)
+                    .query_async(&mut connection)
+                    .await;
+            }
+        };
+        let forget = async {
+            match tag {
+                Some(tag) => self.forget_tag(tag).await,
+                None => Ok(()),
+            }
+        };
+        let (deleted, (), forgot) = tokio::join!(entries, index, forget);
+        let deleted = deleted?;
+        forgot?;
+        for message in messages {
+            if let Err(error) = self.publish(message).await {
+                tracing::warn!(%error, "could not announce an invalidation to other instances");
+            }
+        }
+        Ok(deleted)
     }
 }
 
@@ -267,22 +388,25 @@ where
         })
     }
 
-    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, RedisResult<u64>> {
+    fn purge<'a>(
+        &'a self,
+        keys: &'a [String],
+        tag: Option<&'a str>,
+        messages: &'a [String],
+    ) -> BoxFuture<'a, RedisResult<u64>> {
         Box::pin(async move {
-            if keys.is_empty() {
-                return Ok(0);
-            }
             let mut connection = self.connection.clone();
-            let mut del = redis::cmd("DEL");
-            for key in keys {
-                del.arg(self.keys.entry(key));
+            if !self.topology.is_cluster(&mut connection).await? {
+                if let Some(deleted) = self.purge_pipelined(keys, tag, messages).await? {
+                    return Ok(deleted);
+                }
+                if self.topology.learn_cluster() {
+                    tracing::info!(
+                        "the cache's Redis is a Cluster (CROSSSLOT): invalidating slot by slot from now on"
+                    );
+                }
             }
-            // DEL with keys in several slots is split per node by the cluster client.
-            let deleted: u64 = del.query_async(&mut connection).await?;
-            let mut zrem = redis::cmd("ZREM");
-            zrem.arg(self.keys.index()).arg(keys);
-            let _: RedisResult<u64> = zrem.query_async(&mut connection).await;
-            Ok(deleted)
+            self.purge_on_cluster(keys, tag, messages).await
         })
     }
 

@@ -111,7 +111,8 @@ impl HttpCache {
         }
     }
 
-    /// The Redis half of an invalidation: delete, then tell the other instances.
+    /// The Redis half of an invalidation: delete, then tell the other instances (one round trip on one server once
+    /// a tag's members or a prefix's keys are known).
     async fn invalidate_in_redis(
         &self,
         redis: &RedisTier,
@@ -119,9 +120,8 @@ impl HttpCache {
     ) -> Result<u64, InvalidateError> {
         match owing {
             Owing::Keys(keys) => {
-                let deleted = admin(redis, || redis.store.delete(keys)).await?;
-                self.announce(redis, Message::Keys(keys)).await;
-                Ok(deleted)
+                let messages = self.messages(&[Message::Keys(keys)]);
+                admin(redis, || redis.store.purge(keys, None, &messages)).await
             }
             Owing::Prefix(prefix) => self.invalidate_prefix_in_redis(redis, prefix).await,
             Owing::Everything => self.invalidate_prefix_in_redis(redis, "").await,
@@ -132,11 +132,9 @@ impl HttpCache {
                         memory.remove(key);
                     }
                 }
-                let deleted = admin(redis, || redis.store.delete(&keys)).await?;
-                admin(redis, || redis.store.forget_tag(tag)).await?;
-                self.announce(redis, Message::Keys(&keys)).await;
-                self.announce(redis, Message::Tag(tag)).await;
-                Ok(deleted)
+                // The keys' message first: an instance that does not know the tag's members still drops them.
+                let messages = self.messages(&[Message::Keys(&keys), Message::Tag(tag)]);
+                admin(redis, || redis.store.purge(&keys, Some(tag), &messages)).await
             }
         }
     }
@@ -147,9 +145,8 @@ impl HttpCache {
         prefix: &str,
     ) -> Result<u64, InvalidateError> {
         let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
-        let deleted = admin(redis, || redis.store.delete(&keys)).await?;
-        self.announce(redis, Message::Prefix(prefix)).await;
-        Ok(deleted)
+        let messages = self.messages(&[Message::Prefix(prefix)]);
+        admin(redis, || redis.store.purge(&keys, None, &messages)).await
     }
 
     /// Owes `owing`, and starts the replay when none is running.
@@ -176,29 +173,41 @@ impl HttpCache {
     }
 
     async fn announce(&self, redis: &RedisTier, message: Message<'_>) {
-        let mut text = format!("{}\n", self.inner.instance);
-        match message {
-            Message::Keys([]) => return,
-            Message::Keys(keys) => {
-                text.push('k');
-                for key in keys {
-                    text.push('\n');
-                    text.push_str(key);
+        for text in self.messages(&[message]) {
+            if let Err(error) = admin(redis, || redis.store.publish(&text)).await {
+                tracing::warn!(%error, "could not announce an invalidation to other instances");
+            }
+        }
+    }
+
+    /// The channel's text for each of `messages` (none for an empty list of keys).
+    fn messages(&self, messages: &[Message<'_>]) -> Vec<String> {
+        messages
+            .iter()
+            .filter_map(|message| {
+                let mut text = format!("{}\n", self.inner.instance);
+                match message {
+                    Message::Keys([]) => return None,
+                    Message::Keys(keys) => {
+                        text.push('k');
+                        for key in *keys {
+                            text.push('\n');
+                            text.push_str(key);
+                        }
+                    }
+                    Message::Prefix(prefix) => {
+                        text.push_str("p\n");
+                        text.push_str(prefix);
+                    }
+                    Message::Tag(tag) => {
+                        text.push_str("t\n");
+                        text.push_str(tag);
+                    }
+                    Message::All => text.push('*'),
                 }
-            }
-            Message::Prefix(prefix) => {
-                text.push_str("p\n");
-                text.push_str(prefix);
-            }
-            Message::Tag(tag) => {
-                text.push_str("t\n");
-                text.push_str(tag);
-            }
-            Message::All => text.push('*'),
-        }
-        if let Err(error) = admin(redis, || redis.store.publish(&text)).await {
-            tracing::warn!(%error, "could not announce an invalidation to other instances");
-        }
+                Some(text)
+            })
+            .collect()
     }
 }
 
