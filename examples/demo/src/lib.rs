@@ -36,3 +36,8 @@ pub mod roles;
 pub mod server;
 pub mod telemetry;
 pub mod users;
+
+/// Every process of the demo allocates through mimalloc: under load glibc's malloc and free were about a tenth of the
+/// gateway's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
