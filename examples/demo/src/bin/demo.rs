@@ -3,7 +3,7 @@
 //! and deregisters before it exits.
 //!
 //! ```text
-//! cargo run --release -p examples --bin demo          # then: curl localhost:3003/services
+//! cargo run --release -p demo --bin demo          # then: curl localhost:3003/services
 //! ```
 //!
 //! The children are the `user-service`, `order-service` and `gateway` binaries next to this one. When a sibling is
@@ -138,7 +138,7 @@ fn program_for(role: Role) -> (PathBuf, Vec<String>) {
         }
         if sibling.exists() {
             tracing::info!(
-                "{} is older than demo: running the service from demo itself (cargo build -p examples --bins \
+                "{} is older than demo: running the service from demo itself (cargo build -p demo --bins \
                  refreshes it)",
                 sibling.display()
             );

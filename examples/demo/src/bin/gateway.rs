@@ -3,7 +3,7 @@
 //! `/health/redis` and `/metrics`.
 //!
 //! ```text
-//! PORT=3003 cargo run -p examples --bin gateway
+//! PORT=3003 cargo run -p demo --bin gateway
 //! ```
 //!
 //! Environment: see `demo::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, `RATE_LIMIT_WRITES`, ...).

@@ -3,7 +3,7 @@
 //! one on another port and the gateway balances across both.
 //!
 //! ```text
-//! PORT=3012 cargo run -p examples --bin order-service
+//! PORT=3012 cargo run -p demo --bin order-service
 //! ```
 //!
 //! Environment: see `demo::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on

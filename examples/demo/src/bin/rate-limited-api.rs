@@ -3,7 +3,7 @@
 //! every answer, and a local-only limiter when Redis cannot be reached.
 //!
 //! ```text
-//! cargo run --release -p examples --bin rate-limited-api
+//! cargo run --release -p demo --bin rate-limited-api
 //! curl -i localhost:3010/items -H 'x-api-key: free_alice'    # ratelimit: "free-1m";r=29;t=50
 //! curl -i localhost:3010/items -H 'x-api-key: pro_bob'       # ratelimit: "pro-1s";r=9;t=1, "pro-1m";r=299;t=50
 //! curl -i -X POST localhost:3010/items -H 'x-api-key: pro_bob' -H 'content-type: application/json' -d '{"name":"tea"}'

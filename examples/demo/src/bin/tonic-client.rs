@@ -2,8 +2,8 @@
 //! measured load, and is guarded by a circuit breaker.
 //!
 //! ```text
-//! cargo run --release -p examples --bin tonic-server                   # one or more, any ports
-//! cargo run --release -p examples --bin tonic-client -- --count 20
+//! cargo run --release -p demo --bin tonic-server                   # one or more, any ports
+//! cargo run --release -p demo --bin tonic-client -- --count 20
 //! # call 1: OK from echo:127.0.0.1:50051:1763... in 2 ms: "hello"
 //! # ...
 //! # summary {"calls":20,"codes":{"OK":20},"by_instance":{"echo:127.0.0.1:50051:...":11,...},...}

@@ -2,9 +2,9 @@
 //! finds it.
 //!
 //! ```text
-//! cargo run --release -p examples --bin tonic-server                 # :50051
-//! PORT=50052 cargo run --release -p examples --bin tonic-server      # a second instance
-//! cargo run --release -p examples --bin tonic-client -- --count 20   # calls both, through discovery
+//! cargo run --release -p demo --bin tonic-server                 # :50051
+//! PORT=50052 cargo run --release -p demo --bin tonic-server      # a second instance
+//! cargo run --release -p demo --bin tonic-client -- --count 20   # calls both, through discovery
 //! ```
 //!
 //! It serves `echo.Echo` (`Say`, `Stream`; the hand-written service from the `grpc-echo` package) with one

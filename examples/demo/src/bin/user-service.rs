@@ -2,7 +2,7 @@
 //! `user-service`.
 //!
 //! ```text
-//! PORT=3001 cargo run -p examples --bin user-service
+//! PORT=3001 cargo run -p demo --bin user-service
 //! ```
 //!
 //! Environment: see `demo::config` (`REDIS_URL`, `REDIS_PREFIX`, `PORT`, ...). Without Redis it runs alone on
