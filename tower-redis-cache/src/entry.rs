@@ -75,22 +75,61 @@ impl Facts {
             date: headers.get(DATE).and_then(http_date),
             expires,
             last_modified: headers.get(LAST_MODIFIED).and_then(http_date),
-            age: headers
-                .get(AGE)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .unwrap_or(0),
+            age: headers.get(AGE).and_then(age_seconds).unwrap_or(0),
             etag: headers.get(ETAG).cloned(),
         }
     }
 }
 
-/// An HTTP date in ms since the epoch.
+/// `Age` in seconds: the first value of the first line (`Age: 7200, 0` is 7200, RFC 9111 §5.1 and §4.2.3, as is a
+/// second `Age` line after a first of 7200). A value past 2^31 is 2^31, as §1.2.2 asks; one that is not a number
+/// is ignored.
+pub(crate) fn age_seconds(value: &HeaderValue) -> Option<u64> {
+    const MAX: u64 = 1 << 31;
+    let first = value.to_str().ok()?.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    Some(first.parse::<u64>().map_or(MAX, |seconds| seconds.min(MAX)))
+}
+
+/// An HTTP date in ms since the epoch: IMF-fixdate, or the obsolete RFC 850 and asctime formats (RFC 9110 §5.6.7),
+/// with day and month names in any case (RFC 9111 §4.2 lets a cache read them so).
 pub(crate) fn http_date(value: &HeaderValue) -> Option<u64> {
-    let text = value.to_str().ok()?;
-    let time = httpdate::parse_http_date(text.trim()).ok()?;
+    let text = value.to_str().ok()?.trim();
+    let time = httpdate::parse_http_date(text)
+        .or_else(|_| httpdate::parse_http_date(&canonical_case(text)))
+        .ok()?;
     let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
     u64::try_from(since.as_millis()).ok()
+}
+
+/// `text` with each run of letters capitalised as the date formats spell them: `Sunday`, `Nov`, `GMT`.
+fn canonical_case(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            let mut letters = word.chars();
+            if let Some(first) = letters.next() {
+                out.push(first.to_ascii_uppercase());
+                out.extend(letters.map(|letter| letter.to_ascii_lowercase()));
+            }
+        }
+        word.clear();
+    };
+    for character in text.chars() {
+        if character.is_ascii_alphabetic() {
+            word.push(character);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(character);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 impl Entry {
@@ -267,6 +306,39 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn age_is_the_first_value_of_the_first_line_and_saturates_at_2_pow_31() {
+        let age = |text: &'static str| age_seconds(&HeaderValue::from_static(text));
+        assert_eq!(age("7200, 0"), Some(7200));
+        assert_eq!(age(" 12 "), Some(12));
+        assert_eq!(age("99999999999999999999999"), Some(1 << 31));
+        assert_eq!(age("-1"), None);
+        assert_eq!(age("soon"), None);
+        assert_eq!(age(""), None);
+        let mut headers = HeaderMap::new();
+        headers.append(AGE, HeaderValue::from_static("7200"));
+        headers.append(AGE, HeaderValue::from_static("0"));
+        assert_eq!(Facts::read(&headers).age, 7200);
+    }
+
+    #[test]
+    fn dates_in_the_three_formats_are_read_with_names_in_any_case() {
+        let at = |text: &'static str| http_date(&HeaderValue::from_static(text));
+        let expected = Some(784_111_777_000);
+        for text in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "sun, 06 NOV 1994 08:49:37 gmt",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "SUNDAY, 06-nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "sUN nOV  6 08:49:37 1994",
+        ] {
+            assert_eq!(at(text), expected, "{text}");
+        }
+        assert_eq!(at("Funday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(at("0"), None);
+    }
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();
