@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::{get, post};
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_fixtures::{FaultProxy, RedisServer};
 use tower_redis_cache::{CacheLayer, HttpCache};
@@ -124,30 +122,12 @@ async fn futures_next<S: futures_core::Stream + Unpin + ?Sized>(stream: &mut S) 
 
 /// One request on its own connection; the status, or 0 when the request itself failed.
 async fn send(address: SocketAddr, method: &str, path: &str) -> u16 {
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(connection);
-        let request = axum::http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "test")
-            .header("x-api-key", "k")
-            .body(String::new())
-            .ok()?;
-        let response = sender.send_request(request).await.ok()?;
-        let status = response.status().as_u16();
-        response.into_body().collect().await.ok()?;
-        Some(status)
-    };
+    let attempt = test_support::try_send(address, method, path, &[("x-api-key", "k")]);
     // Generous: a layer waits at most its Redis timeout, and the machine is busy.
-    tokio::time::timeout(Duration::from_secs(5), attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0)
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(reply)) => reply.status.as_u16(),
+        _ => 0,
+    }
 }
 
 /// Four clients, each about 50 requests a second (reads and writes), until `stop`; every status with its time.

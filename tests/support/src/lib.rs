@@ -1,6 +1,6 @@
 //! What the workspace's tests share, written once: waiting on observable state instead of sleeping a fixed time
 //! ([`wait_until`], [`wait_for`], [`eventually`]), a real axum server on loopback ([`serve`]), an HTTP/1.1 client
-//! ([`send`], [`get`]), and a [`SentinelConnection`] to a fixture set ([`sentinel_connection`]).
+//! ([`send`], [`try_send`], [`get`]), and a [`SentinelConnection`] to a fixture set ([`sentinel_connection`]).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // test helpers fail loudly on a broken fixture
 
 use std::net::SocketAddr;
@@ -116,17 +116,32 @@ pub async fn get(address: SocketAddr, path: &str) -> Reply {
 }
 
 /// Sends one request on a fresh HTTP/1.1 connection (`Host: test` unless `headers` give one) and reads the
-/// response whole.
+/// response whole; panics when the request cannot be made.
 pub async fn send(
     address: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Reply {
-    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    match try_send(address, method, path, headers).await {
+        Ok(reply) => reply,
+        Err(error) => panic!("{method} {path} on {address}: {error}"),
+    }
+}
+
+/// As [`send`], for tests where a request may fail (a fault under test): the error says at which step.
+pub async fn try_send(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| format!("connect: {error}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .map_err(|error| format!("handshake: {error}"))?;
     tokio::spawn(connection);
     let mut request = Request::builder().method(method).uri(path);
     if !headers
@@ -138,17 +153,24 @@ pub async fn send(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
+    let request = request
+        .body(Body::empty())
+        .map_err(|error| format!("request: {error}"))?;
     let response = sender
-        .send_request(request.body(Body::empty()).unwrap())
+        .send_request(request)
         .await
-        .unwrap();
+        .map_err(|error| format!("send: {error}"))?;
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
+    let body = body
+        .collect()
+        .await
+        .map_err(|error| format!("body: {error}"))?
+        .to_bytes();
+    Ok(Reply {
         status: parts.status,
         headers: parts.headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// A connection to `set`'s primary through its sentinels, with the default settings.
