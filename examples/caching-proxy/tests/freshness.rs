@@ -1,0 +1,89 @@
+//! The caching-proxy as a real process: freshness read as RFC 9111 and RFC 9110 say (`Age` by its first value,
+//! `Expires` in the obsolete date formats, heuristic freshness when it is turned on).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_age_of_several_values_counts_by_its_first() {
+    // Fresh for an hour and two hours old: stale, so never a hit (read as 0, it would be one).
+    let origin = Origin::start(|_| {
+        reply(
+            200,
+            &[("cache-control", "max-age=3600"), ("age", "7200, 0")],
+            "old",
+        )
+    })
+    .await;
+    let proxy = Proxy::start(&origin.url(), &[]).await;
+    for _ in 0..2 {
+        let reply = get(&proxy, "/old").await;
+        assert!(
+            !reply.cache_status().contains("; hit"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert_eq!(origin.calls("GET", "/old"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_in_the_obsolete_formats_with_names_in_any_case_gives_freshness() {
+    // `Expires` a minute after `Date`, in lower-case RFC 850 (`thursday, 03-dec-26 16:45:00 gmt`) on one path and
+    // lower-case asctime (`thu dec  3 16:45:00 2026`) on the other.
+    let origin = Origin::start(|seen| {
+        let now = std::time::SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(60));
+        let fields: Vec<&str> = later
+            .split([' ', ','])
+            .filter(|field| !field.is_empty())
+            .collect();
+        let day = [
+            "Monday",
+            "Tuesday",
+            "Wednesday",
+            "Thursday",
+            "Friday",
+            "Saturday",
+            "Sunday",
+        ]
+        .into_iter()
+        .find(|day| day.starts_with(fields[0]))
+        .unwrap();
+        let (dd, month, year, clock) = (fields[1], fields[2], fields[3], fields[4]);
+        let expires = if seen.uri.path() == "/rfc850" {
+            format!("{day}, {dd}-{month}-{} {clock} GMT", &year[2..])
+        } else {
+            format!(
+                "{} {month} {:>2} {clock} {year}",
+                fields[0],
+                dd.trim_start_matches('0')
+            )
+        }
+        .to_lowercase();
+        reply(200, &[("date", &date), ("expires", &expires)], "dated")
+    })
+    .await;
+    let proxy = Proxy::start(&origin.url(), &[]).await;
+    for path in ["/rfc850", "/asctime"] {
+        let first = get(&proxy, path).await;
+        assert!(
+            first.cache_status().contains("stored"),
+            "{path}: {}",
+            first.cache_status()
+        );
+        let second = get(&proxy, path).await;
+        assert!(
+            second.cache_status().contains("; hit"),
+            "{path}: {}",
+            second.cache_status()
+        );
+        assert_eq!(origin.calls("GET", path), 1, "{path}");
+    }
+}
