@@ -1,6 +1,7 @@
 //! Header parsing as RFC 9110 and RFC 9111 ask, through the layer on a real axum server: `Age` with several values
 //! or lines counts by its first, and `Expires` in the obsolete RFC 850 and asctime formats is read, with day and month
-//! names in any case.
+//! names in any case; heuristic freshness from `Last-Modified` applies only when turned on, only to the status codes
+//! RFC 9110 §15.1 calls heuristically cacheable, and within its cap.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on a broken fixture
 
@@ -13,6 +14,7 @@ use axum::body::Body;
 use axum::http::Response;
 use axum::routing::get as get_route;
 use support::{Calls, get, serve};
+use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
 /// An origin at `/` whose every response carries the headers `headers()` gives then, counting its calls.
@@ -133,4 +135,94 @@ async fn expires_in_the_asctime_format_with_names_in_any_case_gives_freshness() 
 async fn an_expires_that_is_no_date_is_stale() {
     let garbage = || vec![("expires", "next tuesday".to_owned())];
     assert_eq!(origin_calls(garbage).await, 2);
+}
+
+/// How many of two requests reached the origin, with heuristic freshness capped at `cap` (`None`: off), the second
+/// request `later` after the first by the cache's clock.
+async fn heuristic_calls(
+    status: u16,
+    last_modified_ago: Duration,
+    cap: Option<Duration>,
+    later: Duration,
+) -> usize {
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let origin = Router::new().route(
+        "/",
+        get_route(move || {
+            let calls = counted.clone();
+            async move {
+                calls.bump();
+                let now = SystemTime::now();
+                Response::builder()
+                    .status(status)
+                    .header("date", httpdate::fmt_http_date(now))
+                    .header(
+                        "last-modified",
+                        httpdate::fmt_http_date(now - last_modified_ago),
+                    )
+                    .body(Body::from("modified long ago"))
+                    .unwrap()
+            }
+        }),
+    );
+    let clock = ManualClock::new();
+    let cache = HttpCache::builder().clock(clock.clone()).build().unwrap();
+    let layer = match cap {
+        Some(cap) => CacheLayer::new(cache).heuristic_freshness(cap),
+        None => CacheLayer::new(cache),
+    };
+    let address = serve(origin.layer(layer)).await;
+    get(address, "/").await;
+    clock.advance(later);
+    get(address, "/").await;
+    calls.get()
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[tokio::test]
+async fn heuristic_freshness_is_off_by_default() {
+    assert_eq!(
+        heuristic_calls(200, 10 * DAY, None, Duration::ZERO).await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn heuristic_freshness_gives_a_tenth_of_the_time_since_last_modified() {
+    // Modified 10 days ago: fresh for a day (under the week's cap), so a hit an hour later, a miss two days later.
+    let week = 7 * DAY;
+    let hour = Duration::from_secs(3600);
+    assert_eq!(heuristic_calls(200, 10 * DAY, Some(week), hour).await, 1);
+    assert_eq!(heuristic_calls(200, 10 * DAY, Some(week), 2 * DAY).await, 2);
+    // A 404 and a 410 are heuristically cacheable too.
+    assert_eq!(heuristic_calls(404, 10 * DAY, Some(week), hour).await, 1);
+    assert_eq!(heuristic_calls(410, 10 * DAY, Some(week), hour).await, 1);
+}
+
+#[tokio::test]
+async fn heuristic_freshness_is_capped() {
+    // A tenth of 10 days is a day, but the cap is a minute: stale two minutes later.
+    let minute = Duration::from_secs(60);
+    assert_eq!(
+        heuristic_calls(200, 10 * DAY, Some(minute), 2 * minute).await,
+        2
+    );
+    assert_eq!(
+        heuristic_calls(200, 10 * DAY, Some(minute), minute / 2).await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn heuristic_freshness_skips_the_status_codes_that_are_not_heuristically_cacheable() {
+    // 201, 302 and 500 are not in RFC 9110 §15.1's list: never stored without explicit freshness.
+    for status in [201, 302, 500] {
+        assert_eq!(
+            heuristic_calls(status, 10 * DAY, Some(7 * DAY), Duration::ZERO).await,
+            2,
+            "{status}"
+        );
+    }
 }

@@ -17,6 +17,8 @@ usage: caching-proxy --listen ADDR --upstream URL [options]
   --prefix PREFIX           prefix of every Redis key and of the invalidation channel (default caching-proxy:)
   --memory-mb N             size of the in-memory tier in MiB, 0 turns it off (default 100)
   --connect-timeout-ms N    how long to wait for a connection to the upstream (default 5000)
+  --heuristic-max-secs N    heuristic freshness (RFC 9111 4.2.2): a response with Last-Modified and no lifetime of
+                            its own is fresh for 10 % of its age, at most N seconds (off by default)
   -h, --help                print this help
 
 Logs go to stderr; RUST_LOG sets the level (default info).";
@@ -31,6 +33,8 @@ pub(crate) struct Args {
     pub(crate) prefix: String,
     pub(crate) memory_bytes: u64,
     pub(crate) connect_timeout: Duration,
+    /// The cap of heuristic freshness; `None` (the default) leaves it off.
+    pub(crate) heuristic_max: Option<Duration>,
 }
 
 impl Args {
@@ -42,6 +46,7 @@ impl Args {
         let mut prefix = "caching-proxy:".to_owned();
         let mut memory_mb: u64 = 100;
         let mut connect_timeout_ms: u64 = 5000;
+        let mut heuristic_max = None;
         while let Some(arg) = raw.next() {
             if arg == "-h" || arg == "--help" {
                 return Ok(None);
@@ -91,6 +96,13 @@ impl Args {
                             )
                         })?;
                 }
+                "--heuristic-max-secs" => {
+                    let text = value()?;
+                    let seconds: u64 = text.parse().ok().filter(|seconds| *seconds > 0).ok_or_else(|| {
+                        format!("--heuristic-max-secs: expected a number of seconds above 0, got {text:?}")
+                    })?;
+                    heuristic_max = Some(Duration::from_secs(seconds));
+                }
                 other => return Err(format!("{other}: unknown argument")),
             }
         }
@@ -108,6 +120,7 @@ impl Args {
             prefix,
             memory_bytes,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
+            heuristic_max,
         }))
     }
 }

@@ -7,7 +7,8 @@
 //! curl -i localhost:8080/some/path                # then look at Cache-Status and Age
 //! ```
 //!
-//! Standards mode: only responses that say how long they are fresh are stored, and nothing else is assumed. Every
+//! Standards mode: only responses that say how long they are fresh are stored, and nothing else is assumed
+//! (`--heuristic-max-secs N` turns on heuristic freshness from `Last-Modified`, capped at N seconds). Every
 //! method is forwarded (extension methods too) with every end-to-end header; hop-by-hop headers are dropped in both
 //! directions. An unreachable upstream gives `502 Bad Gateway`, or the stale response where `stale-if-error`
 //! allows. Without `--redis-url`, or with a Redis that does not answer at start-up, it runs on the memory tier
@@ -92,14 +93,19 @@ async fn run(args: Args) -> Result<(), String> {
     // Hop-by-hop headers go before the cache sees the request, so that it selects `Vary` variants by the headers
     // the upstream really gets: otherwise `Connection: accept-language` with `Accept-Language: fr` would store the
     // upstream's default-language answer as the French variant, for everyone.
-    let app = Router::new()
-        .fallback_service(CacheLayer::new(cache.clone()).layer(forward))
-        .layer(axum::middleware::map_request(
-            |mut request: Request| async move {
-                strip_hop_by_hop(request.headers_mut());
-                request
-            },
-        ));
+    let mut layer = CacheLayer::new(cache.clone());
+    if let Some(cap) = args.heuristic_max {
+        layer = layer.heuristic_freshness(cap);
+    }
+    let app =
+        Router::new()
+            .fallback_service(layer.layer(forward))
+            .layer(axum::middleware::map_request(
+                |mut request: Request| async move {
+                    strip_hop_by_hop(request.headers_mut());
+                    request
+                },
+            ));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

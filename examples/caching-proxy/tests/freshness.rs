@@ -87,3 +87,50 @@ async fn expires_in_the_obsolete_formats_with_names_in_any_case_gives_freshness(
         assert_eq!(origin.calls("GET", path), 1, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heuristic_freshness_is_off_unless_turned_on_and_then_capped() {
+    // Modified ten days ago, no lifetime of its own: a tenth of its age is a day.
+    let origin = Origin::start(|_| {
+        let now = std::time::SystemTime::now();
+        reply(
+            200,
+            &[
+                ("date", &httpdate::fmt_http_date(now)),
+                (
+                    "last-modified",
+                    &httpdate::fmt_http_date(now - Duration::from_secs(10 * 86_400)),
+                ),
+            ],
+            "old news",
+        )
+    })
+    .await;
+
+    let standards = Proxy::start(&origin.url(), &[]).await;
+    for _ in 0..2 {
+        let reply = get(&standards, "/news").await;
+        assert!(
+            reply.cache_status().contains("detail=no-freshness"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert_eq!(origin.calls("GET", "/news"), 2, "off by default");
+
+    let heuristic = Proxy::start(&origin.url(), &["--heuristic-max-secs", "120"]).await;
+    let first = get(&heuristic, "/news").await;
+    assert!(
+        first.cache_status().contains("stored; ttl=120"),
+        "a day's heuristic lifetime, capped at 120 s: {}",
+        first.cache_status()
+    );
+    let second = get(&heuristic, "/news").await;
+    assert!(
+        second.cache_status().contains("hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(second.text(), "old news");
+    assert_eq!(origin.calls("GET", "/news"), 3);
+}
