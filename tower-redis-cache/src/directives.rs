@@ -1,11 +1,63 @@
-//! `Cache-Control` parsing for requests and responses (RFC 9111 §5.2).
+//! `Cache-Control` parsing for requests and responses (RFC 9111 §5.2), and the targeted fields (RFC 9213) that
+//! replace it for this cache.
 //!
 //! Unknown directives are ignored. A directive whose argument does not parse, or that appears twice with different
 //! arguments, is treated the way RFC 9111 §4.2.1 and §1.2.2 ask of a cache: conservatively. An invalid `max-age` or
 //! `s-maxage` makes the response stale (a lifetime of zero); an invalid request `max-stale` allows no staleness.
 
 use http::HeaderMap;
-use http::header::{CACHE_CONTROL, PRAGMA};
+use http::header::{CACHE_CONTROL, HeaderName, PRAGMA};
+
+use crate::structured::{Value, parse_dictionary};
+
+/// `CDN-Cache-Control` (RFC 9213 §3), the default target.
+pub(crate) const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// The targeted cache-control fields (RFC 9213) this cache obeys, in order of precedence, and whether it removes
+/// them from the responses it passes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Targets {
+    pub(crate) names: Vec<HeaderName>,
+    pub(crate) strip: bool,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Self {
+            names: vec![CDN_CACHE_CONTROL],
+            strip: true,
+        }
+    }
+}
+
+impl Targets {
+    /// The directives of the first target field that is present, not empty and a valid dictionary (RFC 9213
+    /// §2.2); `None` when there is none, and then `Cache-Control` applies. Several lines of one field are one
+    /// dictionary (RFC 8941 §4.2).
+    pub(crate) fn directives(&self, headers: &HeaderMap) -> Option<CacheControl> {
+        self.names.iter().find_map(|name| {
+            let mut combined = String::new();
+            for line in headers.get_all(name) {
+                let line = line.to_str().ok()?;
+                if !combined.is_empty() {
+                    combined.push_str(", ");
+                }
+                combined.push_str(line);
+            }
+            let members = parse_dictionary(&combined)?;
+            (!members.is_empty()).then(|| CacheControl::from_dictionary(&members))
+        })
+    }
+
+    /// Removes the target fields, when this cache strips them.
+    pub(crate) fn strip(&self, headers: &mut HeaderMap) {
+        if self.strip {
+            for name in &self.names {
+                headers.remove(name);
+            }
+        }
+    }
+}
 
 /// A delta-seconds argument as written, or unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +118,43 @@ impl CacheControl {
                     split_list(value).any(|item| item.eq_ignore_ascii_case("no-cache"))
                 })
             });
+        }
+        directives
+    }
+
+    /// The response directives of a targeted field. A delta-seconds directive is read only from a non-negative
+    /// Integer; a flag from `?1`, or from a String for the qualified forms of `no-cache` and `private`. A
+    /// directive of another type is not used (RFC 9213 §2.1: implementations should not consume values that
+    /// violate the constraints `Cache-Control` implies), and unknown directives are ignored.
+    pub(crate) fn from_dictionary(members: &[(String, Value)]) -> Self {
+        let mut directives = Self::default();
+        for (key, value) in members {
+            let delta = match value {
+                Value::Integer(seconds) => u64::try_from(*seconds)
+                    .ok()
+                    .map(|seconds| Seconds::Valid(seconds.min(i32::MAX as u64))),
+                _ => None,
+            };
+            let flag = matches!(value, Value::Boolean(true));
+            let qualified = flag || matches!(value, Value::String(_));
+            match key.as_str() {
+                "max-age" => directives.max_age = delta.or(directives.max_age),
+                "s-maxage" => directives.s_maxage = delta.or(directives.s_maxage),
+                "stale-while-revalidate" => {
+                    directives.stale_while_revalidate = delta.or(directives.stale_while_revalidate);
+                }
+                "stale-if-error" => {
+                    directives.stale_if_error = delta.or(directives.stale_if_error);
+                }
+                "no-cache" => directives.no_cache |= qualified,
+                "private" => directives.private |= qualified,
+                "no-store" => directives.no_store |= flag,
+                "public" => directives.public |= flag,
+                "must-revalidate" => directives.must_revalidate |= flag,
+                "proxy-revalidate" => directives.proxy_revalidate |= flag,
+                "immutable" => directives.immutable |= flag,
+                _ => {}
+            }
         }
         directives
     }
@@ -247,6 +336,93 @@ mod tests {
         assert!(
             !CacheControl::parse(&headers, true).no_cache,
             "Cache-Control wins over Pragma"
+        );
+    }
+
+    fn targeted(
+        names: &[&'static str],
+        lines: &[(&'static str, &'static str)],
+    ) -> Option<CacheControl> {
+        let targets = Targets {
+            names: names
+                .iter()
+                .map(|name| HeaderName::from_static(name))
+                .collect(),
+            strip: true,
+        };
+        let mut headers = HeaderMap::new();
+        for (name, line) in lines {
+            headers.append(*name, HeaderValue::from_static(line));
+        }
+        targets.directives(&headers)
+    }
+
+    #[test]
+    fn the_first_valid_target_gives_the_directives() {
+        let cc = targeted(
+            &["acme-cache-control", "cdn-cache-control"],
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=10"),
+                ("acme-cache-control", "max-age=60, stale-if-error=30"),
+                ("acme-cache-control", "must-revalidate"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cc.max_age, Some(Seconds::Valid(60)));
+        assert_eq!(cc.stale_if_error, Some(Seconds::Valid(30)));
+        assert!(cc.must_revalidate && !cc.no_store);
+
+        // An invalid or empty first target is skipped; the next one applies.
+        for first in ["max-age=60,", "Max-Age=60", ""] {
+            let cc = targeted(
+                &["acme-cache-control", "cdn-cache-control"],
+                &[
+                    ("acme-cache-control", first),
+                    ("cdn-cache-control", "no-store"),
+                ],
+            )
+            .unwrap();
+            assert!(cc.no_store, "{first:?}");
+        }
+        // No valid target at all: Cache-Control applies.
+        assert!(
+            targeted(
+                &["cdn-cache-control"],
+                &[("cdn-cache-control", "max-age=\"60")]
+            )
+            .is_none()
+        );
+        assert!(targeted(&["cdn-cache-control"], &[("cache-control", "max-age=60")]).is_none());
+        // `none`, which is no directive, still makes a valid field: nothing is fresh, nothing is forbidden.
+        let none = targeted(&["cdn-cache-control"], &[("cdn-cache-control", "none")]).unwrap();
+        assert_eq!(none, CacheControl::default());
+    }
+
+    #[test]
+    fn directives_of_the_wrong_type_are_not_used() {
+        let cc = targeted(
+            &["cdn-cache-control"],
+            &[(
+                "cdn-cache-control",
+                "max-age=1.5, s-maxage=\"60\", stale-if-error=-1, no-store=?0, private=\"x-a\", no-cache=tok",
+            )],
+        )
+        .unwrap();
+        assert_eq!(cc.max_age, None);
+        assert_eq!(cc.s_maxage, None);
+        assert_eq!(cc.stale_if_error, None);
+        assert!(!cc.no_store, "?0 is false");
+        assert!(cc.private, "the qualified form");
+        assert!(!cc.no_cache, "a token is no field list");
+        assert_eq!(
+            targeted(
+                &["cdn-cache-control"],
+                &[("cdn-cache-control", "max-age=99999999999999")]
+            )
+            .unwrap()
+            .max_age,
+            Some(Seconds::Valid(i32::MAX as u64))
         );
     }
 

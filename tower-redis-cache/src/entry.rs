@@ -20,7 +20,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{AGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, LAST_MODIFIED};
 use http::{HeaderMap, StatusCode};
 
-use crate::directives::CacheControl;
+use crate::directives::{CacheControl, Targets};
 
 const MAGIC: &[u8; 4] = b"TRC\x01";
 
@@ -48,6 +48,7 @@ pub(crate) struct Entry {
 /// What the policy needs from the stored headers.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Facts {
+    /// The directives this cache obeys: those of the first valid target field (RFC 9213), else `Cache-Control`'s.
     pub(crate) cc: CacheControl,
     /// `Date` in ms since the epoch.
     pub(crate) date: Option<u64>,
@@ -60,8 +61,12 @@ pub(crate) struct Facts {
 }
 
 impl Facts {
-    pub(crate) fn read(headers: &HeaderMap) -> Self {
-        let expires = {
+    /// What `headers` say. A valid target field replaces `Cache-Control` and `Expires` alike (RFC 9213 §2.2).
+    pub(crate) fn read(headers: &HeaderMap, targets: &Targets) -> Self {
+        let targeted = targets.directives(headers);
+        let expires = if targeted.is_some() {
+            None
+        } else {
             let mut lines = headers.get_all(EXPIRES).iter();
             match (lines.next(), lines.next()) {
                 (None, _) => None,
@@ -71,7 +76,7 @@ impl Facts {
             }
         };
         Self {
-            cc: CacheControl::parse(headers, false),
+            cc: targeted.unwrap_or_else(|| CacheControl::parse(headers, false)),
             date: headers.get(DATE).and_then(http_date),
             expires,
             last_modified: headers.get(LAST_MODIFIED).and_then(http_date),
@@ -140,8 +145,9 @@ impl Entry {
         request_time: u64,
         response_time: u64,
         selecting: Vec<(HeaderName, Option<HeaderValue>)>,
+        targets: &Targets,
     ) -> Self {
-        let facts = Facts::read(&headers);
+        let facts = Facts::read(&headers, targets);
         Self {
             status,
             headers,
@@ -200,7 +206,7 @@ impl Entry {
     /// Reads back what [`Entry::encode`] wrote. The bytes come from Redis, so nothing in them is trusted: a count
     /// is bounded by [`MAX_HEADERS`] and by what the bytes left could hold before it sizes anything, a length is
     /// checked against the bytes left before it is read, and whatever else is off makes the entry `None` (a miss).
-    pub(crate) fn decode(mut bytes: Bytes) -> Option<Self> {
+    pub(crate) fn decode(mut bytes: Bytes, targets: &Targets) -> Option<Self> {
         if !bytes.starts_with(MAGIC) {
             return None;
         }
@@ -245,6 +251,7 @@ impl Entry {
             request_time,
             response_time,
             selecting,
+            targets,
         ))
     }
 }
@@ -319,7 +326,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(AGE, HeaderValue::from_static("7200"));
         headers.append(AGE, HeaderValue::from_static("0"));
-        assert_eq!(Facts::read(&headers).age, 7200);
+        assert_eq!(Facts::read(&headers, &Targets::default()).age, 7200);
     }
 
     #[test]
@@ -361,13 +368,14 @@ mod tests {
                 ),
                 (HeaderName::from_static("accept-language"), None),
             ],
+            &Targets::default(),
         )
     }
 
     #[test]
     fn round_trips_status_repeated_headers_selecting_headers_and_body() {
         let entry = sample();
-        let decoded = Entry::decode(entry.encode()).unwrap();
+        let decoded = Entry::decode(entry.encode(), &Targets::default()).unwrap();
         assert_eq!(decoded.status, StatusCode::NOT_FOUND);
         assert_eq!(decoded.headers, entry.headers);
         let multi: Vec<_> = decoded.headers.get_all("x-multi").iter().collect();
@@ -382,20 +390,20 @@ mod tests {
     #[test]
     fn anything_that_does_not_decode_exactly_is_none() {
         let encoded = entry_bytes();
-        assert!(Entry::decode(Bytes::from_static(b"garbage")).is_none());
-        assert!(Entry::decode(Bytes::new()).is_none());
+        assert!(Entry::decode(Bytes::from_static(b"garbage"), &Targets::default()).is_none());
+        assert!(Entry::decode(Bytes::new(), &Targets::default()).is_none());
         for cut in 0..encoded.len() {
             assert!(
-                Entry::decode(encoded.slice(..cut)).is_none(),
+                Entry::decode(encoded.slice(..cut), &Targets::default()).is_none(),
                 "truncated at {cut}"
             );
         }
         let mut longer = BytesMut::from(&encoded[..]);
         longer.put_u8(0);
-        assert!(Entry::decode(longer.freeze()).is_none());
+        assert!(Entry::decode(longer.freeze(), &Targets::default()).is_none());
         let mut other_version = BytesMut::from(&encoded[..]);
         other_version[3] = 2;
-        assert!(Entry::decode(other_version.freeze()).is_none());
+        assert!(Entry::decode(other_version.freeze(), &Targets::default()).is_none());
     }
 
     fn entry_bytes() -> Bytes {
@@ -411,7 +419,7 @@ mod tests {
         );
         headers.insert(EXPIRES, HeaderValue::from_static("0"));
         headers.insert(AGE, HeaderValue::from_static("12"));
-        let facts = Facts::read(&headers);
+        let facts = Facts::read(&headers, &Targets::default());
         assert_eq!(facts.date, Some(784_111_777_000));
         assert_eq!(
             facts.expires,
@@ -423,7 +431,10 @@ mod tests {
             EXPIRES,
             HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
         );
-        assert_eq!(Facts::read(&headers).expires, Some(None));
+        assert_eq!(
+            Facts::read(&headers, &Targets::default()).expires,
+            Some(None)
+        );
     }
 
     /// An entry claiming `count` headers, each the smallest that decodes (`a: ` with an empty value).
@@ -450,10 +461,13 @@ mod tests {
     fn a_crafted_entry_with_too_many_headers_is_a_miss_not_a_panic() {
         // `HeaderMap::with_capacity` panics from 24,577 on, and `append` past 32,768 lines.
         for count in [24_577, 32_769, 40_000, u16::MAX] {
-            assert!(Entry::decode(crafted(count)).is_none(), "{count} headers");
+            assert!(
+                Entry::decode(crafted(count), &Targets::default()).is_none(),
+                "{count} headers"
+            );
         }
-        assert!(Entry::decode(crafted(MAX_HEADERS)).is_some());
-        assert!(Entry::decode(crafted(MAX_HEADERS + 1)).is_none());
+        assert!(Entry::decode(crafted(MAX_HEADERS), &Targets::default()).is_some());
+        assert!(Entry::decode(crafted(MAX_HEADERS + 1), &Targets::default()).is_none());
     }
 
     #[test]
@@ -461,16 +475,16 @@ mod tests {
         // One header, but a count of 65,535.
         let mut lying = BytesMut::from(&crafted(1)[..]);
         lying[HEADER_COUNT_AT..HEADER_COUNT_AT + 2].copy_from_slice(&u16::MAX.to_be_bytes());
-        assert!(Entry::decode(lying.freeze()).is_none());
+        assert!(Entry::decode(lying.freeze(), &Targets::default()).is_none());
         // A count within the cap, but more than the 14 bytes after it could hold (7 bytes a header at least).
         let mut lying = BytesMut::from(&crafted(1)[..]);
         lying[HEADER_COUNT_AT..HEADER_COUNT_AT + 2].copy_from_slice(&3u16.to_be_bytes());
-        assert!(Entry::decode(lying.freeze()).is_none());
+        assert!(Entry::decode(lying.freeze(), &Targets::default()).is_none());
         // A body of 4 GiB - 1 in an entry of a few bytes.
         let mut lying = BytesMut::from(&crafted(0)[..]);
         let body_at = lying.len() - 4;
         lying[body_at..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(Entry::decode(lying.freeze()).is_none());
+        assert!(Entry::decode(lying.freeze(), &Targets::default()).is_none());
         // An absent selecting header with a value.
         let mut entry = sample();
         entry.selecting = vec![(HeaderName::from_static("accept"), None)];
@@ -478,7 +492,7 @@ mod tests {
         let value_len_at = odd.len() - 4 - entry.body.len() - 4;
         odd[value_len_at..value_len_at + 4].copy_from_slice(&1u32.to_be_bytes());
         odd.put_u8(0);
-        assert!(Entry::decode(odd.freeze()).is_none());
+        assert!(Entry::decode(odd.freeze(), &Targets::default()).is_none());
     }
 
     /// The offset and width (2 or 4 bytes) of every count and length field in a valid encoding.
@@ -604,6 +618,7 @@ mod tests {
                         request_time,
                         response_time,
                         selecting,
+                        &Targets::default(),
                     )
                 },
             )
@@ -623,14 +638,14 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            let _ = Entry::decode(Bytes::from(bytes));
+            let _ = Entry::decode(Bytes::from(bytes), &Targets::default());
         }
 
         #[test]
         fn decoding_arbitrary_bytes_after_the_magic_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let mut all = MAGIC.to_vec();
             all.extend(bytes);
-            let _ = Entry::decode(Bytes::from(all));
+            let _ = Entry::decode(Bytes::from(all), &Targets::default());
         }
 
         #[test]
@@ -639,8 +654,8 @@ mod tests {
             edits in prop::collection::vec(edit(), 1..6),
         ) {
             let bytes = apply(&entry.encode(), &edits);
-            if let Some(decoded) = Entry::decode(Bytes::from(bytes)) {
-                let again = Entry::decode(decoded.encode());
+            if let Some(decoded) = Entry::decode(Bytes::from(bytes), &Targets::default()) {
+                let again = Entry::decode(decoded.encode(), &Targets::default());
                 prop_assert!(again.is_some());
                 if let Some(again) = again {
                     assert_same(&again, &decoded);
@@ -653,12 +668,12 @@ mod tests {
             let encoded = entry.encode();
             // Every count and length is at most what it was plus the bytes after it; `u32::MAX - 1` is more.
             let huge = apply(&encoded, &[Edit::Huge(field, u64::from(u32::MAX) - 1)]);
-            prop_assert!(Entry::decode(Bytes::from(huge)).is_none());
+            prop_assert!(Entry::decode(Bytes::from(huge), &Targets::default()).is_none());
         }
 
         #[test]
         fn any_stored_entry_round_trips(entry in any_entry()) {
-            let decoded = Entry::decode(entry.encode());
+            let decoded = Entry::decode(entry.encode(), &Targets::default());
             prop_assert!(decoded.is_some());
             if let Some(decoded) = decoded {
                 assert_same(&decoded, &entry);

@@ -17,6 +17,7 @@ mod service;
 mod stats;
 mod status;
 mod store;
+mod structured;
 
 /// A connection to a Sentinel-managed primary that follows failovers (from `tower-redis-core`).
 #[cfg(feature = "sentinel")]

@@ -437,6 +437,7 @@ fn weak_opaque(tag: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::directives::Targets;
     use bytes::Bytes;
 
     fn entry(lines: &[(&str, &str)], request_time: u64, response_time: u64) -> Entry {
@@ -454,6 +455,7 @@ mod tests {
             request_time,
             response_time,
             Vec::new(),
+            &Targets::default(),
         )
     }
 

@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use axum::http::header::HeaderValue;
+use axum::http::header::{HeaderName, HeaderValue};
 use axum::http::uri::{Scheme, Uri};
 
 use crate::forward::Upstream;
@@ -19,6 +19,9 @@ usage: caching-proxy --listen ADDR --upstream URL [options]
   --connect-timeout-ms N    how long to wait for a connection to the upstream (default 5000)
   --heuristic-max-secs N    heuristic freshness (RFC 9111 4.2.2): a response with Last-Modified and no lifetime of
                             its own is fresh for 10 % of its age, at most N seconds (off by default)
+  --cache-control-field F   a targeted cache-control field (RFC 9213) this proxy obeys in place of Cache-Control;
+                            repeat it to list several, the first one first (default CDN-Cache-Control)
+  --keep-targeted-fields    pass the targeted fields on to the client (they are removed by default)
   -h, --help                print this help
 
 Logs go to stderr; RUST_LOG sets the level (default info).";
@@ -35,6 +38,9 @@ pub(crate) struct Args {
     pub(crate) connect_timeout: Duration,
     /// The cap of heuristic freshness; `None` (the default) leaves it off.
     pub(crate) heuristic_max: Option<Duration>,
+    /// The targeted fields, in order; `None` keeps the cache's default (`CDN-Cache-Control`).
+    pub(crate) targeted_fields: Option<Vec<HeaderName>>,
+    pub(crate) keep_targeted_fields: bool,
 }
 
 impl Args {
@@ -47,9 +53,15 @@ impl Args {
         let mut memory_mb: u64 = 100;
         let mut connect_timeout_ms: u64 = 5000;
         let mut heuristic_max = None;
+        let mut targeted_fields: Option<Vec<HeaderName>> = None;
+        let mut keep_targeted_fields = false;
         while let Some(arg) = raw.next() {
             if arg == "-h" || arg == "--help" {
                 return Ok(None);
+            }
+            if arg == "--keep-targeted-fields" {
+                keep_targeted_fields = true;
+                continue;
             }
             // Both `--flag value` and `--flag=value`.
             let (flag, inline) = match arg.split_once('=') {
@@ -103,6 +115,13 @@ impl Args {
                     })?;
                     heuristic_max = Some(Duration::from_secs(seconds));
                 }
+                "--cache-control-field" => {
+                    let text = value()?;
+                    let name = HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
+                        format!("--cache-control-field: expected a header field name such as CDN-Cache-Control, got {text:?}")
+                    })?;
+                    targeted_fields.get_or_insert_with(Vec::new).push(name);
+                }
                 other => return Err(format!("{other}: unknown argument")),
             }
         }
@@ -121,6 +140,8 @@ impl Args {
             memory_bytes,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             heuristic_max,
+            targeted_fields,
+            keep_targeted_fields,
         }))
     }
 }

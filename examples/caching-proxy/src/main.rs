@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Standards mode: only responses that say how long they are fresh are stored, and nothing else is assumed
-//! (`--heuristic-max-secs N` turns on heuristic freshness from `Last-Modified`, capped at N seconds). Every
+//! (`--heuristic-max-secs N` turns on heuristic freshness from `Last-Modified`, capped at N seconds).
+//! `CDN-Cache-Control` (RFC 9213), or the fields named with `--cache-control-field`, replaces `Cache-Control` for
+//! this proxy and is removed from what it passes on. Every
 //! method is forwarded (extension methods too) with every end-to-end header; hop-by-hop headers are dropped in both
 //! directions. An unreachable upstream gives `502 Bad Gateway`, or the stale response where `stale-if-error`
 //! allows. Without `--redis-url`, or with a Redis that does not answer at start-up, it runs on the memory tier
@@ -82,6 +84,10 @@ async fn run(args: Args) -> Result<(), String> {
         },
         None => tracing::info!("no --redis-url: running on the memory tier alone"),
     }
+    if let Some(fields) = args.targeted_fields {
+        builder = builder.targeted_fields(fields);
+    }
+    builder = builder.strip_targeted_fields(!args.keep_targeted_fields);
     if args.memory_bytes == 0 && !shared {
         tracing::warn!("--memory-mb 0 and no Redis: nothing will be cached");
     }

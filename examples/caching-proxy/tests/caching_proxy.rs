@@ -1010,6 +1010,17 @@ fn bad_arguments_stop_start_up_with_a_message_naming_them() {
                 "127.0.0.1:0",
                 "--upstream",
                 "http://127.0.0.1:1",
+                "--cache-control-field",
+                "not a name",
+            ][..],
+            "--cache-control-field",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:1",
                 "--bogus",
             ][..],
             "--bogus",

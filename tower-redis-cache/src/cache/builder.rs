@@ -13,6 +13,7 @@ use tower_redis_core::subscription::{Subscription, SubscriptionConfig};
 
 use super::invalidation::Invalidations;
 use super::{CacheClock, HttpCache, Inner, RedisTier, rand_u64};
+use crate::directives::Targets;
 use crate::error::ConfigError;
 use crate::invalidated::Invalidated;
 use crate::memory::MemoryTier;
@@ -33,6 +34,7 @@ pub struct CacheBuilder {
     fill_lock: Option<Duration>,
     name: String,
     clock: Option<ManualClock>,
+    targets: Targets,
 }
 
 impl fmt::Debug for CacheBuilder {
@@ -45,6 +47,7 @@ impl fmt::Debug for CacheBuilder {
             .field("timeout", &self.timeout)
             .field("fill_lock", &self.fill_lock)
             .field("name", &self.name)
+            .field("targets", &self.targets)
             .finish_non_exhaustive()
     }
 }
@@ -116,6 +119,26 @@ impl CacheBuilder {
     /// fails open: when Redis errors or the lock outlives `ttl`, the others go to the origin.
     pub fn fill_lock(mut self, ttl: Duration) -> Self {
         self.fill_lock = Some(ttl);
+        self
+    }
+
+    /// The targeted cache-control fields (RFC 9213) this cache obeys, in order of precedence: the first one a
+    /// response carries with a valid, non-empty value replaces its `Cache-Control` and `Expires` for this cache's
+    /// storage and freshness decisions (`max-age`, `s-maxage`, `no-store`, `no-cache`, `private`, `public`,
+    /// `must-revalidate`, `proxy-revalidate`, `stale-while-revalidate`, `stale-if-error`, `immutable`). The
+    /// default is `CDN-Cache-Control` alone; name your own first to address this cache specifically, as in
+    /// `[HeaderName::from_static("acme-cache-control"), HeaderName::from_static("cdn-cache-control")]`. An empty
+    /// list turns targeted fields off. Each field is parsed as a Structured Fields dictionary (RFC 8941): one
+    /// that does not parse is ignored as a whole.
+    pub fn targeted_fields(mut self, names: impl IntoIterator<Item = http::HeaderName>) -> Self {
+        self.targets.names = names.into_iter().collect();
+        self
+    }
+
+    /// Whether the target fields are removed from the responses this cache passes on (`true` by default, as a CDN
+    /// does with the fields addressed to it). `Cache-Control` always goes on as the origin sent it.
+    pub fn strip_targeted_fields(mut self, strip: bool) -> Self {
+        self.targets.strip = strip;
         self
     }
 
@@ -208,6 +231,7 @@ impl CacheBuilder {
                 )?,
             });
         }
+        validate_targets(&self.targets.names)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             crate::error::config_error(
                 "runtime",
@@ -257,6 +281,7 @@ impl CacheBuilder {
                 runtime,
                 clock,
                 listener,
+                targets: self.targets,
             }),
         })
     }
@@ -276,8 +301,37 @@ impl HttpCache {
             fill_lock: None,
             name: "tower-redis-cache".to_owned(),
             clock: None,
+            targets: Targets::default(),
         }
     }
+}
+
+/// A target list names each field once, and never `Cache-Control` itself (which every cache obeys when no target
+/// applies).
+fn validate_targets(names: &[http::HeaderName]) -> Result<(), ConfigError> {
+    for (index, name) in names.iter().enumerate() {
+        if name == http::header::CACHE_CONTROL
+            || name == http::header::PRAGMA
+            || name == http::header::EXPIRES
+        {
+            return Err(crate::error::config_error(
+                "targeted_fields",
+                format!(
+                    "{name} is not a targeted field: list only the fields addressed to this cache, such as \
+                     CDN-Cache-Control (Cache-Control applies whenever none of them does)"
+                ),
+            ));
+        }
+        if names[..index].contains(name) {
+            return Err(crate::error::config_error(
+                "targeted_fields",
+                format!(
+                    "{name} is listed twice: name each targeted field once, in order of precedence"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

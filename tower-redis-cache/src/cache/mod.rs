@@ -24,6 +24,7 @@ use tower_breaker::CircuitBreaker;
 use tower_redis_core::guard::Guard;
 use tower_redis_core::subscription::Subscription;
 
+use crate::directives::Targets;
 use crate::entry::Entry;
 use crate::invalidated::Invalidated;
 use crate::memory::MemoryTier;
@@ -63,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) clock: CacheClock,
     /// Dropping it stops the subscription.
     listener: Option<Subscription>,
+    /// The targeted cache-control fields this cache obeys (RFC 9213).
+    pub(crate) targets: Targets,
 }
 
 pub(crate) struct RedisTier {

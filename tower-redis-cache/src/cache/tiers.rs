@@ -186,7 +186,7 @@ impl HttpCache {
                 .await?
         };
         let Some(bytes) = bytes else { return Ok(None) };
-        let Some(entry) = Entry::decode(bytes) else {
+        let Some(entry) = Entry::decode(bytes, &self.inner.targets) else {
             self.inner.stats.bump(Event::Undecodable);
             tracing::debug!(
                 key,

@@ -115,7 +115,13 @@ where
             cache: self.cache.clone(),
             route: self.route.clone(),
         };
-        Box::pin(call.run(inner, request))
+        Box::pin(async move {
+            let targets_stripped = call.cache.clone();
+            let mut response = call.run(inner, request).await?;
+            // The target fields addressed to this cache go no further (RFC 9213): on hits, misses and passes alike.
+            targets_stripped.inner.targets.strip(response.headers_mut());
+            Ok(response)
+        })
     }
 }
 

@@ -53,6 +53,7 @@ impl Call {
             exchange.request_time,
             exchange.response_time,
             entry.selecting.clone(),
+            &self.cache.inner.targets,
         ));
         // The 304's fields now describe the response: they may forbid storing it (a `Set-Cookie`, `private`,
         // `no-store`). This client still gets the updated response; nobody else will.

@@ -33,7 +33,7 @@ impl Call {
     {
         let rules = &self.route.rules;
         let status = response.status();
-        let facts = Facts::read(response.headers());
+        let facts = Facts::read(response.headers(), &self.cache.inner.targets);
         let verdict = policy::storable(
             &exchange.request_headers,
             &exchange.request_cc,
@@ -184,6 +184,7 @@ impl Sink for Fill {
             self.request_time,
             self.response_time,
             std::mem::take(&mut self.selecting),
+            &self.cache.inner.targets,
         ));
         let keep = policy::storage_ttl(&entry, &self.rules, self.cache.now_ms());
         self.cache.store(
