@@ -99,13 +99,24 @@ pub(crate) async fn forward(
         .path_and_query()
         .map_or("/", PathAndQuery::as_str)
         .to_owned();
-    let request = match to_upstream(request, upstream) {
+    let mut request = match to_upstream(request, upstream) {
         Ok(request) => request,
         Err(error) => {
             tracing::warn!(%method, %path, %error, "cannot build the upstream request");
             return plain(StatusCode::BAD_REQUEST, "bad request target\n");
         }
     };
+    // An interim response (103 Early Hints, say) is read and dropped: hyper's server has no way to send a 1xx
+    // before the final response (only its automatic 100 Continue), so it cannot be forwarded. The cache never
+    // sees it either: what reaches it is the final response.
+    let interim_path = path.clone();
+    hyper::ext::on_informational(&mut request, move |interim| {
+        tracing::debug!(
+            path = %interim_path,
+            status = interim.status().as_u16(),
+            "interim response from the upstream not forwarded (hyper's server cannot send 1xx)"
+        );
+    });
     let started = Instant::now();
     match client.request(request).await {
         Ok(response) => {
