@@ -96,6 +96,18 @@ impl CacheLayer {
         self.with(|route| route.rules.stale_if_error = Some(window))
     }
 
+    /// The most staleness a stored response may have to answer in place of an origin that cannot be reached: the
+    /// service returned an error (a refused or reset connection, one closed before the response) or did not
+    /// answer within [`origin_timeout`](Self::origin_timeout). RFC 9111 §4.2.4 lets a disconnected cache do so.
+    /// Ten minutes by default; `Duration::ZERO` turns it off. The response is marked `Cache-Status: hit; ttl=-N;
+    /// detail=origin-unreachable` (or `origin-timeout`). A response with `must-revalidate`, `proxy-revalidate`,
+    /// `s-maxage` or `no-cache` is never served stale: the client gets a `504` whose `Cache-Status` names the
+    /// directive. A 5xx answer is not "unreachable": only `stale-if-error` covers it. Entries are kept this long
+    /// past their freshness (in memory and in Redis) so they are there to stand in.
+    pub fn stale_if_unreachable(self, max_staleness: Duration) -> Self {
+        self.with(|route| route.rules.stale_if_unreachable = max_staleness)
+    }
+
     /// How long a response with validators is kept once stale, so it can be revalidated with a conditional request
     /// (10 minutes by default).
     pub fn keep_for_revalidation(self, keep: Duration) -> Self {

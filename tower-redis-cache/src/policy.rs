@@ -28,7 +28,14 @@ pub(crate) struct Rules {
     pub(crate) stale_if_error: Option<Duration>,
     /// How long an entry with validators is kept past its freshness, for revalidation.
     pub(crate) keep_for_revalidation: Duration,
+    /// The most staleness a stored response may have to stand in for an unreachable origin (RFC 9111 §4.2.4);
+    /// zero turns it off.
+    pub(crate) stale_if_unreachable: Duration,
 }
+
+/// The default of [`Rules::stale_if_unreachable`]: ten minutes, as long as entries with validators are already
+/// kept for revalidation.
+pub(crate) const STALE_IF_UNREACHABLE: Duration = Duration::from_secs(600);
 
 impl Default for Rules {
     fn default() -> Self {
@@ -40,6 +47,7 @@ impl Default for Rules {
             stale_while_revalidate: None,
             stale_if_error: None,
             keep_for_revalidation: Duration::from_secs(600),
+            stale_if_unreachable: STALE_IF_UNREACHABLE,
         }
     }
 }
@@ -292,6 +300,57 @@ pub(crate) fn stale_if_error(
     timing.staleness() <= allowed && allowed > 0
 }
 
+/// What a stale entry may do when the origin cannot be reached (refused, reset, closed before answering, timed
+/// out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disconnected {
+    /// Stand in, as stale-if-error allows.
+    StaleIfError,
+    /// Stand in, within the route's bound for an unreachable origin.
+    Unreachable,
+    /// Never: the named response directive forbids serving it stale (RFC 9111 §4.2.4), so the answer is a 504.
+    Forbidden(&'static str),
+    /// Too stale for either.
+    TooStale,
+}
+
+/// Whether a stored entry may answer in place of an unreachable origin, and why.
+pub(crate) fn disconnected(
+    entry: &Entry,
+    timing: Timing,
+    request_cc: &CacheControl,
+    rules: &Rules,
+) -> Disconnected {
+    if let Some(directive) = forbids_stale(&entry.facts) {
+        return Disconnected::Forbidden(directive);
+    }
+    if stale_if_error(entry, timing, request_cc, rules) {
+        return Disconnected::StaleIfError;
+    }
+    let bound = millis(rules.stale_if_unreachable);
+    if bound > 0 && timing.staleness() <= bound {
+        Disconnected::Unreachable
+    } else {
+        Disconnected::TooStale
+    }
+}
+
+/// The response directive that forbids serving this response stale without revalidation, if any.
+fn forbids_stale(facts: &Facts) -> Option<&'static str> {
+    let cc = &facts.cc;
+    if cc.must_revalidate {
+        Some("must-revalidate")
+    } else if cc.proxy_revalidate {
+        Some("proxy-revalidate")
+    } else if cc.s_maxage.is_some() {
+        Some("s-maxage")
+    } else if cc.no_cache {
+        Some("no-cache")
+    } else {
+        None
+    }
+}
+
 fn window(directive: Option<Seconds>, configured: Option<Duration>) -> u64 {
     match directive {
         Some(Seconds::Valid(seconds)) => seconds.saturating_mul(1000),
@@ -326,12 +385,17 @@ pub(crate) fn keep_for(
     };
     let remaining = timing.lifetime.saturating_sub(timing.age);
     let cc = &facts.cc;
-    let mut extra = if must_revalidate(facts) {
+    let mut extra = if forbids_stale(facts).is_some() {
         0
     } else {
         window(cc.stale_while_revalidate, rules.stale_while_revalidate)
             .max(window(cc.stale_if_error, rules.stale_if_error))
     };
+    // Kept to stand in for an unreachable origin, unless it arrived stale: such an entry would be written on every
+    // request only for outages.
+    if remaining > 0 && forbids_stale(facts).is_none() {
+        extra = extra.max(millis(rules.stale_if_unreachable));
+    }
     if has_validators(facts) {
         extra = extra.max(millis(rules.keep_for_revalidation));
     }

@@ -19,6 +19,9 @@ usage: caching-proxy --listen ADDR --upstream URL [options]
   --connect-timeout-ms N    how long to wait for a connection to the upstream (default 5000)
   --heuristic-max-secs N    heuristic freshness (RFC 9111 4.2.2): a response with Last-Modified and no lifetime of
                             its own is fresh for 10 % of its age, at most N seconds (off by default)
+  --stale-if-unreachable-secs N
+                            how stale a stored response may be to stand in for an unreachable upstream (default
+                            600; 0 turns it off and the client gets 502)
   --cache-control-field F   a targeted cache-control field (RFC 9213) this proxy obeys in place of Cache-Control;
                             repeat it to list several, the first one first (default CDN-Cache-Control)
   --keep-targeted-fields    pass the targeted fields on to the client (they are removed by default)
@@ -38,6 +41,7 @@ pub(crate) struct Args {
     pub(crate) connect_timeout: Duration,
     /// The cap of heuristic freshness; `None` (the default) leaves it off.
     pub(crate) heuristic_max: Option<Duration>,
+    pub(crate) stale_if_unreachable: Duration,
     /// The targeted fields, in order; `None` keeps the cache's default (`CDN-Cache-Control`).
     pub(crate) targeted_fields: Option<Vec<HeaderName>>,
     pub(crate) keep_targeted_fields: bool,
@@ -53,6 +57,7 @@ impl Args {
         let mut memory_mb: u64 = 100;
         let mut connect_timeout_ms: u64 = 5000;
         let mut heuristic_max = None;
+        let mut stale_if_unreachable = Duration::from_secs(600);
         let mut targeted_fields: Option<Vec<HeaderName>> = None;
         let mut keep_targeted_fields = false;
         while let Some(arg) = raw.next() {
@@ -115,6 +120,13 @@ impl Args {
                     })?;
                     heuristic_max = Some(Duration::from_secs(seconds));
                 }
+                "--stale-if-unreachable-secs" => {
+                    let text = value()?;
+                    let seconds: u64 = text.parse().map_err(|_| {
+                        format!("--stale-if-unreachable-secs: expected a whole number of seconds, got {text:?}")
+                    })?;
+                    stale_if_unreachable = Duration::from_secs(seconds);
+                }
                 "--cache-control-field" => {
                     let text = value()?;
                     let name = HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
@@ -140,6 +152,7 @@ impl Args {
             memory_bytes,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             heuristic_max,
+            stale_if_unreachable,
             targeted_fields,
             keep_targeted_fields,
         }))

@@ -1,6 +1,5 @@
 //! What the proxy does to a request on its way to the upstream and to the response on its way back.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,7 +40,9 @@ pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
-/// Sends each request to the upstream and streams its response back; never fails (a connection error is a 502).
+/// Sends each request to the upstream and streams its response back. An upstream that cannot be reached (refused,
+/// reset, closed before answering, no connection within the connect timeout) is an error, so that the cache in
+/// front can stand a stale response in for it; [`bad_gateway`] is what the client gets otherwise.
 #[derive(Clone)]
 pub(crate) struct Forward {
     pub(crate) client: Client<HttpConnector, Body>,
@@ -70,28 +71,56 @@ impl Forward {
 
 impl Service<Request> for Forward {
     type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, UpstreamError>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let client = self.client.clone();
         let upstream = self.upstream.clone();
-        Box::pin(async move { Ok(forward(&client, &upstream, request).await) })
+        Box::pin(async move { forward(&client, &upstream, request).await })
     }
+}
+
+/// The upstream could not be reached (logged where it happened).
+#[derive(Debug)]
+pub(crate) struct UpstreamError;
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream is unreachable")
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// What the client gets when the upstream is unreachable and no stored response may stand in.
+pub(crate) fn bad_gateway() -> Response {
+    let mut response = plain(
+        StatusCode::BAD_GATEWAY,
+        "502 Bad Gateway: the upstream is unreachable\n",
+    );
+    response.headers_mut().insert(
+        tower_redis_cache::CACHE_STATUS,
+        HeaderValue::from_static("caching-proxy; detail=origin-unreachable"),
+    );
+    response
 }
 
 pub(crate) async fn forward(
     client: &Client<HttpConnector, Body>,
     upstream: &Upstream,
     request: Request,
-) -> Response {
+) -> Result<Response, UpstreamError> {
     if request.method() == Method::CONNECT {
         // A reverse proxy is not a tunnel; the upstream would be asked to open one to itself.
-        return plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        return Ok(plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported\n",
+        ));
     }
     let method = request.method().clone();
     let path = request
@@ -103,7 +132,7 @@ pub(crate) async fn forward(
         Ok(request) => request,
         Err(error) => {
             tracing::warn!(%method, %path, %error, "cannot build the upstream request");
-            return plain(StatusCode::BAD_REQUEST, "bad request target\n");
+            return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
         }
     };
     // An interim response (103 Early Hints, say) is read and dropped: hyper's server has no way to send a 1xx
@@ -127,17 +156,14 @@ pub(crate) async fn forward(
                 elapsed_ms = started.elapsed().as_millis(),
                 "forwarded"
             );
-            from_upstream(response.map(Body::new), upstream)
+            Ok(from_upstream(response.map(Body::new), upstream))
         }
         Err(error) => {
             // The source chain says what went wrong (refused, timed out, reset); the client only needs the status.
             let cause = std::error::Error::source(&error)
                 .map_or_else(|| error.to_string(), ToString::to_string);
             tracing::warn!(%method, %path, connect = error.is_connect(), %cause, "upstream unreachable");
-            plain(
-                StatusCode::BAD_GATEWAY,
-                "502 Bad Gateway: the upstream is unreachable\n",
-            )
+            Err(UpstreamError)
         }
     }
 }

@@ -12,14 +12,17 @@
 //! `CDN-Cache-Control` (RFC 9213), or the fields named with `--cache-control-field`, replaces `Cache-Control` for
 //! this proxy and is removed from what it passes on. Every
 //! method is forwarded (extension methods too) with every end-to-end header; hop-by-hop headers are dropped in both
-//! directions. An unreachable upstream gives `502 Bad Gateway`, or the stale response where `stale-if-error`
-//! allows. Without `--redis-url`, or with a Redis that does not answer at start-up, it runs on the memory tier
+//! directions. An unreachable upstream (refused, reset, closed before answering) gives the stored response, stale
+//! by at most `--stale-if-unreachable-secs` (10 minutes by default) or as `stale-if-error` allows, or else
+//! `502 Bad Gateway`; a stored response with `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` gives
+//! `504 Gateway Timeout` instead of being served stale. Without `--redis-url`, or with a Redis that does not answer at start-up, it runs on the memory tier
 //! alone (single-instance mode) and says so.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleError;
 use axum::extract::Request;
 use tower_layer::Layer;
 use tower_redis_cache::{CacheLayer, HttpCache};
@@ -29,7 +32,7 @@ mod forward;
 mod server;
 
 use args::{Args, USAGE};
-use forward::{Forward, strip_hop_by_hop};
+use forward::{Forward, UpstreamError, bad_gateway, strip_hop_by_hop};
 
 /// The pseudonym this proxy gives itself in `Via` and `Cache-Status`.
 const NAME: &str = "caching-proxy";
@@ -99,19 +102,23 @@ async fn run(args: Args) -> Result<(), String> {
     // Hop-by-hop headers go before the cache sees the request, so that it selects `Vary` variants by the headers
     // the upstream really gets: otherwise `Connection: accept-language` with `Accept-Language: fr` would store the
     // upstream's default-language answer as the French variant, for everyone.
-    let mut layer = CacheLayer::new(cache.clone());
+    let mut layer = CacheLayer::new(cache.clone()).stale_if_unreachable(args.stale_if_unreachable);
     if let Some(cap) = args.heuristic_max {
         layer = layer.heuristic_freshness(cap);
     }
-    let app =
-        Router::new()
-            .fallback_service(layer.layer(forward))
-            .layer(axum::middleware::map_request(
-                |mut request: Request| async move {
-                    strip_hop_by_hop(request.headers_mut());
-                    request
-                },
-            ));
+    // The upstream's unreachability reaches the cache as an error, so a stored response can stand in; what no
+    // stored response covers becomes a 502 here.
+    let cached = HandleError::new(layer.layer(forward), |UpstreamError| async {
+        bad_gateway()
+    });
+    let app = Router::new()
+        .fallback_service(cached)
+        .layer(axum::middleware::map_request(
+            |mut request: Request| async move {
+                strip_hop_by_hop(request.headers_mut());
+                request
+            },
+        ));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

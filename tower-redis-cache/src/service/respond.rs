@@ -13,7 +13,7 @@ use crate::body::{CacheBody, drain};
 use crate::cache::{FlightGuard, HttpCache};
 use crate::directives::CacheControl;
 use crate::entry::Entry;
-use crate::policy::{self, Timing, Use};
+use crate::policy::{self, Disconnected, Timing, Use};
 use crate::stats::{Event, Tier};
 use crate::status::CacheStatus;
 
@@ -140,14 +140,17 @@ impl Call {
                 Ok(response)
             }
             Fetched::Failed(error) => {
-                if let Some(stale) = self.stale_on_error(candidate, client, request_cc) {
-                    return Ok(stale);
+                match self.disconnected(candidate, client, request_cc, status, "origin-unreachable")
+                {
+                    Some(response) => Ok(response),
+                    None => Err(error),
                 }
-                Err(error)
             }
             Fetched::TimedOut => {
-                if let Some(stale) = self.stale_on_error(candidate, client, request_cc) {
-                    return Ok(stale);
+                if let Some(response) =
+                    self.disconnected(candidate, client, request_cc, status, "origin-timeout")
+                {
+                    return Ok(response);
                 }
                 status.detail = Some("origin-timeout");
                 let mut response = Response::new(CacheBody::default());
@@ -172,6 +175,39 @@ impl Call {
         let timing = Timing::of(entry, rules, self.cache.now_ms());
         policy::stale_if_error(entry, timing, request_cc, rules)
             .then(|| self.stale(entry, Tier::Memory, parts, timing, "stale-if-error"))
+    }
+
+    /// What answers in place of an origin that could not be reached (`why` says how: unreachable or timed out):
+    /// the stale entry where stale-if-error or the route's bound allows it, a 504 where the entry's directives
+    /// forbid serving it stale (RFC 9111 §4.2.4), and `None` (the origin's failure goes on) without an entry or
+    /// when it is too stale.
+    fn disconnected<B>(
+        &self,
+        candidate: Option<&Entry>,
+        parts: &Parts,
+        request_cc: &CacheControl,
+        mut status: CacheStatus,
+        why: &'static str,
+    ) -> Option<Response<CacheBody<B>>> {
+        let entry = candidate?;
+        let rules = &self.route.rules;
+        let timing = Timing::of(entry, rules, self.cache.now_ms());
+        match policy::disconnected(entry, timing, request_cc, rules) {
+            Disconnected::StaleIfError => {
+                Some(self.stale(entry, Tier::Memory, parts, timing, "stale-if-error"))
+            }
+            Disconnected::Unreachable => Some(self.stale(entry, Tier::Memory, parts, timing, why)),
+            Disconnected::Forbidden(directive) => {
+                status.detail = Some(directive);
+                let mut response = Response::new(CacheBody::default());
+                *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+                response
+                    .headers_mut()
+                    .insert(crate::CACHE_STATUS, self.status_header(&status));
+                Some(response)
+            }
+            Disconnected::TooStale => None,
+        }
     }
 
     pub(super) fn hit<B>(
