@@ -52,7 +52,8 @@ impl Default for Rules {
     }
 }
 
-/// Status codes a cache may reuse without explicit freshness (RFC 9110 §15.1), minus 206 (no range support).
+/// Status codes a cache may reuse without explicit freshness (RFC 9110 §15.1), minus 206: a partial response is
+/// never stored as if it were complete (ranges are answered from a stored 200).
 fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),

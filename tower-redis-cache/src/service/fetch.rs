@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Buf;
-use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
+use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -45,8 +45,10 @@ impl Call {
         parts.headers.remove(IF_MODIFIED_SINCE);
         let validating = self.validate(candidate, &mut parts.headers);
         if parts.method == Method::HEAD {
-            // A HEAD cannot fill the entry; ask for the GET the entry is stored from.
+            // A HEAD cannot fill the entry; ask for the GET the entry is stored from (whole: a HEAD has no range).
             parts.method = Method::GET;
+            parts.headers.remove(RANGE);
+            parts.headers.remove(IF_RANGE);
         }
         let request_time = self.cache.now_ms();
         let call = service.call(Request::from_parts(parts, body));

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::RANGE;
 use http::request::Parts;
 use http::{HeaderMap, Response, StatusCode};
 
@@ -19,14 +18,14 @@ use super::store::publish;
 use super::{Answer, Call, Found, Lookup};
 
 impl Call {
-    /// The key of a request the cache handles: `None` for a range request or one the route bypasses.
+    /// The key of a request the cache handles: `None` for one the route bypasses. A range request has the key of
+    /// the whole response, which answers it.
     pub(super) fn cache_key(&self, parts: &Parts) -> Option<String> {
-        if parts.headers.contains_key(RANGE)
-            || self
-                .route
-                .bypass
-                .as_ref()
-                .is_some_and(|bypass| bypass(parts))
+        if self
+            .route
+            .bypass
+            .as_ref()
+            .is_some_and(|bypass| bypass(parts))
         {
             return None;
         }

@@ -25,6 +25,7 @@ use crate::status::{CacheStatus, Forward};
 mod fetch;
 mod key;
 mod lookup;
+mod range;
 mod respond;
 mod revalidate;
 mod store;

@@ -2,8 +2,8 @@
 
 use bytes::Buf;
 use http::header::{
-    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, HeaderName, HeaderValue,
-    LAST_MODIFIED, TRANSFER_ENCODING, UPGRADE, VARY,
+    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, DATE, ETAG,
+    EXPIRES, HeaderName, HeaderValue, LAST_MODIFIED, TRANSFER_ENCODING, UPGRADE, VARY,
 };
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode};
@@ -14,6 +14,8 @@ use crate::cache::{FlightGuard, HttpCache};
 use crate::directives::CacheControl;
 use crate::entry::Entry;
 use crate::policy::{self, Disconnected, Timing, Use};
+
+use super::range::{self, Ranged};
 use crate::stats::{Event, Tier};
 use crate::status::CacheStatus;
 
@@ -249,14 +251,30 @@ impl Call {
             if policy::not_modified(&parts.headers, &parts.method, entry.status, &entry.facts) {
                 not_modified_response(&entry.headers)
             } else {
-                let mut response = Response::new(if parts.method == Method::HEAD {
-                    CacheBody::default()
-                } else {
-                    CacheBody::full(entry.body.clone())
-                });
-                *response.status_mut() = entry.status;
-                *response.headers_mut() = end_to_end(&entry.headers);
-                response
+                match range::select(&parts.headers, &parts.method, entry) {
+                    Ranged::Whole => {
+                        let mut response = Response::new(if parts.method == Method::HEAD {
+                            CacheBody::default()
+                        } else {
+                            CacheBody::full(entry.body.clone())
+                        });
+                        *response.status_mut() = entry.status;
+                        *response.headers_mut() = end_to_end(&entry.headers);
+                        response
+                    }
+                    Ranged::Partial { first, last } => partial(entry, first, last),
+                    Ranged::Unsatisfiable => {
+                        let mut response = Response::new(CacheBody::default());
+                        *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                        // Digits and ASCII only, so the conversion cannot fail.
+                        if let Ok(value) =
+                            HeaderValue::try_from(format!("bytes */{}", entry.body.len()))
+                        {
+                            response.headers_mut().insert(CONTENT_RANGE, value);
+                        }
+                        response
+                    }
+                }
             };
         let age = timing.age / 1000;
         response.headers_mut().insert(AGE, HeaderValue::from(age));
@@ -265,6 +283,27 @@ impl Call {
             .append(crate::CACHE_STATUS, self.status_header(&status));
         response
     }
+}
+
+/// The bytes `first..=last` of a stored 200 as a 206: its end-to-end headers, the range's `Content-Range` and
+/// `Content-Length`.
+fn partial<B>(entry: &Entry, first: u64, last: u64) -> Response<CacheBody<B>> {
+    let length = entry.body.len();
+    // `select` only gives ranges inside the body; clamp anyway, so no index can pass its end.
+    let start = usize::try_from(first).unwrap_or(length).min(length);
+    let end = usize::try_from(last)
+        .map_or(length, |last| last.saturating_add(1))
+        .min(length);
+    let body = entry.body.slice(start..end.max(start));
+    let mut headers = end_to_end(&entry.headers);
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if let Ok(value) = HeaderValue::try_from(format!("bytes {first}-{last}/{length}")) {
+        headers.insert(CONTENT_RANGE, value);
+    }
+    let mut response = Response::new(CacheBody::full(body));
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// The stored headers minus the hop-by-hop ones (and those `Connection` names), which belong to one connection.
