@@ -43,6 +43,9 @@ pub(crate) struct Entry {
     /// The request's values of the headers the response's `Vary` names, in `Vary` order.
     pub(crate) selecting: Vec<(HeaderName, Option<HeaderValue>)>,
     pub(crate) facts: Facts,
+    /// When a soft purge marked this entry stale (ms since the epoch): it is then stale from that moment on, and
+    /// the next request revalidates it. Not part of the encoding: Redis keeps it beside the entry.
+    pub(crate) purged_at: Option<u64>,
 }
 
 /// What the policy needs from the stored headers.
@@ -156,7 +159,15 @@ impl Entry {
             response_time,
             selecting,
             facts,
+            purged_at: None,
         }
+    }
+
+    /// This entry marked stale as of `at` by a soft purge (an earlier mark stands).
+    pub(crate) fn purged(&self, at: u64) -> Self {
+        let mut entry = self.clone();
+        entry.purged_at = Some(self.purged_at.map_or(at, |earlier| earlier.min(at)));
+        entry
     }
 
     /// Bytes this entry holds, for the memory tier's bound.

@@ -159,14 +159,16 @@ impl CacheLayer {
         self.with(|route| route.coalesce_wait = wait)
     }
 
-    /// Gives the origin this long to answer; past it a stale response is served where stale-if-error allows, and
-    /// otherwise the client gets `504 Gateway Timeout`.
+    /// Gives the origin this long to answer; past it a stale response is served where stale-if-error or
+    /// [`stale_if_unreachable`](Self::stale_if_unreachable) allows, and otherwise the client gets
+    /// `504 Gateway Timeout`.
     pub fn origin_timeout(self, timeout: Duration) -> Self {
         self.with(|route| route.origin_timeout = Some(timeout))
     }
 
     /// Lets `PURGE` requests invalidate their URL when `authorize` accepts them (403 otherwise). Off by default:
-    /// without it a `PURGE` is forwarded like any unknown method.
+    /// without it a `PURGE` is forwarded like any unknown method. With `Soft-Purge: 1` the purge is soft
+    /// ([`Purge::Soft`](crate::Purge::Soft)): the entry is marked stale instead of deleted.
     pub fn purge(self, authorize: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
         self.with(|route| route.purge = Some(Arc::new(authorize)))
     }

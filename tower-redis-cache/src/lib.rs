@@ -27,7 +27,7 @@ pub mod sentinel {
 }
 
 pub use body::CacheBody;
-pub use cache::{CacheBuilder, HttpCache, InvalidateError};
+pub use cache::{CacheBuilder, HttpCache, InvalidateError, Purge};
 pub use error::ConfigError;
 pub use layer::CacheLayer;
 pub use route::{BypassFn, KeyFn, PurgeFn, TagFn};

@@ -151,6 +151,65 @@ impl MemoryTier {
         self.remove_where(|_, slot| !slot.tags_known)
     }
 
+    /// Marks every variant of `key` stale as of `at` (a soft purge); returns whether the key was held.
+    pub(crate) fn mark_stale(&self, key: &str, at: u64) -> bool {
+        if !self.cache.contains_key(key) {
+            return false;
+        }
+        self.mark_slot(Arc::from(key), at);
+        true
+    }
+
+    pub(crate) fn mark_stale_prefix(&self, prefix: &str, at: u64) -> usize {
+        self.mark_where(|key, _| key.starts_with(prefix), at)
+    }
+
+    pub(crate) fn mark_stale_tag(&self, tag: &str, at: u64) -> usize {
+        self.mark_where(|_, slot| slot.tags.iter().any(|own| own == tag), at)
+    }
+
+    fn mark_where(&self, marked: impl Fn(&str, &Slot) -> bool, at: u64) -> usize {
+        let found: Vec<Arc<Arc<str>>> = self
+            .cache
+            .iter()
+            .filter(|(key, slot)| marked(key, slot))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &found {
+            self.mark_slot((**key).clone(), at);
+        }
+        found.len()
+    }
+
+    /// Marks the variants of `key` that were stored by `at`: one stored since is newer than the purge and stays
+    /// fresh. Done as one atomic update of the key, so a variant inserted meanwhile is neither lost nor marked.
+    fn mark_slot(&self, key: Arc<str>, at: u64) {
+        self.cache.entry(key).and_compute_with(|current| {
+            let Some(current) = current else {
+                return moka::ops::compute::Op::Nop;
+            };
+            let slot = current.into_value();
+            moka::ops::compute::Op::Put(Arc::new(Slot {
+                vary: slot.vary.clone(),
+                variants: slot
+                    .variants
+                    .iter()
+                    .map(|variant| {
+                        if variant.response_time <= at {
+                            Arc::new(variant.purged(at))
+                        } else {
+                            variant.clone()
+                        }
+                    })
+                    .collect(),
+                tags: slot.tags.clone(),
+                tags_known: slot.tags_known,
+                expires_at: slot.expires_at,
+                weight: slot.weight,
+            }))
+        });
+    }
+
     /// Removes every key `doomed` selects (a scan of the tier: invalidations are rare next to lookups).
     fn remove_where(&self, doomed: impl Fn(&str, &Slot) -> bool) -> usize {
         let keys: Vec<Arc<Arc<str>>> = self

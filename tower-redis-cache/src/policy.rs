@@ -204,9 +204,15 @@ pub(crate) struct Timing {
 
 impl Timing {
     pub(crate) fn of(entry: &Entry, rules: &Rules, now: u64) -> Self {
+        let mut lifetime =
+            freshness_lifetime(entry.status, &entry.facts, rules, entry.response_time);
+        if let Some(purged_at) = entry.purged_at {
+            // Soft-purged: its freshness ended when the purge came (it is as stale as the time since).
+            lifetime = lifetime.min(current_age(entry, purged_at));
+        }
         Self {
             age: current_age(entry, now),
-            lifetime: freshness_lifetime(entry.status, &entry.facts, rules, entry.response_time),
+            lifetime,
         }
     }
 

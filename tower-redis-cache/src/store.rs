@@ -18,6 +18,8 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) const VARY_FIELD: &str = "~vary";
 /// The hash field of the one variant of a response without `Vary`.
 pub(crate) const PLAIN_FIELD: &str = "~";
+/// The hash field holding when a soft purge marked the key's variants stale (ms since the epoch).
+pub(crate) const PURGED_FIELD: &str = "~purged";
 /// More variants than this under one key start the key afresh.
 const MAX_FIELDS: usize = 64;
 
@@ -53,6 +55,19 @@ redis.call('ZADD', key, ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
 local ttl = tonumber(ARGV[4])
 if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+return 1
+",
+    )
+});
+
+/// Marks an existing entry's variants stale as of ARGV[1] (a soft purge); an earlier mark stands. Returns whether
+/// the key held an entry.
+static SOFT_PURGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+local earlier = tonumber(redis.call('HGET', KEYS[1], '~purged') or '')
+if earlier == nil or earlier > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], '~purged', ARGV[1]) end
 return 1
 ",
     )
@@ -102,6 +117,8 @@ pub(crate) struct Read {
     pub(crate) vary: Option<String>,
     /// The requested variant's bytes.
     pub(crate) entry: Option<Bytes>,
+    /// When a soft purge marked the key's variants stale, if one did.
+    pub(crate) purged: Option<u64>,
 }
 
 /// A write of one variant.
@@ -136,6 +153,14 @@ pub(crate) trait Store: Send + Sync + 'static {
         &'a self,
         keys: &'a [String],
         tag: Option<&'a str>,
+        messages: &'a [String],
+    ) -> BoxFuture<'a, RedisResult<u64>>;
+    /// A soft purge: marks these entries stale as of `at` (their variants stored by then), then publishes
+    /// `messages`. Returns how many entries were marked.
+    fn soft_purge<'a>(
+        &'a self,
+        keys: &'a [String],
+        at: u64,
         messages: &'a [String],
     ) -> BoxFuture<'a, RedisResult<u64>>;
     fn lock<'a>(
@@ -317,16 +342,20 @@ where
     fn read<'a>(&'a self, key: &'a str, field: &'a str) -> BoxFuture<'a, RedisResult<Read>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let reply: RedisResult<(Option<String>, Option<Vec<u8>>)> = redis::cmd("HMGET")
-                .arg(self.keys.entry(key))
-                .arg(VARY_FIELD)
-                .arg(field)
-                .query_async(&mut connection)
-                .await;
+            let reply: RedisResult<(Option<String>, Option<Vec<u8>>, Option<String>)> =
+                redis::cmd("HMGET")
+                    .arg(self.keys.entry(key))
+                    .arg(VARY_FIELD)
+                    .arg(field)
+                    .arg(PURGED_FIELD)
+                    .query_async(&mut connection)
+                    .await;
             match reply {
-                Ok((vary, entry)) => Ok(Read {
+                Ok((vary, entry, purged)) => Ok(Read {
                     vary,
                     entry: entry.map(Bytes::from),
+                    // Anything but a number is no mark.
+                    purged: purged.and_then(|purged| purged.parse().ok()),
                 }),
                 // Something else lives under our key (garbage written by hand, an old format): a miss.
                 Err(error) if is_wrong_type(&error) => Ok(Read::default()),
@@ -385,6 +414,39 @@ where
                     .await?;
             }
             Ok(())
+        })
+    }
+
+    fn soft_purge<'a>(
+        &'a self,
+        keys: &'a [String],
+        at: u64,
+        messages: &'a [String],
+    ) -> BoxFuture<'a, RedisResult<u64>> {
+        Box::pin(async move {
+            // One script call per key (each key is its own slot on a Cluster), all in flight at once on the
+            // multiplexed connection; the messages only once every mark is in.
+            let marks = keys.iter().map(|key| {
+                let mut connection = self.connection.clone();
+                let entry = self.keys.entry(key);
+                async move {
+                    SOFT_PURGE
+                        .key(entry)
+                        .arg(at)
+                        .invoke_async::<u64>(&mut connection)
+                        .await
+                }
+            });
+            let mut marked = 0;
+            for result in futures_util::future::join_all(marks).await {
+                marked += result?;
+            }
+            for message in messages {
+                if let Err(error) = self.publish(message).await {
+                    tracing::warn!(%error, "could not announce a soft purge to other instances");
+                }
+            }
+            Ok(marked)
         })
     }
 

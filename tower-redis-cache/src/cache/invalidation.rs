@@ -12,12 +12,32 @@ use crate::memory::MemoryTier;
 use crate::owed::{self, Owing};
 use crate::stats::Event;
 
+/// How an invalidation treats what it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Purge {
+    /// Delete the entries, in both tiers and on every instance (what [`HttpCache::invalidate`] and its siblings
+    /// do).
+    #[default]
+    Hard,
+    /// Keep the entries but mark them stale as of now, in both tiers and on every subscribed instance: the next
+    /// request revalidates. Where stale-while-revalidate allows it (the response's directive or the route's
+    /// setting), it gets the stale response while one background refetch runs; otherwise it waits for that one
+    /// refetch, which the requests that come meanwhile share (per instance; across instances with `fill_lock`).
+    /// The stale entries also stay usable where staleness is allowed (`max-stale`, stale-if-error, an
+    /// unreachable origin). A soft purge that cannot reach Redis is owed as a hard one.
+    Soft,
+}
+
 /// How an invalidation is described on the channel.
 enum Message<'a> {
     Keys(&'a [String]),
     Tag(&'a str),
     Prefix(&'a str),
     All,
+    SoftKeys(&'a [String]),
+    SoftTag(&'a str),
+    SoftPrefix(&'a str),
 }
 
 impl HttpCache {
@@ -33,6 +53,23 @@ impl HttpCache {
     ///
     /// The Redis error, or a timeout, when Redis could not be reached: the invalidation is owed (above).
     pub async fn invalidate(&self, keys: &[String]) -> Result<u64, InvalidateError> {
+        self.invalidate_with(keys, Purge::Hard).await
+    }
+
+    /// [`invalidate`](Self::invalidate), or with [`Purge::Soft`] a soft purge of these keys: they are marked stale
+    /// instead of deleted. Returns how many entries were deleted or marked (in Redis when there is a Redis tier).
+    ///
+    /// # Errors
+    ///
+    /// As for [`invalidate`](Self::invalidate): the invalidation is then owed (a soft one as a hard one).
+    pub async fn invalidate_with(
+        &self,
+        keys: &[String],
+        purge: Purge,
+    ) -> Result<u64, InvalidateError> {
+        if purge == Purge::Soft {
+            return self.soft(Owing::Keys(keys.to_vec())).await;
+        }
         let owing = Owing::Keys(keys.to_vec());
         self.inner.invalidated.record(&owing, self.now_ms());
         if let Some(memory) = &self.inner.memory {
@@ -51,6 +88,23 @@ impl HttpCache {
     ///
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed.
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, InvalidateError> {
+        self.invalidate_prefix_with(prefix, Purge::Hard).await
+    }
+
+    /// [`invalidate_prefix`](Self::invalidate_prefix), or with [`Purge::Soft`] a soft purge of every key under
+    /// `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`invalidate`](Self::invalidate).
+    pub async fn invalidate_prefix_with(
+        &self,
+        prefix: &str,
+        purge: Purge,
+    ) -> Result<u64, InvalidateError> {
+        if purge == Purge::Soft {
+            return self.soft(Owing::Prefix(prefix.to_owned())).await;
+        }
         let owing = Owing::Prefix(prefix.to_owned());
         self.inner.invalidated.record(&owing, self.now_ms());
         if let Some(memory) = &self.inner.memory {
@@ -69,6 +123,23 @@ impl HttpCache {
     /// As for [`invalidate`](Self::invalidate): the invalidation is then owed. The memory tier is cleared of the
     /// tag regardless.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, InvalidateError> {
+        self.invalidate_tag_with(tag, Purge::Hard).await
+    }
+
+    /// [`invalidate_tag`](Self::invalidate_tag), or with [`Purge::Soft`] a soft purge of every entry with this
+    /// tag.
+    ///
+    /// # Errors
+    ///
+    /// As for [`invalidate`](Self::invalidate).
+    pub async fn invalidate_tag_with(
+        &self,
+        tag: &str,
+        purge: Purge,
+    ) -> Result<u64, InvalidateError> {
+        if purge == Purge::Soft {
+            return self.soft(Owing::Tag(tag.to_owned())).await;
+        }
         let owing = Owing::Tag(tag.to_owned());
         self.inner.invalidated.record(&owing, self.now_ms());
         self.inner.stats.bump(Event::Invalidations);
@@ -88,6 +159,78 @@ impl HttpCache {
             memory.remove_untracked();
         }
         paid
+    }
+
+    /// A soft purge: fills sent before it are not stored, the memory tier's entries are marked stale at once, then
+    /// Redis's (their tier's mark, beside each entry), and the other instances are told. Owed as a hard
+    /// invalidation when Redis cannot take it.
+    async fn soft(&self, owing: Owing) -> Result<u64, InvalidateError> {
+        let now = self.now_ms();
+        self.inner.invalidated.record(&owing, now);
+        self.inner.stats.bump(Event::Invalidations);
+        let in_memory = self.inner.memory.as_ref().map_or(0, |memory| match &owing {
+            Owing::Keys(keys) => keys
+                .iter()
+                .filter(|key| memory.mark_stale(key, now))
+                .count(),
+            Owing::Prefix(prefix) => memory.mark_stale_prefix(prefix, now),
+            Owing::Tag(tag) => memory.mark_stale_tag(tag, now),
+            Owing::Everything => memory.mark_stale_prefix("", now),
+        });
+        let Some(redis) = &self.inner.redis else {
+            return Ok(in_memory as u64);
+        };
+        self.inner
+            .writes
+            .settle(&owing, redis.guard.timeout() * 4)
+            .await;
+        match self.soft_in_redis(redis, &owing, now).await {
+            Ok(marked) => Ok(marked),
+            Err(error) => {
+                if let (Owing::Tag(_), Some(memory)) = (&owing, &self.inner.memory) {
+                    // Entries promoted from Redis keep their tags there only: any of them may carry this one.
+                    memory.remove_untracked();
+                }
+                if unreachable(&error) {
+                    self.owe(owing);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn soft_in_redis(
+        &self,
+        redis: &RedisTier,
+        owing: &Owing,
+        now: u64,
+    ) -> Result<u64, InvalidateError> {
+        match owing {
+            Owing::Keys(keys) => {
+                let messages = self.messages(&[Message::SoftKeys(keys)]);
+                admin(redis, || redis.store.soft_purge(keys, now, &messages)).await
+            }
+            Owing::Prefix(prefix) => {
+                let keys = admin(redis, || redis.store.keys_with_prefix(prefix)).await?;
+                let messages = self.messages(&[Message::SoftPrefix(prefix)]);
+                admin(redis, || redis.store.soft_purge(&keys, now, &messages)).await
+            }
+            Owing::Everything => {
+                let keys = admin(redis, || redis.store.keys_with_prefix("")).await?;
+                let messages = self.messages(&[Message::SoftPrefix("")]);
+                admin(redis, || redis.store.soft_purge(&keys, now, &messages)).await
+            }
+            Owing::Tag(tag) => {
+                let keys = admin(redis, || redis.store.tagged(tag)).await?;
+                if let Some(memory) = &self.inner.memory {
+                    for key in &keys {
+                        memory.mark_stale(key, now);
+                    }
+                }
+                let messages = self.messages(&[Message::SoftKeys(&keys), Message::SoftTag(tag)]);
+                admin(redis, || redis.store.soft_purge(&keys, now, &messages)).await
+            }
+        }
     }
 
     /// Runs `owing` against Redis, or owes it when Redis cannot take it.
@@ -187,9 +330,13 @@ impl HttpCache {
             .filter_map(|message| {
                 let mut text = format!("{}\n", self.inner.instance);
                 match message {
-                    Message::Keys([]) => return None,
-                    Message::Keys(keys) => {
-                        text.push('k');
+                    Message::Keys([]) | Message::SoftKeys([]) => return None,
+                    Message::Keys(keys) | Message::SoftKeys(keys) => {
+                        text.push(if matches!(message, Message::Keys(_)) {
+                            'k'
+                        } else {
+                            'K'
+                        });
                         for key in *keys {
                             text.push('\n');
                             text.push_str(key);
@@ -199,8 +346,16 @@ impl HttpCache {
                         text.push_str("p\n");
                         text.push_str(prefix);
                     }
+                    Message::SoftPrefix(prefix) => {
+                        text.push_str("P\n");
+                        text.push_str(prefix);
+                    }
                     Message::Tag(tag) => {
                         text.push_str("t\n");
+                        text.push_str(tag);
+                    }
+                    Message::SoftTag(tag) => {
+                        text.push_str("T\n");
                         text.push_str(tag);
                     }
                     Message::All => text.push('*'),
@@ -359,6 +514,30 @@ fn apply(
         Some("*") => {
             if let Some(memory) = memory {
                 memory.clear();
+            }
+        }
+        // A soft purge: marked stale here as of its arrival, and fills sent before it are not stored.
+        Some("K") => {
+            let keys: Vec<String> = lines.map(str::to_owned).collect();
+            if let Some(memory) = memory {
+                for key in &keys {
+                    memory.mark_stale(key, now);
+                }
+            }
+            invalidated.record(&Owing::Keys(keys), now);
+        }
+        Some("P") => {
+            let prefix = lines.collect::<Vec<_>>().join("\n");
+            invalidated.record(&Owing::Prefix(prefix.clone()), now);
+            if let Some(memory) = memory {
+                memory.mark_stale_prefix(&prefix, now);
+            }
+        }
+        Some("T") => {
+            let tag = lines.collect::<Vec<_>>().join("\n");
+            invalidated.record(&Owing::Tag(tag.clone()), now);
+            if let Some(memory) = memory {
+                memory.mark_stale_tag(&tag, now);
             }
         }
         _ => tracing::debug!("ignoring an invalidation message in an unknown format"),

@@ -12,7 +12,7 @@ mod tiers;
 
 pub use builder::CacheBuilder;
 pub(crate) use flights::{Flight, FlightGuard};
-pub use invalidation::InvalidateError;
+pub use invalidation::{InvalidateError, Purge};
 
 use std::fmt;
 use std::sync::Arc;

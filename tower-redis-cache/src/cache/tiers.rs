@@ -180,7 +180,7 @@ impl HttpCache {
         };
         let field = field_for(&vary, request);
         let bytes = if field == guess_field {
-            read.entry
+            read.entry.clone()
         } else {
             self.redis_call(tier, tier.store.read_field(key, &field))
                 .await?
@@ -197,6 +197,11 @@ impl HttpCache {
         if !variant_matches(&entry, request) {
             return Ok(None);
         }
+        // A soft purge's mark covers the variants stored by then; one stored since is newer than the purge.
+        let entry = match read.purged {
+            Some(at) if entry.response_time <= at => entry.purged(at),
+            _ => entry,
+        };
         Ok(Some((Arc::new(entry), vary)))
     }
 

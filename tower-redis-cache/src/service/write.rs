@@ -5,6 +5,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use tower_service::Service;
 
+use crate::Purge;
 use crate::body::CacheBody;
 use crate::stats::Event;
 use crate::status::{CacheStatus, Forward};
@@ -12,6 +13,9 @@ use crate::status::{CacheStatus, Forward};
 use super::Call;
 use super::key::as_get;
 use super::key::same_origin;
+
+/// The request field that makes a `PURGE` soft.
+const SOFT_PURGE: http::HeaderName = http::HeaderName::from_static("soft-purge");
 
 impl Call {
     /// Forwards a request that is never served from the cache. A successful unsafe method invalidates its URL and
@@ -106,7 +110,14 @@ impl Call {
             *response.status_mut() = StatusCode::FORBIDDEN;
             status.detail = Some("purge-forbidden");
         } else if let Some(key) = self.key(&as_get(parts, None)) {
-            match self.cache.invalidate(&[key]).await {
+            // `Soft-Purge: 1` marks the entry stale instead of deleting it.
+            let soft = parts
+                .headers
+                .get(SOFT_PURGE)
+                .is_some_and(|value| value.as_bytes() == b"1");
+            let purge = if soft { Purge::Soft } else { Purge::Hard };
+            match self.cache.invalidate_with(&[key], purge).await {
+                Ok(_) if soft => status.detail = Some("soft-purged"),
                 Ok(_) => status.detail = Some("purged"),
                 Err(error) => {
                     tracing::warn!(%error, "purge could not reach Redis; the memory tier was cleared");
