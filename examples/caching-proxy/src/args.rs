@@ -24,6 +24,8 @@ usage: caching-proxy --listen ADDR --upstream URL [options]
                             600; 0 turns it off and the client gets 502)
   --cache-control-field F   a targeted cache-control field (RFC 9213) this proxy obeys in place of Cache-Control;
                             repeat it to list several, the first one first (default CDN-Cache-Control)
+  --allow-purge             answer PURGE from loopback clients: it invalidates the URL, or marks it stale with
+                            Soft-Purge: 1 (other clients get 403; without the flag PURGE is forwarded)
   --keep-targeted-fields    pass the targeted fields on to the client (they are removed by default)
   -h, --help                print this help
 
@@ -45,6 +47,7 @@ pub(crate) struct Args {
     /// The targeted fields, in order; `None` keeps the cache's default (`CDN-Cache-Control`).
     pub(crate) targeted_fields: Option<Vec<HeaderName>>,
     pub(crate) keep_targeted_fields: bool,
+    pub(crate) allow_purge: bool,
 }
 
 impl Args {
@@ -60,12 +63,17 @@ impl Args {
         let mut stale_if_unreachable = Duration::from_secs(600);
         let mut targeted_fields: Option<Vec<HeaderName>> = None;
         let mut keep_targeted_fields = false;
+        let mut allow_purge = false;
         while let Some(arg) = raw.next() {
             if arg == "-h" || arg == "--help" {
                 return Ok(None);
             }
             if arg == "--keep-targeted-fields" {
                 keep_targeted_fields = true;
+                continue;
+            }
+            if arg == "--allow-purge" {
+                allow_purge = true;
                 continue;
             }
             // Both `--flag value` and `--flag=value`.
@@ -155,6 +163,7 @@ impl Args {
             stale_if_unreachable,
             targeted_fields,
             keep_targeted_fields,
+            allow_purge,
         }))
     }
 }

@@ -18,12 +18,13 @@
 //! `504 Gateway Timeout` instead of being served stale. Without `--redis-url`, or with a Redis that does not answer at start-up, it runs on the memory tier
 //! alone (single-instance mode) and says so.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleError;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use tower_layer::Layer;
 use tower_redis_cache::{CacheLayer, HttpCache};
 
@@ -105,6 +106,15 @@ async fn run(args: Args) -> Result<(), String> {
     let mut layer = CacheLayer::new(cache.clone()).stale_if_unreachable(args.stale_if_unreachable);
     if let Some(cap) = args.heuristic_max {
         layer = layer.heuristic_freshness(cap);
+    }
+    if args.allow_purge {
+        // Only from this machine: a purge from anywhere would let any client empty the cache.
+        layer = layer.purge(|parts| {
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback())
+        });
     }
     // The upstream's unreachability reaches the cache as an error, so a stored response can stand in; what no
     // stored response covers becomes a 502 here.
