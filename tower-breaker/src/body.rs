@@ -143,7 +143,10 @@ where
             Ok(()) => Outcome::Success,
             Err(class) => class.into_outcome(),
         };
-        pending.permit.record(outcome);
+        let hint = (outcome == Outcome::Failure)
+            .then(|| crate::hints::from_trailers(trailers))
+            .flatten();
+        pending.permit.record_hinted(outcome, hint);
     }
 }
 

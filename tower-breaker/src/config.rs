@@ -49,6 +49,42 @@ pub enum OpenDuration {
     Backoff(Backoff),
 }
 
+/// The bounds within which a server's own hint sets how long the breaker opens: `Retry-After` on a 503 or a 429,
+/// or gRPC's `grpc-retry-pushback-ms`, on the failure that opens it. A hint outside them is clamped to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[non_exhaustive]
+pub struct HintBounds {
+    /// The shortest opening a hint can set.
+    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration_serde"))]
+    pub min: Duration,
+    /// The longest opening a hint can set.
+    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration_serde"))]
+    pub max: Duration,
+}
+
+impl HintBounds {
+    /// Hints are clamped to `min..=max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max }
+    }
+
+    /// `hint` within the bounds, in ms.
+    pub(crate) fn clamp_ms(self, hint_ms: u64) -> u64 {
+        let min = u64::try_from(self.min.as_millis()).unwrap_or(u64::MAX);
+        let max = u64::try_from(self.max.as_millis()).unwrap_or(u64::MAX);
+        hint_ms.clamp(min.min(max), max).max(1)
+    }
+}
+
+impl Default for HintBounds {
+    /// One second to one minute.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
 /// An exponential backoff for [`OpenDuration::Backoff`]: the n-th consecutive opening lasts
 /// `initial * multiplier^(n-1)`, at most `max`, then shortened at random by up to `jitter` of itself.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,6 +168,10 @@ pub struct BreakerConfig {
     pub consecutive_failures: Option<u32>,
     /// How long the breaker stays open. Default: 30 s, fixed.
     pub open_duration: OpenDuration,
+    /// When the failure that opens the breaker carries a server's hint (`Retry-After` on a 503 or 429, gRPC's
+    /// `grpc-retry-pushback-ms`), the opening lasts what the hint says, within these bounds, instead of
+    /// `open_duration`. Default: 1 s to 60 s. `None` ignores hints.
+    pub server_hints: Option<HintBounds>,
     /// How many probes a half-open cycle admits. Default: 5.
     pub half_open_permits: u32,
     /// How the probes decide. Default: [`ProbePolicy::RateBelowThreshold`].
@@ -164,6 +204,7 @@ impl Default for BreakerConfig {
             slow_call_duration: Duration::from_secs(5),
             consecutive_failures: None,
             open_duration: OpenDuration::Fixed(Duration::from_secs(30)),
+            server_hints: Some(HintBounds::default()),
             half_open_permits: 5,
             probe_policy: ProbePolicy::RateBelowThreshold,
             half_open_max_wait: Duration::from_secs(60),
@@ -263,6 +304,18 @@ impl BreakerConfig {
         }
         if self.minimum_calls == 0 {
             return Err(ConfigError::new("minimum_calls", "must be at least 1"));
+        }
+        if let Some(bounds) = self.server_hints
+            && (bounds.max.is_zero() || bounds.min > bounds.max)
+        {
+            return Err(ConfigError::new(
+                "server_hints",
+                format!(
+                    "bounds {:?}..={:?} are empty: give a max above zero and a min no larger than it (or None to \
+                     ignore hints)",
+                    bounds.min, bounds.max
+                ),
+            ));
         }
         match self.window {
             Window::Count { size } => {

@@ -15,6 +15,7 @@ use crate::body::ResponseBody;
 use crate::breaker::{Outcome, Permit};
 use crate::classifier::IntoOutcome;
 use crate::fallback::{Fallback, FallbackReason, FallbackRequest};
+use crate::hints;
 use crate::lease::SharedRef;
 use crate::reject;
 
@@ -215,15 +216,19 @@ where
                 ClassifiedResponse::Ready(classified) => {
                     let outcome =
                         classified.map_or_else(IntoOutcome::into_outcome, |()| Outcome::Success);
+                    // A failure may carry the server's hint of how long to stay away.
+                    let hint = (outcome == Outcome::Failure)
+                        .then(|| hints::from_response(response.status(), response.headers()))
+                        .flatten();
                     match fallback {
                         Some(fallback) if outcome == Outcome::Failure => {
                             let breaker = permit.shared_ref();
-                            permit.record(outcome);
+                            permit.record_hinted(outcome, hint);
                             let reason = FallbackReason::FailureResponse(response.status());
                             Self::run_fallback(fallback, breaker, reason, grpc, state, cx)
                         }
                         _ => {
-                            permit.record(outcome);
+                            permit.record_hinted(outcome, hint);
                             Poll::Ready(Ok(response.map(ResponseBody::plain)))
                         }
                     }

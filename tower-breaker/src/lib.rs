@@ -9,6 +9,7 @@ mod config;
 mod events;
 mod fallback;
 mod future;
+mod hints;
 mod layer;
 mod lease;
 #[cfg(feature = "metrics")]
@@ -32,8 +33,8 @@ pub use clock::ManualClock;
 #[cfg(feature = "serde")]
 pub use config::duration_serde;
 pub use config::{
-    Backoff, BreakerConfig, ConfigError, DroppedBody, MAX_COUNT_WINDOW, MAX_HALF_OPEN_PERMITS,
-    MAX_TIME_BUCKETS, OpenDuration, ProbePolicy, Window,
+    Backoff, BreakerConfig, ConfigError, DroppedBody, HintBounds, MAX_COUNT_WINDOW,
+    MAX_HALF_OPEN_PERMITS, MAX_TIME_BUCKETS, OpenDuration, ProbePolicy, Window,
 };
 pub use events::{Transition, TransitionReason};
 pub use fallback::{

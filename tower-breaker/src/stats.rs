@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) fallback_successes: AtomicU64,
     pub(crate) fallback_failures: AtomicU64,
     pub(crate) thresholds_crossed: AtomicU64,
+    pub(crate) hinted_openings: AtomicU64,
     pub(crate) transitions: [AtomicU64; State::COUNT],
 }
 
@@ -243,6 +244,8 @@ pub struct BreakerStats {
     pub slow_calls: u64,
     /// Times a threshold was crossed while the breaker could not open (metrics-only or forced closed).
     pub thresholds_crossed: u64,
+    /// Openings whose duration a server's hint set (`Retry-After`, `grpc-retry-pushback-ms`).
+    pub hinted_openings: u64,
     /// Fallback runs.
     pub fallbacks: FallbackStats,
     /// State transitions.

@@ -72,6 +72,20 @@ impl BreakerBuilder {
         dropped_body: DroppedBody,
     }
 
+    /// Lets a server's hint on the failure that opens the breaker (`Retry-After` on a 503 or 429, gRPC's
+    /// `grpc-retry-pushback-ms`) set how long it stays open, clamped to `min..=max` (see
+    /// [`BreakerConfig::server_hints`]; 1 s to 60 s by default).
+    pub fn server_hints(mut self, min: Duration, max: Duration) -> Self {
+        self.config.server_hints = Some(crate::config::HintBounds::new(min, max));
+        self
+    }
+
+    /// Ignores servers' hints: every opening lasts `open_duration`.
+    pub fn ignore_server_hints(mut self) -> Self {
+        self.config.server_hints = None;
+        self
+    }
+
     /// A name for logs, stats and metric labels.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.config.name = name.into();

@@ -70,13 +70,28 @@ impl Permit {
             #[cfg(feature = "metrics")]
             shared.metrics.timeouts.increment(1);
         }
-        self.finish(Outcome::Failure);
+        self.finish(Outcome::Failure, None);
     }
 
     /// Reports the call's outcome.
     #[inline(always)]
     pub fn record(mut self, outcome: Outcome) {
-        self.finish(outcome);
+        self.finish(outcome, None);
+    }
+
+    /// Reports a failure with the server's hint of when to come back (a `Retry-After`, a
+    /// `grpc-retry-pushback-ms`): if this failure opens the breaker, the opening lasts that long, within
+    /// [`BreakerConfig::server_hints`](crate::BreakerConfig::server_hints). The HTTP and gRPC layers read the hints
+    /// themselves; this is for callers of the core API.
+    pub fn failure_with_hint(mut self, retry_after: Duration) {
+        let hint = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+        self.finish(Outcome::Failure, Some(hint));
+    }
+
+    /// [`record`](Self::record), with a server's hint that counts only when `outcome` is a failure.
+    pub(crate) fn record_hinted(mut self, outcome: Outcome, hint: Option<Duration>) {
+        let hint = hint.map(|hint| u64::try_from(hint.as_millis()).unwrap_or(u64::MAX));
+        self.finish(outcome, hint.filter(|_| outcome == Outcome::Failure));
     }
 
     /// The state of the breaker that granted this permit (`None` once spent).
@@ -109,13 +124,13 @@ impl Permit {
         };
         match shared.config.dropped_body {
             DroppedBody::Ignore => {} // dropped below: cancelled
-            DroppedBody::Success => self.finish(Outcome::Success),
-            DroppedBody::Failure => self.finish(Outcome::Failure),
+            DroppedBody::Success => self.finish(Outcome::Success, None),
+            DroppedBody::Failure => self.finish(Outcome::Failure, None),
         }
     }
 
     #[inline(always)]
-    fn finish(&mut self, outcome: Outcome) {
+    fn finish(&mut self, outcome: Outcome, hint_ms: Option<u64>) {
         let Some(shared) = self.shared.take() else {
             return;
         };
@@ -127,15 +142,15 @@ impl Permit {
         {
             #[cfg(feature = "metrics")]
             shared.metrics.outcome(outcome);
-            shared.record_window(self.generation, Sample::SUCCESS);
+            shared.record_window(self.generation, Sample::SUCCESS, None);
         } else {
-            self.finish_otherwise(&shared, outcome);
+            self.finish_otherwise(&shared, outcome, hint_ms);
         }
         shared.release();
     }
 
     #[inline(never)]
-    fn finish_otherwise(&self, shared: &Shared, outcome: Outcome) {
+    fn finish_otherwise(&self, shared: &Shared, outcome: Outcome, hint_ms: Option<u64>) {
         #[cfg(feature = "metrics")]
         shared.metrics.outcome(outcome);
         let latency =
@@ -168,10 +183,10 @@ impl Permit {
         }
         let sample = Sample { failure, slow };
         match self.kind {
-            PermitKind::Window => shared.record_window(self.generation, sample),
+            PermitKind::Window => shared.record_window(self.generation, sample, hint_ms),
             PermitKind::Probe => {
                 Counters::add(&shared.counters.other_records);
-                shared.record_probe(self.generation, sample);
+                shared.record_probe(self.generation, sample, hint_ms);
             }
             PermitKind::Untracked => Counters::add(&shared.counters.other_records),
         }

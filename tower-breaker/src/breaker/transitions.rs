@@ -132,7 +132,7 @@ impl Shared {
             });
     }
 
-    pub(super) fn record_probe(&self, generation: u32, sample: Sample) {
+    pub(super) fn record_probe(&self, generation: u32, sample: Sample, hint_ms: Option<u64>) {
         let updated = self
             .probes
             .0
@@ -180,7 +180,7 @@ impl Shared {
             return;
         }
         if reopen {
-            self.open(word, TransitionReason::ProbesFailed);
+            self.open(word, TransitionReason::ProbesFailed, hint_ms);
         } else {
             self.close(word, TransitionReason::ProbesSucceeded);
         }
@@ -188,7 +188,7 @@ impl Shared {
 
     /// Closed (or metrics-only / forced-closed) bookkeeping for one success or failure.
     #[inline(always)]
-    pub(super) fn record_window(&self, generation: u32, sample: Sample) {
+    pub(super) fn record_window(&self, generation: u32, sample: Sample, hint_ms: Option<u64>) {
         let word = self.load();
         if word.generation() != generation || !word.state().records_window() {
             // Admitted under an earlier state: counted in the stats, not in this state's window.
@@ -225,7 +225,7 @@ impl Shared {
             && let Some(reason) = self.trip_reason(totals, consecutive)
         {
             if word.state() == State::Closed {
-                self.open(word, reason);
+                self.open(word, reason, hint_ms);
             } else {
                 Counters::add(&self.counters.thresholds_crossed);
                 tracing::debug!(breaker = %self.config.name, state = %word.state(), ?reason, "threshold crossed; not opening in this state");
@@ -298,9 +298,16 @@ impl Shared {
     }
 
     /// Opens from `from` (closed or half-open). Only the thread whose CAS succeeds announces it.
-    pub(super) fn open(&self, from: Word, reason: TransitionReason) {
+    /// `hint_ms` is a server's hint on the failure that opens it, used within the configured bounds.
+    pub(super) fn open(&self, from: Word, reason: TransitionReason, hint_ms: Option<u64>) {
         let streak = self.streak.load(Ordering::Acquire).saturating_add(1);
-        let open_ms = self.open_duration_ms(streak);
+        let open_ms = match (hint_ms, self.config.server_hints) {
+            (Some(hint), Some(bounds)) => {
+                Counters::add(&self.counters.hinted_openings);
+                bounds.clamp_ms(hint)
+            }
+            _ => self.open_duration_ms(streak),
+        };
         let now = self.clock.now_ms();
         let next = from.next(State::Open, now.saturating_add(open_ms));
         if self
@@ -483,6 +490,7 @@ impl Shared {
             timeouts: load(&counters.timeouts),
             slow_calls: load(&counters.slow),
             thresholds_crossed: load(&counters.thresholds_crossed),
+            hinted_openings: load(&counters.hinted_openings),
             fallbacks: FallbackStats {
                 successes: load(&counters.fallback_successes),
                 failures: load(&counters.fallback_failures),
