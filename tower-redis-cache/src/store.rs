@@ -60,7 +60,7 @@ return 1
     )
 });
 
-/// Marks an existing entry's variants stale as of ARGV[1] (a soft purge); an earlier mark stands. Returns whether
+/// Marks an existing entry's variants stale as of `ARGV[1]` (a soft purge); an earlier mark stands. Returns whether
 /// the key held an entry.
 static SOFT_PURGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(

@@ -1,6 +1,7 @@
 //! [`Cache`]: the request path, in its steps: [`lookup`] (the memory tier, the fill in flight here, Redis, another
 //! instance's fill), [`fetch`] from the origin, [`revalidate`] a stored entry, [`store`] what may be stored,
-//! [`respond`]. [`key`] computes a request's key; [`write`](mod@write) handles the methods the cache never answers.
+//! [`respond`] (with [`range`] answering a range request from a stored 200). [`key`] computes a request's key;
+//! [`write`](mod@write) handles the methods the cache never answers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -117,10 +118,10 @@ where
             route: self.route.clone(),
         };
         Box::pin(async move {
-            let targets_stripped = call.cache.clone();
+            let cache = call.cache.clone();
             let mut response = call.run(inner, request).await?;
             // The target fields addressed to this cache go no further (RFC 9213): on hits, misses and passes alike.
-            targets_stripped.inner.targets.strip(response.headers_mut());
+            cache.inner.targets.strip(response.headers_mut());
             Ok(response)
         })
     }
