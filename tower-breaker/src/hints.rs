@@ -1,5 +1,5 @@
 //! A server's hint of when to come back, read from a failed response: `Retry-After` (RFC 9110 §10.2.3) on a 503 or
-//! a 429, as delay-seconds or an HTTP date, and gRPC's `grpc-retry-pushback-ms` in the headers of a trailers-only
+//! a 429 (not a gRPC reply), as delay-seconds or an HTTP date, and gRPC's `grpc-retry-pushback-ms` in the headers of a trailers-only
 //! reply or in the trailers. Anything that does not parse is no hint; a negative pushback (gRPC's "do not retry")
 //! is no hint either, so the breaker's own `open_duration` applies.
 
@@ -14,8 +14,12 @@ pub(crate) const GRPC_RETRY_PUSHBACK_MS: HeaderName =
 
 /// The hint in a response's status and headers.
 pub(crate) fn from_response(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
-    if let Some(pushback) = grpc_pushback(headers) {
-        return Some(pushback);
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        // gRPC speaks through its own field; a gRPC reply's HTTP status says nothing of when to come back.
+        return grpc_pushback(headers);
     }
     if status != StatusCode::SERVICE_UNAVAILABLE && status != StatusCode::TOO_MANY_REQUESTS {
         return None;
@@ -113,11 +117,17 @@ mod tests {
 
     #[test]
     fn grpc_pushback_in_headers_or_trailers() {
-        let pushback = headers(&[("grpc-retry-pushback-ms", "1500")]);
+        let pushback = headers(&[
+            ("content-type", "application/grpc"),
+            ("grpc-retry-pushback-ms", "1500"),
+        ]);
         assert_eq!(
             from_response(StatusCode::OK, &pushback),
             Some(Duration::from_millis(1500))
         );
+        // Not on a plain HTTP reply.
+        let plain = headers(&[("grpc-retry-pushback-ms", "1500")]);
+        assert_eq!(from_response(StatusCode::SERVICE_UNAVAILABLE, &plain), None);
         assert_eq!(
             from_trailers(Some(&pushback)),
             Some(Duration::from_millis(1500))

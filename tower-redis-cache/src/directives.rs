@@ -39,6 +39,9 @@ impl Targets {
             let mut combined = String::new();
             for line in headers.get_all(name) {
                 let line = line.to_str().ok()?;
+                if line.trim().is_empty() {
+                    continue; // an empty line adds no member (RFC 8941 §4.2: empty fields are ignored)
+                }
                 if !combined.is_empty() {
                     combined.push_str(", ");
                 }

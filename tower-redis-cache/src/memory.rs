@@ -181,8 +181,8 @@ impl MemoryTier {
         found.len()
     }
 
-    /// Marks the variants of `key` that were stored by `at`: one stored since is newer than the purge and stays
-    /// fresh. Done as one atomic update of the key, so a variant inserted meanwhile is neither lost nor marked.
+    /// Marks the variants of `key` whose request went out by `at`: a fill sent since is newer than the purge and
+    /// stays fresh. Done as one atomic update of the key, so a variant inserted meanwhile is neither lost nor marked.
     fn mark_slot(&self, key: Arc<str>, at: u64) {
         self.cache.entry(key).and_compute_with(|current| {
             let Some(current) = current else {
@@ -195,7 +195,7 @@ impl MemoryTier {
                     .variants
                     .iter()
                     .map(|variant| {
-                        if variant.response_time <= at {
+                        if variant.request_time <= at {
                             Arc::new(variant.purged(at))
                         } else {
                             variant.clone()

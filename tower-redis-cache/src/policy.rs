@@ -280,12 +280,12 @@ pub(crate) fn evaluate(
         }
         _ => {}
     }
-    if staleness
-        <= window(
-            entry.facts.cc.stale_while_revalidate,
-            rules.stale_while_revalidate,
-        )
-    {
+    let stale_while_revalidate = window(
+        entry.facts.cc.stale_while_revalidate,
+        rules.stale_while_revalidate,
+    );
+    // No window, no stale serving: not even in the millisecond the entry expires (or is soft-purged).
+    if stale_while_revalidate > 0 && staleness <= stale_while_revalidate {
         return Use::StaleWhileRevalidate;
     }
     Use::Revalidate { by_request: false }
@@ -299,7 +299,7 @@ pub(crate) fn stale_if_error(
     request_cc: &CacheControl,
     rules: &Rules,
 ) -> bool {
-    if must_revalidate(&entry.facts) {
+    if forbids_stale(&entry.facts).is_some() {
         return false;
     }
     let allowed = window(entry.facts.cc.stale_if_error, rules.stale_if_error)
@@ -717,6 +717,21 @@ mod tests {
             Use::Revalidate { by_request: false }
         );
         assert!(!stale_if_error(&strict, timing, &req(""), &rules));
+
+        // no-cache forbids reuse without validation, stale-if-error included (RFC 9111 §5.2.2.4).
+        let no_cache = entry(
+            &[
+                ("cache-control", "no-cache, stale-if-error=600"),
+                ("etag", "\"a\""),
+            ],
+            0,
+            0,
+        );
+        let timing = Timing::of(&no_cache, &rules, 12_000);
+        assert!(!stale_if_error(&no_cache, timing, &req(""), &rules));
+        let allowed = entry(&[("cache-control", "max-age=10, stale-if-error=600")], 0, 0);
+        let timing = Timing::of(&allowed, &rules, 12_000);
+        assert!(stale_if_error(&allowed, timing, &req(""), &rules));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use redis::AsyncCommands;
 use redis_fixtures::RedisServer;
 use support::{Calls, get, serve, subscribed, wait_for};
 use test_support::{Reply, send};
+use tower_breaker::ManualClock;
 use tower_redis_cache::{CacheLayer, HttpCache, Purge};
 
 /// An origin at `/items/{n}` whose answers carry `cache_control`, the tag `items` and an ETag, name their call,
@@ -81,7 +82,8 @@ async fn primed_in(
 #[tokio::test]
 async fn with_stale_while_revalidate_the_next_requests_get_the_stale_entry_while_one_refetch_runs()
 {
-    let cache = HttpCache::builder().build().unwrap();
+    let clock = ManualClock::new();
+    let cache = HttpCache::builder().clock(clock.clone()).build().unwrap();
     let (address, calls) = primed(
         &cache,
         "max-age=60, stale-while-revalidate=30",
@@ -96,6 +98,8 @@ async fn with_stale_while_revalidate_the_next_requests_get_the_stale_entry_while
             .unwrap(),
         1
     );
+    // A fill sent in the purge's own millisecond is not stored (it may predate the change): let one pass.
+    clock.advance(Duration::from_millis(1));
     assert_eq!(cache.stats().memory_entries, 1, "kept, not deleted");
     let stale = futures_util::future::join_all((0..5).map(|_| get(address, "/items/1"))).await;
     for reply in &stale {
@@ -168,12 +172,14 @@ async fn a_hard_purge_still_deletes() {
 #[tokio::test]
 async fn in_redis_the_entry_stays_and_is_read_back_stale() {
     let server = RedisServer::start();
+    let clock = ManualClock::new();
     let connection = server.connection_manager().await;
     // No memory tier: every answer is read from Redis.
     let cache = HttpCache::builder()
         .memory_capacity(0)
         .redis(connection.clone())
         .prefix("soft:")
+        .clock(clock.clone())
         .build()
         .unwrap();
     let entry = "soft:e:{http://test/items/1}";
@@ -192,6 +198,7 @@ async fn in_redis_the_entry_stays_and_is_read_back_stale() {
             .unwrap(),
         1
     );
+    clock.advance(Duration::from_millis(1));
     let mut redis = connection.clone();
     let (exists, purged): (bool, Option<u64>) = redis::pipe()
         .exists(entry)
@@ -345,4 +352,63 @@ async fn a_purge_request_with_soft_purge_marks_stale_and_without_it_deletes() {
         hard.cache_status()
     );
     assert_eq!(cache.stats().memory_entries, 0);
+}
+
+#[tokio::test]
+async fn a_replica_that_has_not_seen_the_mark_serves_no_fresh_hit_either() {
+    let primary = RedisServer::start();
+    // A server that never receives the writes: it keeps the entry as it was before the purge.
+    let lagging = RedisServer::start();
+    let cache = HttpCache::builder()
+        .memory_capacity(0)
+        .redis(primary.connection_manager().await)
+        .read_replica(lagging.connection_manager().await)
+        .prefix("lag:")
+        .build()
+        .unwrap();
+    let entry = "lag:e:{http://test/items/1}";
+    let mut from = primary.connection_manager().await;
+    let calls = Calls::default();
+    let address =
+        serve(origin(&calls, "max-age=600", Duration::ZERO).layer(CacheLayer::new(cache.clone())))
+            .await;
+    get(address, "/items/1").await;
+    assert!(support::stored_in_redis(&from, entry).await);
+    // Copy the entry to the lagging server, as a replica would have had it.
+    let dump: Vec<u8> = redis::cmd("DUMP")
+        .arg(entry)
+        .query_async(&mut from)
+        .await
+        .unwrap();
+    let mut to = lagging.connection_manager().await;
+    let () = redis::cmd("RESTORE")
+        .arg(entry)
+        .arg(0)
+        .arg(dump)
+        .query_async(&mut to)
+        .await
+        .unwrap();
+    let before = get(address, "/items/1").await;
+    assert!(fresh_hit(&before), "{}", before.cache_status());
+    assert_eq!(
+        cache.stats().replica_hits,
+        1,
+        "answered by the lagging server"
+    );
+
+    cache
+        .invalidate_with(&[KEY.to_owned()], Purge::Soft)
+        .await
+        .unwrap();
+    // The lagging server still holds the unmarked entry; this instance knows of the purge.
+    let after = send(
+        address,
+        "GET",
+        "/items/1",
+        &[("cache-control", "only-if-cached, max-stale")],
+    )
+    .await;
+    assert!(!fresh_hit(&after), "{}", after.cache_status());
+    assert_eq!(after.body, "call 1");
+    assert_eq!(calls.get(), 1);
 }

@@ -6,7 +6,7 @@
 //! | `POST /orders` `{"user_id", "item", "quantity"?}` | `201` and the order; `422` if the user does not exist; `503` if the user service is unavailable |
 //! | `GET /orders/{id}` | `200` and the order, or `404` |
 //! | `PATCH /orders/{id}` `{"status"}` | `200` and the updated order (`created`, `paid`, `shipped`, `cancelled`) |
-//! | `GET /health` | `{"status": "ok", "service", "instance", "requests", "mode"}` |
+//! | `GET /health` | `{"status": "ok", "service", "instance", "requests", "mode", "downstream"}` (the user service's breaker and discovery) |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -255,7 +255,12 @@ async fn health<R: Registry>(State(state): State<Arc<Orders<R>>>) -> Response {
             "mode": state.env.mode().as_str(),
             "requests": state.info.requests(),
             "orders": orders,
-            "downstream": { crate::users::NAME: state.users.breaker().state() },
+            "downstream": {
+                crate::users::NAME: {
+                    "breaker": state.users.breaker().state(),
+                    "discovery": state.users.discovery(),
+                },
+            },
         }),
     )
 }

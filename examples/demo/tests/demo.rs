@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 
 mod support;
 
-use support::{Proc, Reply, closed_port, get, poll, prefix, request, start, wait_for_discovery};
+use support::{
+    Proc, Reply, closed_port, get, poll, prefix, request, start, wait_for_discovery,
+    wait_for_orders_discovery,
+};
 
 /// The environment of a service of the shared demo: the test's Redis and prefix, any free port.
 fn shared_env(
@@ -86,7 +89,8 @@ fn all_three_up(services: &HashMap<String, u64>) -> bool {
         .all(|name| services.get(*name).copied().unwrap_or(0) >= 1)
 }
 
-/// The three services on `redis`, and the gateway's address once `/services` lists all three.
+/// The three services on `redis`, and the gateway's address once `/services` lists all three and the order service
+/// has discovered the user service.
 fn start_shared(
     redis: &RedisServer,
     prefix: &str,
@@ -100,6 +104,7 @@ fn start_shared(
     ];
     let gateway = procs[2].address();
     gateway_ready(gateway);
+    wait_for_orders_discovery(procs[1].address());
     (procs, gateway)
 }
 
@@ -288,6 +293,7 @@ fn a_second_order_service_gets_traffic_and_killing_one_fails_no_request() {
     let env = shared_env(&redis, &prefix, &[]);
     let mut second = start("order-service", &env);
     let second_address = second.address();
+    wait_for_orders_discovery(second_address);
     services_when(gateway, |services| {
         services.get("order-service") == Some(&2)
     });
@@ -402,8 +408,9 @@ fn the_demo_launcher_starts_three_processes_and_an_interrupt_deregisters_them() 
     );
     let gateway = demo.address_of("gateway");
     demo.address_of("user-service");
-    demo.address_of("order-service");
+    let orders = demo.address_of("order-service");
     gateway_ready(gateway);
+    wait_for_orders_discovery(orders);
     let user = create_user(gateway, "Barbara");
     assert_eq!(get(gateway, &format!("/users/{user}")).status, 200);
 
@@ -561,10 +568,12 @@ fn on_a_redis_cluster_the_services_find_each_other_and_share_limits() {
         ("RATE_LIMIT_WRITES", "3/1m".to_owned()),
     ];
     let _users = start("user-service", &env);
-    let _orders = start("order-service", &env);
+    let orders = start("order-service", &env);
     let gateway_proc = start("gateway", &env);
     let gateway = gateway_proc.address();
     gateway_ready(gateway);
+    // Orders call the user service through their own discovery, one poll behind the gateway's at worst.
+    wait_for_orders_discovery(orders.address());
 
     let user = create_user(gateway, "Leslie");
     let order = send(

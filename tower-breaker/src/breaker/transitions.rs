@@ -301,12 +301,9 @@ impl Shared {
     /// `hint_ms` is a server's hint on the failure that opens it, used within the configured bounds.
     pub(super) fn open(&self, from: Word, reason: TransitionReason, hint_ms: Option<u64>) {
         let streak = self.streak.load(Ordering::Acquire).saturating_add(1);
-        let open_ms = match (hint_ms, self.config.server_hints) {
-            (Some(hint), Some(bounds)) => {
-                Counters::add(&self.counters.hinted_openings);
-                bounds.clamp_ms(hint)
-            }
-            _ => self.open_duration_ms(streak),
+        let (open_ms, hinted) = match (hint_ms, self.config.server_hints) {
+            (Some(hint), Some(bounds)) => (bounds.clamp_ms(hint), true),
+            _ => (self.open_duration_ms(streak), false),
         };
         let now = self.clock.now_ms();
         let next = from.next(State::Open, now.saturating_add(open_ms));
@@ -316,6 +313,9 @@ impl Shared {
             .compare_exchange(from.0, next.0, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
+            if hinted {
+                Counters::add(&self.counters.hinted_openings);
+            }
             self.streak.store(streak, Ordering::Release);
             self.announce(from.state(), State::Open, reason, Some(open_ms));
         }

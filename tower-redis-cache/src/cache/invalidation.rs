@@ -168,15 +168,18 @@ impl HttpCache {
         let now = self.now_ms();
         self.inner.invalidated.record(&owing, now);
         self.inner.stats.bump(Event::Invalidations);
-        let in_memory = self.inner.memory.as_ref().map_or(0, |memory| match &owing {
-            Owing::Keys(keys) => keys
-                .iter()
-                .filter(|key| memory.mark_stale(key, now))
-                .count(),
-            Owing::Prefix(prefix) => memory.mark_stale_prefix(prefix, now),
-            Owing::Tag(tag) => memory.mark_stale_tag(tag, now),
-            Owing::Everything => memory.mark_stale_prefix("", now),
-        });
+        let mark_memory = || {
+            self.inner.memory.as_ref().map_or(0, |memory| match &owing {
+                Owing::Keys(keys) => keys
+                    .iter()
+                    .filter(|key| memory.mark_stale(key, now))
+                    .count(),
+                Owing::Prefix(prefix) => memory.mark_stale_prefix(prefix, now),
+                Owing::Tag(tag) => memory.mark_stale_tag(tag, now),
+                Owing::Everything => memory.mark_stale_prefix("", now),
+            })
+        };
+        let in_memory = mark_memory();
         let Some(redis) = &self.inner.redis else {
             return Ok(in_memory as u64);
         };
@@ -184,7 +187,10 @@ impl HttpCache {
             .writes
             .settle(&owing, redis.guard.timeout() * 4)
             .await;
-        match self.soft_in_redis(redis, &owing, now).await {
+        let marked = self.soft_in_redis(redis, &owing, now).await;
+        // Once more: a copy read from Redis before its mark, and promoted meanwhile, is marked too.
+        mark_memory();
+        match marked {
             Ok(marked) => Ok(marked),
             Err(error) => {
                 if let (Owing::Tag(_), Some(memory)) = (&owing, &self.inner.memory) {
@@ -222,6 +228,10 @@ impl HttpCache {
             }
             Owing::Tag(tag) => {
                 let keys = admin(redis, || redis.store.tagged(tag)).await?;
+                // The tag's members by key, so a Redis read of any of them is judged stale (the read does not
+                // know the entry's tags).
+                let members = Owing::Keys(keys.clone());
+                self.inner.invalidated.record(&members, now);
                 if let Some(memory) = &self.inner.memory {
                     for key in &keys {
                         memory.mark_stale(key, now);

@@ -152,6 +152,14 @@ impl HttpCache {
                 None => return Ok(None),
             },
         };
+        // Redis may not have taken an invalidation this instance knows of yet (a soft purge marks Redis after
+        // memory; a replica lags): an entry whose request went out before it is stale from now on, so it can
+        // neither answer fresh nor replace the marked copy in memory.
+        let entry = if self.inner.invalidated.since(key, &[], entry.request_time) {
+            Arc::new(entry.purged(self.now_ms()))
+        } else {
+            entry
+        };
         if let Some(memory) = &self.inner.memory {
             // Promote for as long as it stays useful; the Redis TTL already bounds it.
             let keep = crate::policy::storage_ttl(&entry, rules, self.now_ms()).max(1);
@@ -197,9 +205,9 @@ impl HttpCache {
         if !variant_matches(&entry, request) {
             return Ok(None);
         }
-        // A soft purge's mark covers the variants stored by then; one stored since is newer than the purge.
+        // A soft purge's mark covers the variants whose request went out by then; a fill sent since is newer.
         let entry = match read.purged {
-            Some(at) if entry.response_time <= at => entry.purged(at),
+            Some(at) if entry.request_time <= at => entry.purged(at),
             _ => entry,
         };
         Ok(Some((Arc::new(entry), vary)))

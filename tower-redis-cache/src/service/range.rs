@@ -113,8 +113,8 @@ fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// `If-Range` (RFC 9110 §13.1.5): an entity tag matches by strong comparison, a date only a strong
-/// `Last-Modified` (one at least a second older than the response's `Date`) that is exactly equal.
+/// `If-Range` (RFC 9110 §13.1.5): an entity tag matches by strong comparison, a date only a `Last-Modified` that is
+/// exactly equal and strong, which for a cache means at least 60 seconds before the stored `Date` (§8.8.2.2).
 fn if_range_holds(request: &HeaderMap, entry: &Entry) -> bool {
     let Some(condition) = request.get(IF_RANGE) else {
         return true;
@@ -139,8 +139,10 @@ fn if_range_holds(request: &HeaderMap, entry: &Entry) -> bool {
     else {
         return false;
     };
-    let sent = entry.facts.date.unwrap_or(entry.response_time);
-    date == last_modified && sent.saturating_sub(last_modified) >= 1000
+    let Some(sent) = entry.facts.date else {
+        return false;
+    };
+    date == last_modified && sent.saturating_sub(last_modified) >= 60_000
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ impl Call {
                 Ok(_) if soft => status.detail = Some("soft-purged"),
                 Ok(_) => status.detail = Some("purged"),
                 Err(error) => {
-                    tracing::warn!(%error, "purge could not reach Redis; the memory tier was cleared");
+                    tracing::warn!(%error, "purge could not reach Redis; the memory tier was purged, and Redis is owed it");
                     status.detail = Some("purged-memory-only");
                 }
             }

@@ -220,6 +220,18 @@ pub(crate) fn wait_for_discovery(gateway: SocketAddr) {
     .expect("the gateway's discovery never knew both services");
 }
 
+/// Waits until the order service at `orders` has discovered a user-service instance (its watch polls on its own
+/// schedule, so the gateway knowing one says nothing of it).
+pub(crate) fn wait_for_orders_discovery(orders: SocketAddr) {
+    poll(Duration::from_secs(20), || {
+        get(orders, "/health").json()["downstream"]["user-service"]["discovery"]["instances"]
+            .as_u64()
+            .is_some_and(|instances| instances > 0)
+            .then_some(())
+    })
+    .expect("the order service never discovered the user service");
+}
+
 /// Polls `check` every 50 ms until it gives a value or `within` runs out.
 pub(crate) fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
