@@ -169,12 +169,7 @@ impl MemoryTier {
     }
 
     fn mark_where(&self, marked: impl Fn(&str, &Slot) -> bool, at: u64) -> usize {
-        let found: Vec<Arc<Arc<str>>> = self
-            .cache
-            .iter()
-            .filter(|(key, slot)| marked(key, slot))
-            .map(|(key, _)| key)
-            .collect();
+        let found = self.keys_where(marked);
         for key in &found {
             self.mark_slot((**key).clone(), at);
         }
@@ -210,18 +205,22 @@ impl MemoryTier {
         });
     }
 
-    /// Removes every key `doomed` selects (a scan of the tier: invalidations are rare next to lookups).
+    /// Removes every key `doomed` selects.
     fn remove_where(&self, doomed: impl Fn(&str, &Slot) -> bool) -> usize {
-        let keys: Vec<Arc<Arc<str>>> = self
-            .cache
-            .iter()
-            .filter(|(key, slot)| doomed(key, slot))
-            .map(|(key, _)| key)
-            .collect();
+        let keys = self.keys_where(doomed);
         for key in &keys {
             self.cache.invalidate(&**key);
         }
         keys.len()
+    }
+
+    /// The keys `selected` picks: a scan of the tier (invalidations are rare next to lookups).
+    fn keys_where(&self, selected: impl Fn(&str, &Slot) -> bool) -> Vec<Arc<Arc<str>>> {
+        self.cache
+            .iter()
+            .filter(|(key, slot)| selected(key, slot))
+            .map(|(key, _)| key)
+            .collect()
     }
 
     pub(crate) fn clear(&self) {

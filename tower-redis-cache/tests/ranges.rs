@@ -228,3 +228,18 @@ async fn a_stored_entry_is_refreshed_whole_for_a_range_request() {
     assert_partial(&reply, "fghij", "bytes 5-9/26");
     assert_eq!(calls.get(), 2, "answered from the refreshed entry");
 }
+
+#[tokio::test]
+async fn a_head_with_a_range_on_a_miss_fetches_and_stores_the_whole_response() {
+    // `/partial` would answer a forwarded range with its 206; a HEAD has no range, so the GET it becomes has none.
+    let (address, calls) = started().await;
+    let head = send(address, "HEAD", "/partial", &[("range", "bytes=0-4")]).await;
+    assert_eq!(head.status, StatusCode::OK, "{}", head.cache_status());
+    assert!(
+        head.cache_status().contains("stored"),
+        "{}",
+        head.cache_status()
+    );
+    assert_whole(&get(address, "/partial").await);
+    assert_eq!(calls.get(), 1);
+}

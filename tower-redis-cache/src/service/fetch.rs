@@ -44,14 +44,15 @@ impl Call {
         parts.headers.remove(IF_NONE_MATCH);
         parts.headers.remove(IF_MODIFIED_SINCE);
         let validating = self.validate(candidate, &mut parts.headers);
-        if parts.method == Method::HEAD {
+        let head = parts.method == Method::HEAD;
+        if head {
             // A HEAD cannot fill the entry; ask for the GET the entry is stored from.
             parts.method = Method::GET;
         }
-        if parts.method == Method::HEAD || candidate.is_some() {
-            // Refreshing a stored entry asks for the whole response (a 206 could not replace it; the range is
-            // answered from the refreshed entry). A range request on a miss keeps its range: the whole response
-            // may be far larger than the client wants.
+        if head || candidate.is_some() {
+            // A HEAD has no range (RFC 9110 §14.2), and refreshing a stored entry asks for the whole response (a
+            // 206 could not replace it; the range is answered from the refreshed entry). A range request on a miss
+            // keeps its range: the whole response may be far larger than the client wants.
             parts.headers.remove(RANGE);
             parts.headers.remove(IF_RANGE);
         }

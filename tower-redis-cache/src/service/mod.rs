@@ -118,10 +118,9 @@ where
             route: self.route.clone(),
         };
         Box::pin(async move {
-            let cache = call.cache.clone();
             let mut response = call.run(inner, request).await?;
             // The target fields addressed to this cache go no further (RFC 9213): on hits, misses and passes alike.
-            cache.inner.targets.strip(response.headers_mut());
+            call.cache.inner.targets.strip(response.headers_mut());
             Ok(response)
         })
     }
@@ -226,7 +225,7 @@ impl Call {
     /// in flight, lookup in Redis, coalesce across instances, fetch from the origin (revalidating what is stored,
     /// and storing what may be stored), respond.
     async fn run<S, ReqBody, ResBody>(
-        self,
+        &self,
         service: S,
         request: Request<ReqBody>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>

@@ -21,7 +21,7 @@ impl Call {
     /// Forwards a request that is never served from the cache. A successful unsafe method invalidates its URL and
     /// the URLs in its `Location` and `Content-Location` (RFC 9111 §4.4).
     pub(super) async fn forward_method<S, ReqBody, ResBody>(
-        self,
+        &self,
         mut service: S,
         request: Request<ReqBody>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
