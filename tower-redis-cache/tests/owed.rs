@@ -216,3 +216,46 @@ async fn a_tag_invalidation_that_cannot_reach_redis_drops_what_memory_promoted_f
     assert_eq!(reply.body, "user 5 v2", "{}", reply.cache_status());
     assert_eq!(reader.stats().memory_hits, 1);
 }
+
+#[tokio::test]
+async fn a_soft_purge_through_a_stalled_redis_is_owed_as_a_hard_one_and_replayed() {
+    let server = RedisServer::start();
+    let proxy = redis_fixtures::FaultProxy::in_front_of(&server);
+    let connection = proxy
+        .client_for(&server)
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let cache = HttpCache::builder()
+        .redis(connection.clone())
+        .prefix("owed-soft:")
+        .memory_capacity(0)
+        .build()
+        .unwrap();
+    let version = Arc::new(AtomicUsize::new(1));
+    let address = serve(origin(version.clone()).layer(CacheLayer::new(cache.clone()))).await;
+    assert_eq!(get(address, "/u/4").await.body, "user 4 v1");
+    let redis_key = cache.redis_key("http://test/u/4").unwrap();
+    let direct = server.connection_manager().await;
+    assert!(stored_in_redis(&direct, &redis_key).await);
+
+    proxy.stall();
+    version.store(2, Ordering::SeqCst);
+    let purged = cache
+        .invalidate_tag_with("user-4", tower_redis_cache::Purge::Soft)
+        .await;
+    assert!(purged.is_err(), "Redis is stalled: {purged:?}");
+    assert_eq!(cache.stats().owed_now, 1);
+    // While owed, Redis is not read: the origin answers.
+    assert_eq!(get(address, "/u/4").await.body, "user 4 v2");
+    proxy.pass();
+    let paid = holds_within(Duration::from_secs(10), || {
+        let cache = cache.clone();
+        async move { cache.stats().owed_now == 0 }
+    })
+    .await;
+    assert!(paid, "still owed: {:?}", cache.stats());
+    // Replayed as a hard purge: the old entry is gone from Redis, never served again.
+    let reply = get(address, "/u/4").await;
+    assert_eq!(reply.body, "user 4 v2", "{}", reply.cache_status());
+}
